@@ -1,5 +1,8 @@
 """Errors a user can act on. The CLI prints these without a traceback; anything else is a bug."""
 
+import difflib
+from collections.abc import Iterable
+
 
 class FedefmError(Exception):
     """Base class for every error caused by input, configuration or files the user controls."""
@@ -15,3 +18,13 @@ class ConfigError(FedefmError, ValueError):
 
 class WeightsError(FedefmError, ValueError):
     """A weights file is unreadable, truncated, unsafe or does not match the model."""
+
+
+def choose(option: str, value: str, known: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``known``, else raise ConfigError with a did-you-mean hint."""
+    known = list(known)
+    if value in known:
+        return value
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"{option} {value}: {hint}Known: {', '.join(known)}")

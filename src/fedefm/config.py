@@ -1,0 +1,107 @@
+"""Validated run configurations; each run writes its fully resolved config to ``RUN/config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedefm import __version__
+from fedefm.errors import ConfigError, choose
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU; 'cpu' or 'cuda[:N]' as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this torch build sees no CUDA device; use --device cpu or install a CUDA torch")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name}: not a device name; use auto, cpu or cuda") from exc
+
+
+@dataclass
+class FinetuneConfig:
+    """Few-shot fine-tuning of a segmenter (``fedefm finetune``).
+
+    An epoch shows the model ``max(shots, samples_per_epoch)`` augmented training samples, so runs
+    with different K take the same number of optimisation steps and differ only in the data seen.
+    """
+
+    data: Path
+    out: Path
+    init: str = "scratch"
+    arch: str = "transunet"
+    preset: str = "tiny"
+    shots: int | None = None
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    samples_per_epoch: int = 64
+    image_size: int | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> FinetuneConfig:
+        """Check every field; raise ConfigError naming the option and the fix."""
+        from fedefm.models.presets import get_preset
+        from fedefm.models.segmenters import ARCHS
+
+        choose("--arch", self.arch, ARCHS)
+        preset = get_preset(self.preset)
+        if self.image_size is None:
+            self.image_size = preset.image_size
+        if self.image_size % 32:
+            raise ConfigError(f"--image-size {self.image_size}: must be a multiple of 32")
+        if self.init != "scratch" and not Path(self.init).is_file():
+            raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"--shots {self.shots}: must be at least 1 (omit it to use every training image)")
+        for name in ("epochs", "batch_size", "samples_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: must be positive")
+        resolve_device(self.device)
+        if not Path(self.data).is_dir():
+            raise ConfigError(f"--data {self.data}: no such folder")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of the resolved configuration."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def run_record(cfg: Any, command: str) -> dict[str, Any]:
+    """What ``RUN/config.json`` holds: the command, resolved config, seed and software versions."""
+    return {
+        "command": command,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "fedefm_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def read_run_config(run: Path) -> dict[str, Any]:
+    """Read ``RUN/config.json``; a missing or broken file is a ConfigError naming it."""
+    path = Path(run) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found; is {run} a fedefm run folder?") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc

@@ -1,0 +1,91 @@
+"""Training augmentation: MONAI dictionary transforms applied to an image and its mask together.
+
+Geometric transforms (flips, rot90, a small affine) draw once per call and move image and mask
+alike, the mask with nearest-neighbour so that no label is invented; intensity transforms (gamma
+contrast, Gaussian noise) touch the image only. Randomness lives in the transforms' own
+generators, seeded by ``seed``: the same seed gives the same sequence of samples.
+
+A DataLoader worker holds a copy of the same generators; reseed each worker, e.g.
+``worker_init_fn=lambda worker: dataset.transform.set_random_state(seed + worker)``, or every
+worker repeats the same draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from monai.data import get_track_meta, set_track_meta
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+)
+
+_KEYS = ("image", "mask")
+
+
+class TrainTransforms:
+    """Random flips, rot90 and affine on image and mask, gamma and noise on the image; call it on a sample dict.
+
+    A sample is ``{"image": (1, H, W) float in [0, 1], "mask": (H, W) long labels}``; the mask may
+    be absent (classification). The result has the same keys and dtypes, the image clipped to
+    [0, 1]; square samples keep their shape (rot90 swaps H and W of others).
+    """
+
+    def __init__(self, seed: int):
+        self.transforms = Compose([
+            RandFlipd(_KEYS, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+            RandFlipd(_KEYS, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+            RandRotate90d(_KEYS, prob=0.5, max_k=3, allow_missing_keys=True),
+            RandAffined(
+                _KEYS,
+                prob=0.5,
+                rotate_range=math.radians(20),
+                scale_range=0.15,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                allow_missing_keys=True,
+            ),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+            RandGaussianNoised("image", prob=0.3, std=0.02),
+        ])
+        self.set_random_state(seed)
+
+    def set_random_state(self, seed: int) -> TrainTransforms:
+        """Reseed every transform from ``seed`` (e.g. once per DataLoader worker)."""
+        self.transforms.set_random_state(seed)
+        return self
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        channel_first = dict(sample)
+        if "mask" in sample:
+            channel_first["mask"] = sample["mask"][None]
+        with _without_meta_tracking():
+            out = self.transforms(channel_first)
+        result = {**out, "image": out["image"].clamp(0.0, 1.0)}
+        if "mask" in sample:
+            result["mask"] = out["mask"][0].to(torch.long)
+        return result
+
+
+def train_transforms(seed: int) -> TrainTransforms:
+    """Seeded training augmentation for ``{"image": (1, H, W), "mask": (H, W)}`` samples."""
+    return TrainTransforms(seed)
+
+
+@contextlib.contextmanager
+def _without_meta_tracking() -> Iterator[None]:
+    """MetaTensor bookkeeping (for inverting transforms) is unused here and doubles the cost."""
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)

@@ -1,0 +1,545 @@
+"""Datasets over the folder layouts of DESIGN.md §4, deterministic splits and the dataset checker.
+
+Segmentation roots are ``ROOT/images`` + ``ROOT/masks`` or ``ROOT/{train,val,test}/images|masks``;
+an image pairs with the mask of the same stem. A multi-frame image (DICOM, NPY stack, multi-page
+TIFF) expands to one item per frame, ``NAME_f000``, ``NAME_f001``, ..., paired with the frames of a
+multi-frame mask ``NAME.ext`` or with per-frame masks ``NAME_fNNN.ext``.
+
+Classification roots are ``ROOT/CLASS/*.ext`` or ``ROOT/{train,val,test}/CLASS/*.ext``; class
+names are sorted and a label is the index of its class.
+
+Missing splits are carved from train: the sorted source files are shuffled by
+``np.random.default_rng(seed)``, then test (only when no test split exists at all) and val are
+taken off the front. Every frame of a file lands in the same split, so frames of one sequence
+never leak between train and test. A fraction above zero takes at least one file (per class for
+classification), and train keeps at least one. Files are read lazily, one item at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch.utils.data import Dataset
+
+from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image, read_mask
+from fedefm.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+LABEL_NAMES = ("background", "catheter", "guidewire")
+_MAX_LISTED_PROBLEMS = 20
+
+Item = TypeVar("Item")
+Problems = list[tuple[Path, str]]
+
+
+@dataclass(frozen=True)
+class SegmentationItem:
+    """One image (or its frame ``frame``) and its mask (or the mask's frame ``mask_frame``)."""
+
+    name: str
+    image: Path
+    mask: Path
+    frame: int | None = None
+    mask_frame: int | None = None
+
+
+@dataclass(frozen=True)
+class ClassificationItem:
+    """One image (or one frame of a multi-frame image) and the index of its class."""
+
+    name: str
+    image: Path
+    label: int
+    frame: int | None = None
+
+
+@dataclass
+class DatasetReport:
+    """What :func:`check_dataset` found: split sizes, image size range, label counts and every bad file."""
+
+    kind: str
+    splits: dict[str, int]
+    min_hw: tuple[int, int] = (0, 0)
+    max_hw: tuple[int, int] = (0, 0)
+    label_histogram: dict[str, int] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    bad_files: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def find_segmentation_splits(
+    root: Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+) -> dict[str, list[SegmentationItem]]:
+    """Pair images with masks under ``root`` and return the items of the train, val and test splits.
+
+    Raises:
+        DataError: the root is missing or empty, an image has no mask or a mask no image, or too
+            few files remain to carve the missing splits; every problem found is listed.
+        ConfigError: a fraction is outside [0, 1) or val_fraction + test_fraction >= 1.
+    """
+    splits, problems = _discover_segmentation(Path(root), seed, val_fraction, test_fraction)
+    _raise_problems(problems)
+    return splits
+
+
+def find_classification_splits(
+    root: Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+) -> tuple[dict[str, list[ClassificationItem]], list[str]]:
+    """List the images of each class folder; returns the splits (stratified per class) and the sorted class names.
+
+    Raises:
+        DataError: the root is missing, a class folder is empty, fewer than two classes exist, or
+            a class is too small to carve the missing splits; every problem found is listed.
+        ConfigError: a fraction is outside [0, 1) or val_fraction + test_fraction >= 1.
+    """
+    splits, class_names, problems = _discover_classification(Path(root), seed, val_fraction, test_fraction)
+    _raise_problems(problems)
+    return splits, class_names
+
+
+class SegmentationDataset(Dataset):
+    """Reads one image and mask per index, resized to ``size`` x ``size``.
+
+    A sample is ``{"image": (1, size, size) float in [0, 1], "mask": (size, size) long labels
+    {0, 1, 2}, "name": str}``. ``transform`` receives and returns ``{"image", "mask"}`` after resizing.
+    """
+
+    def __init__(self, items: Sequence[SegmentationItem], size: int, transform: Callable[[dict], dict] | None = None):
+        self.items = list(items)
+        self.size = _check_size(size)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        image = read_image(item.image, item.frame)
+        mask = read_mask(item.mask, item.mask_frame)
+        _check_same_size(item, image, mask)
+        sample = {"image": _resize_image(image, self.size), "mask": _resize_mask(mask, self.size)}
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return {"image": sample["image"], "mask": sample["mask"], "name": item.name}
+
+
+class ClassificationDataset(Dataset):
+    """Reads one image per index, resized to ``size`` x ``size``.
+
+    A sample is ``{"image": (1, size, size) float in [0, 1], "label": int, "name": str}``;
+    ``transform`` receives and returns ``{"image"}`` after resizing.
+    """
+
+    def __init__(self, items: Sequence[ClassificationItem], size: int, transform: Callable[[dict], dict] | None = None):
+        self.items = list(items)
+        self.size = _check_size(size)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        sample = {"image": _resize_image(read_image(item.image, item.frame), self.size)}
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return {"image": sample["image"], "label": item.label, "name": item.name}
+
+
+def check_dataset(root: Path, seed: int = 0) -> DatasetReport:
+    """Read every image and mask under ``root`` and report sizes, label counts and all bad files.
+
+    The layout decides the kind: ``images/`` folders (at the root or in split folders) make a
+    segmentation dataset, class folders a classification one. Nothing stops at the first problem.
+
+    Raises:
+        DataError: ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    if _is_segmentation_root(root):
+        return _check_segmentation(root, seed)
+    return _check_classification(root, seed)
+
+
+def format_report(report: DatasetReport) -> Table:
+    """Lay out a :class:`DatasetReport` as a two-column rich table, bad files last."""
+    table = Table(title=f"{report.kind} dataset", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    table.add_row("splits", "  ".join(f"{split} {n}" for split, n in report.splits.items()))
+    table.add_row("image size (HxW)", f"{_hw(report.min_hw)} to {_hw(report.max_hw)}")
+    unit = " px" if report.kind == "segmentation" else ""
+    table.add_row("labels", "  ".join(f"{name} {n}{unit}" for name, n in report.label_histogram.items()))
+    table.add_row("bad files", str(len(report.bad_files)), style="red" if report.bad_files else "green")
+    for path, reason in report.bad_files:
+        table.add_row(str(path), reason, style="red")
+    return table
+
+
+def _hw(hw: tuple[int, int]) -> str:
+    return f"{hw[0]}x{hw[1]}"
+
+
+def _check_size(size: int) -> int:
+    if size < 1:
+        raise ConfigError(f"image size {size} must be a positive number of pixels")
+    return size
+
+
+def _check_same_size(item: SegmentationItem, image: np.ndarray, mask: np.ndarray) -> None:
+    if image.shape != mask.shape:
+        raise DataError(
+            f"{item.mask}: mask is {_hw(mask.shape)} but {item.image} is {_hw(image.shape)}; "
+            "resize the mask to its image"
+        )
+
+
+def _resize_image(image: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) float32 -> (1, size, size), bilinear with antialiasing."""
+    tensor = torch.from_numpy(image)[None, None]
+    if image.shape != (size, size):
+        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return tensor[0]
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) uint8 labels -> (size, size) long, nearest so that no label is invented."""
+    tensor = torch.from_numpy(mask)[None, None]
+    if mask.shape != (size, size):
+        tensor = F.interpolate(tensor, size=(size, size), mode="nearest-exact")
+    return tensor[0, 0].long()
+
+
+def _raise_problems(problems: Problems) -> None:
+    if not problems:
+        return
+    lines = [f"{path}: {reason}" for path, reason in problems[:_MAX_LISTED_PROBLEMS]]
+    if len(problems) > _MAX_LISTED_PROBLEMS:
+        lines.append(f"... and {len(problems) - _MAX_LISTED_PROBLEMS} more; run the dataset checker to list them all")
+    raise DataError("\n".join(lines))
+
+
+def _reason(exc: DataError, path: Path) -> str:
+    """A reader's message without its leading path, which the problem list already holds."""
+    return str(exc).removeprefix(f"{path}: ")
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{name}={value} must lie in [0, 1)")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(
+            f"val_fraction + test_fraction = {val_fraction + test_fraction:g} leaves nothing to train on; "
+            "keep the sum below 1"
+        )
+
+
+def _carve_count(n: int, fraction: float) -> int:
+    return 0 if fraction == 0 else max(1, math.floor(fraction * n + 0.5))
+
+
+def _carve(
+    groups: list[list[Item]], n_val: int, n_test: int, rng: np.random.Generator
+) -> tuple[list[Item], list[Item], list[Item]]:
+    """Shuffle whole groups (the frames of one file), take test, then val, off the front; returns (train, val, test)."""
+    shuffled = [groups[i] for i in rng.permutation(len(groups))]
+    test, val, train = shuffled[:n_test], shuffled[n_test : n_test + n_val], shuffled[n_test + n_val :]
+    return _flatten(train), _flatten(val), _flatten(test)
+
+
+def _flatten(groups: list[list[Item]]) -> list[Item]:
+    return [item for group in groups for item in group]
+
+
+def _sorted_by_name(splits: dict[str, list[Item]]) -> dict[str, list[Item]]:
+    return {split: sorted(items, key=lambda item: item.name) for split, items in splits.items()}
+
+
+def _list_files(folder: Path, problems: Problems) -> dict[str, Path]:
+    """Image files directly inside ``folder`` keyed by stem; hidden files are skipped."""
+    by_stem: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            problems.append((path, f"unexpected folder inside {folder.name}/; files must sit directly in {folder}"))
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            supported = ", ".join(IMAGE_SUFFIXES)
+            problems.append((path, f"unsupported file type '{path.suffix}'; use one of {supported} or move it out"))
+        elif path.stem in by_stem:
+            problems.append((path, f"has the same name as {by_stem[path.stem].name}; keep one file per name"))
+        else:
+            by_stem[path.stem] = path
+    return by_stem
+
+
+def _frame_names(stem: str, n_frames: int) -> list[str]:
+    return [f"{stem}_f{k:03d}" for k in range(n_frames)]
+
+
+def _pair_folder(images_dir: Path, masks_dir: Path, problems: Problems) -> list[list[SegmentationItem]]:
+    """Pair every image in ``images_dir`` with its mask; one group of items per image file."""
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            problems.append((folder, "folder not found; a segmentation dataset needs images/ and masks/ side by side"))
+            return []
+    images = _list_files(images_dir, problems)
+    masks = _list_files(masks_dir, problems)
+    if not images:
+        problems.append((images_dir, "no images found; add images or remove the folder"))
+    groups: list[list[SegmentationItem]] = []
+    used: set[str] = set()
+    for stem, image in images.items():
+        used.add(stem)
+        try:
+            n_frames = count_frames(image)
+        except DataError as exc:
+            problems.append((image, _reason(exc, image)))
+            continue
+        if n_frames == 1:
+            if stem in masks:
+                groups.append([SegmentationItem(stem, image, masks[stem])])
+            else:
+                problems.append((image, f"has no mask; expected {masks_dir / stem}.<ext>"))
+            continue
+        names = _frame_names(stem, n_frames)
+        if stem in masks:
+            group = _pair_mask_stack(image, masks[stem], names, problems)
+        else:
+            used.update(name for name in names if name in masks)
+            group = _pair_frame_masks(image, masks, names, problems)
+        if group:
+            groups.append(group)
+    problems.extend(
+        (mask, f"has no image; expected {images_dir / stem}.<ext>") for stem, mask in masks.items() if stem not in used
+    )
+    return groups
+
+
+def _pair_mask_stack(image: Path, mask: Path, names: list[str], problems: Problems) -> list[SegmentationItem]:
+    try:
+        n_mask_frames = count_frames(mask)
+    except DataError as exc:
+        problems.append((mask, _reason(exc, mask)))
+        return []
+    if n_mask_frames != len(names):
+        problems.append((
+            mask,
+            f"holds {n_mask_frames} frame(s) but {image} holds {len(names)}; give one mask frame per image frame",
+        ))
+        return []
+    return [SegmentationItem(name, image, mask, k, k) for k, name in enumerate(names)]
+
+
+def _pair_frame_masks(
+    image: Path, masks: dict[str, Path], names: list[str], problems: Problems
+) -> list[SegmentationItem]:
+    missing = [name for name in names if name not in masks]
+    if missing:
+        problems.append((
+            image,
+            f"holds {len(names)} frames but {len(missing)} have no mask (first: {missing[0]}); give a multi-frame "
+            f"mask with the image's name or one mask per frame named {names[0]}, {names[1]}, ...",
+        ))
+        return []
+    return [SegmentationItem(name, image, masks[name], k) for k, name in enumerate(names)]
+
+
+def _is_segmentation_root(root: Path) -> bool:
+    return (root / "images").is_dir() or any((root / split / "images").is_dir() for split in SPLITS)
+
+
+def _present_splits(root: Path) -> list[str]:
+    return [split for split in SPLITS if (root / split).is_dir()]
+
+
+def _discover_segmentation(
+    root: Path, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[dict[str, list[SegmentationItem]], Problems]:
+    _check_fractions(val_fraction, test_fraction)
+    problems: Problems = []
+    if not root.is_dir():
+        return {split: [] for split in SPLITS}, [(root, "dataset folder not found")]
+    given = _present_splits(root)
+    if (root / "images").is_dir() and given:
+        problems.append((root, f"holds both images/ and split folders ({', '.join(given)}); keep one layout"))
+    if not given and not (root / "images").is_dir():
+        problems.append((
+            root,
+            "no images/ + masks/ folders and no train/val/test folders; expected ROOT/images and ROOT/masks",
+        ))
+        return {split: [] for split in SPLITS}, problems
+    folders = {split: root / split for split in given} if given else {"train": root}
+    groups = {split: _pair_folder(folder / "images", folder / "masks", problems) for split, folder in folders.items()}
+    splits = {split: _flatten(groups.get(split, [])) for split in SPLITS}
+    pool = groups.get("train", [])
+    n_test = 0 if "test" in given else _carve_count(len(pool), test_fraction)
+    n_val = 0 if "val" in given else _carve_count(len(pool), val_fraction)
+    if pool and len(pool) <= n_test + n_val:
+        problems.append((
+            root,
+            f"only {len(pool)} training image file(s); carving val and test needs at least {n_test + n_val + 1}; "
+            "add images or set the val/test fractions to 0",
+        ))
+    elif pool:
+        train, val, test = _carve(pool, n_val, n_test, np.random.default_rng(seed))
+        splits["train"] = train
+        splits["val"] = splits["val"] if "val" in given else val
+        splits["test"] = splits["test"] if "test" in given else test
+    return _sorted_by_name(splits), problems
+
+
+def _list_class_folders(folder: Path, problems: Problems) -> dict[str, Path]:
+    classes: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            classes[path.name] = path
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            problems.append((path, f"image outside any class folder; move it into {folder}/CLASS_NAME/"))
+    return classes
+
+
+def _class_groups(class_dir: Path, label: int, problems: Problems) -> list[list[ClassificationItem]]:
+    files = _list_files(class_dir, problems)
+    if not files:
+        problems.append((class_dir, f"class folder '{class_dir.name}' has no images; add images or remove the folder"))
+    groups = []
+    for stem, path in files.items():
+        try:
+            n_frames = count_frames(path)
+        except DataError as exc:
+            problems.append((path, _reason(exc, path)))
+            continue
+        if n_frames == 1:
+            groups.append([ClassificationItem(f"{class_dir.name}/{stem}", path, label)])
+        else:
+            frames = enumerate(_frame_names(stem, n_frames))
+            groups.append([ClassificationItem(f"{class_dir.name}/{name}", path, label, k) for k, name in frames])
+    return groups
+
+
+def _discover_classification(
+    root: Path, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[dict[str, list[ClassificationItem]], list[str], Problems]:
+    _check_fractions(val_fraction, test_fraction)
+    problems: Problems = []
+    splits: dict[str, list[ClassificationItem]] = {split: [] for split in SPLITS}
+    if not root.is_dir():
+        return splits, [], [(root, "dataset folder not found")]
+    given = _present_splits(root)
+    top = _list_class_folders(root, problems)
+    if given:
+        mixed = sorted(set(top) - set(SPLITS))
+        if mixed:
+            problems.append((root / mixed[0], "class folder beside train/val/test split folders; keep one layout"))
+        folders = {split: _list_class_folders(root / split, problems) for split in given}
+    else:
+        folders = {"train": top}
+    class_names = sorted({name for classes in folders.values() for name in classes})
+    if len(class_names) < 2:
+        found = f"only class '{class_names[0]}'" if class_names else "no class folders"
+        problems.append((root, f"{found}; a classification dataset needs at least two class folders ROOT/CLASS_NAME/"))
+        return splits, class_names, problems
+    groups = {
+        split: {name: _class_groups(path, class_names.index(name), problems) for name, path in classes.items()}
+        for split, classes in folders.items()
+    }
+    for split in set(given) - {"train"}:
+        splits[split] = [item for per_class in groups[split].values() for item in _flatten(per_class)]
+    rng = np.random.default_rng(seed)
+    for name, pool in sorted(groups.get("train", {}).items()):
+        if not pool:
+            continue
+        n_test = 0 if "test" in given else _carve_count(len(pool), test_fraction)
+        n_val = 0 if "val" in given else _carve_count(len(pool), val_fraction)
+        if len(pool) <= n_test + n_val:
+            problems.append((
+                folders["train"][name],
+                f"class '{name}' has only {len(pool)} image file(s); carving val and test needs at least "
+                f"{n_test + n_val + 1}; add images or set the val/test fractions to 0",
+            ))
+            continue
+        train, val, test = _carve(pool, n_val, n_test, rng)
+        splits["train"] += train
+        splits["val"] += val
+        splits["test"] += test
+    return _sorted_by_name(splits), class_names, problems
+
+
+def _add_bad(bad: dict[Path, str], exc: DataError, path: Path) -> None:
+    bad.setdefault(path, _reason(exc, path))
+
+
+def _check_segmentation(root: Path, seed: int) -> DatasetReport:
+    splits, problems = _discover_segmentation(root, seed, 0.15, 0.15)
+    bad: dict[Path, str] = dict(problems)
+    histogram = np.zeros(len(LABEL_NAMES), dtype=np.int64)
+    shapes: list[tuple[int, int]] = []
+    for item in (item for items in splits.values() for item in items):
+        if item.image in bad or item.mask in bad:
+            continue
+        try:
+            image = read_image(item.image, item.frame)
+        except DataError as exc:
+            _add_bad(bad, exc, item.image)
+            continue
+        try:
+            mask = read_mask(item.mask, item.mask_frame)
+            _check_same_size(item, image, mask)
+        except DataError as exc:
+            _add_bad(bad, exc, item.mask)
+            continue
+        histogram += np.bincount(mask.ravel(), minlength=len(LABEL_NAMES))
+        shapes.append(image.shape)
+    report = DatasetReport(
+        kind="segmentation",
+        splits={split: len(items) for split, items in splits.items()},
+        label_histogram=dict(zip(LABEL_NAMES, histogram.tolist())),
+        class_names=list(LABEL_NAMES),
+        bad_files=list(bad.items()),
+    )
+    return _with_size_range(report, shapes)
+
+
+def _check_classification(root: Path, seed: int) -> DatasetReport:
+    splits, class_names, problems = _discover_classification(root, seed, 0.15, 0.15)
+    bad: dict[Path, str] = dict(problems)
+    counts = dict.fromkeys(class_names, 0)
+    shapes: list[tuple[int, int]] = []
+    for item in (item for items in splits.values() for item in items):
+        if item.image in bad:
+            continue
+        try:
+            shapes.append(read_image(item.image, item.frame).shape)
+        except DataError as exc:
+            _add_bad(bad, exc, item.image)
+            continue
+        counts[class_names[item.label]] += 1
+    report = DatasetReport(
+        kind="classification",
+        splits={split: len(items) for split, items in splits.items()},
+        label_histogram=counts,
+        class_names=class_names,
+        bad_files=list(bad.items()),
+    )
+    return _with_size_range(report, shapes)
+
+
+def _with_size_range(report: DatasetReport, shapes: list[tuple[int, int]]) -> DatasetReport:
+    if shapes:
+        heights, widths = zip(*shapes)
+        report.min_hw = (min(heights), min(widths))
+        report.max_hw = (max(heights), max(widths))
+    return report

@@ -1,0 +1,210 @@
+"""Weights on disk: safetensors with JSON metadata (preset, arch, classes), never pickle; encoder transfer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+from torch import Tensor, nn
+
+from fedefm import __version__
+from fedefm.errors import ConfigError, WeightsError
+from fedefm.files import atomic_write
+from fedefm.models.encoder import HybridEncoder
+from fedefm.models.presets import PRESETS, get_preset
+from fedefm.models.segmenters import ARCHS, build_classifier, build_segmenter
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "fedefm-weights-1"
+MAX_HEADER_BYTES = 100 * 2**20
+ENCODER_PREFIX = "encoder."
+
+
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds ``model``: its arch, preset name, n_classes and the preset's image size."""
+    return {
+        "arch": model.arch,
+        "preset": model.preset.name,
+        "n_classes": model.n_classes,
+        "image_size": model.preset.image_size,
+    }
+
+
+def save_weights(path: Path, model_or_state: nn.Module | dict[str, Tensor], metadata: dict[str, Any]) -> None:
+    """Write tensors and metadata to ``path`` as safetensors, atomically.
+
+    A model given directly contributes ``model_metadata(model)``, which ``metadata`` may extend or override. Each
+    metadata value is stored JSON-encoded; ``fedefm_version`` and ``format`` are always added.
+    """
+    if isinstance(model_or_state, nn.Module):
+        state = model_or_state.state_dict()
+        metadata = {**model_metadata(model_or_state), **metadata}
+    else:
+        state = model_or_state
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    header = {**metadata, "fedefm_version": __version__, "format": FORMAT}
+    data = safetensors.torch.save(tensors, metadata={key: json.dumps(value) for key, value in header.items()})
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def read_metadata_value(text: str) -> Any:
+    """Decode one metadata value; files written by other tools may hold plain strings, kept as they are."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a safetensors file: (tensors by name, metadata decoded from JSON). Never unpickles.
+
+    Raises:
+        WeightsError: naming the file when it is missing, a pickle / torch.save archive, truncated or corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found; check the path (fedefm writes RUN/*.safetensors)")
+    data = path.read_bytes()
+    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+        raise WeightsError(
+            f"{path}: is a pickle/torch.save file; fedefm only reads safetensors (never unpickles); "
+            "convert it with safetensors.torch.save_file"
+        )
+    if len(data) < 8:
+        raise WeightsError(f"{path}: {len(data)} bytes is too short for a safetensors file; the file is truncated")
+    header_bytes = int.from_bytes(data[:8], "little")
+    if header_bytes > MAX_HEADER_BYTES or header_bytes > len(data) - 8:
+        raise WeightsError(
+            f"{path}: header claims {header_bytes} bytes but the file has {len(data)}; "
+            "the file is truncated or not a safetensors file"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_bytes])
+        tensors = safetensors.torch.load(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, safetensors.SafetensorError) as error:
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({error}); write it again") from error
+    metadata = {key: read_metadata_value(value) for key, value in header.get("__metadata__", {}).items()}
+    return tensors, metadata
+
+
+def describe_keys(keys: list[str]) -> str:
+    """Summarise tensor names by top-level module, e.g. 'decoder.* (36), segmentation_head.* (2)'."""
+    counts = Counter(key.split(".")[0] for key in keys)
+    return ", ".join(f"{prefix}.* ({count})" for prefix, count in counts.items()) or "none"
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """Which tensors an encoder transfer copied, left at their initial values, or skipped.
+
+    Attributes:
+        loaded: model keys copied from the checkpoint (all under ``encoder.``), in the model's order.
+        new: model keys the checkpoint did not provide (decoder, segmentation head), in the model's order.
+        ignored: checkpoint keys the model does not use (e.g. the pretraining classifier's ``head.*``), sorted.
+    """
+
+    loaded: list[str]
+    new: list[str]
+    ignored: list[str]
+
+    def summary(self) -> str:
+        """One line for the log: counts and module names of loaded, new and ignored tensors."""
+        return (
+            f"loaded {len(self.loaded)} encoder tensors; new {len(self.new)}: {describe_keys(self.new)}; "
+            f"ignored {len(self.ignored)}: {describe_keys(self.ignored)}"
+        )
+
+
+def load_encoder(model: nn.Module, path: Path) -> TransferReport:
+    """Copy the checkpoint's ``encoder.*`` tensors into ``model.encoder`` (foundation weights → segmenter).
+
+    Raises:
+        ConfigError: the model has no hybrid encoder (MONAI baselines).
+        WeightsError: naming the file, when its preset differs from the model's, a tensor's shape differs, or it
+            holds no encoder tensor.
+    """
+    if not isinstance(getattr(model, "encoder", None), HybridEncoder):
+        arch = getattr(model, "arch", type(model).__name__)
+        raise ConfigError(f"arch {arch} has no foundation encoder; use --arch transunet")
+    tensors, metadata = load_weights(path)
+    preset = metadata.get("preset")
+    if preset is None:
+        logger.warning("%s: no 'preset' in the metadata; relying on tensor shapes only", path)
+    elif preset != model.preset.name:
+        raise WeightsError(
+            f"{path}: weights are for preset {preset!r} but the model is preset {model.preset.name!r}; "
+            f"use --preset {preset} or weights pretrained with --preset {model.preset.name}"
+        )
+    model_state = model.state_dict()
+    loaded = [key for key in model_state if key.startswith(ENCODER_PREFIX) and key in tensors]
+    for key in loaded:
+        if tensors[key].shape != model_state[key].shape:
+            raise WeightsError(
+                f"{path}: tensor {key} has shape {tuple(tensors[key].shape)} in the file but "
+                f"{tuple(model_state[key].shape)} in the model; the weights come from another architecture"
+            )
+    if not loaded:
+        raise WeightsError(
+            f"{path}: holds no encoder.* tensor the model uses ({describe_keys(list(tensors))}); "
+            "pass weights written by fedefm pretrain"
+        )
+    model.load_state_dict({key: tensors[key] for key in loaded}, strict=False)
+    loaded_set = set(loaded)
+    return TransferReport(
+        loaded=loaded,
+        new=[key for key in model_state if key not in loaded_set],
+        ignored=sorted(key for key in tensors if key not in loaded_set),
+    )
+
+
+def list_keys(keys: list[str], most: int = 8) -> str:
+    """Name up to ``most`` keys and count the rest, so an error message stays readable."""
+    shown = ", ".join(keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a weights file names (arch, preset, n_classes) and load every tensor strictly.
+
+    Returns:
+        The model (in train mode, as built) and the file's metadata (including ``classes`` when the writer stored them).
+
+    Raises:
+        WeightsError: naming the file, when metadata is missing or unknown, or tensors are missing, unexpected
+            or of the wrong shape.
+    """
+    tensors, metadata = load_weights(path)
+    absent = [key for key in ("arch", "preset", "n_classes") if key not in metadata]
+    if absent:
+        raise WeightsError(f"{path}: metadata lacks {', '.join(absent)}; only files written by fedefm can be rebuilt")
+    arch, preset_name, n_classes = metadata["arch"], metadata["preset"], metadata["n_classes"]
+    if preset_name not in PRESETS:
+        raise WeightsError(f"{path}: unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
+    if arch != "classifier" and arch not in ARCHS:
+        raise WeightsError(f"{path}: unknown arch {arch!r}; known: classifier, {', '.join(ARCHS)}")
+    preset = get_preset(preset_name)
+    model = build_classifier(preset, n_classes) if arch == "classifier" else build_segmenter(arch, preset, n_classes)
+    model_state = model.state_dict()
+    missing = [key for key in model_state if key not in tensors]
+    unexpected = [key for key in tensors if key not in model_state]
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: does not match a {arch} ({preset_name}) model: missing {list_keys(missing) or 'none'}; "
+            f"unexpected {list_keys(unexpected) or 'none'}"
+        )
+    for key, tensor in tensors.items():
+        if tensor.shape != model_state[key].shape:
+            raise WeightsError(
+                f"{path}: tensor {key} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(model_state[key].shape)} in a {arch} ({preset_name}) model"
+            )
+    model.load_state_dict(tensors)
+    return model, metadata

@@ -1,0 +1,213 @@
+"""Weights files: safetensors round trip with metadata, refusal of unsafe or damaged files, encoder transfer."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+from fedefm import __version__
+from fedefm.errors import ConfigError, WeightsError
+from fedefm.models.presets import get_preset
+from fedefm.models.segmenters import build_classifier, build_segmenter
+from fedefm.models.weights import build_from_weights, load_encoder, load_weights, model_metadata, save_weights
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def classifier_file(tmp_path):
+    path = tmp_path / "global.safetensors"
+    save_weights(path, build_classifier(get_preset("tiny"), 6), {"classes": ["a", "b", "c", "d", "e", "f"]})
+    return path
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path):
+    path = tmp_path / "w.safetensors"
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    save_weights(path, state, {"preset": "tiny", "classes": ["catheter", "guidewire"], "round": 3})
+    tensors, metadata = load_weights(path)
+    assert tensors.keys() == state.keys()
+    torch.testing.assert_close(tensors["a"], state["a"])
+    assert tensors["b"].dtype == torch.int64
+    assert metadata == {
+        "preset": "tiny",
+        "classes": ["catheter", "guidewire"],
+        "round": 3,
+        "fedefm_version": __version__,
+        "format": "fedefm-weights-1",
+    }
+
+
+def test_metadata_values_are_stored_as_json_strings(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(path, {"a": torch.zeros(1)}, {"classes": ["x"], "n_classes": 1})
+    with safetensors.safe_open(path, "pt") as f:
+        raw = f.metadata()
+    assert raw["classes"] == '["x"]'
+    assert raw["n_classes"] == "1"
+    assert raw["format"] == '"fedefm-weights-1"'
+
+
+def test_non_contiguous_tensor_is_saved(tmp_path):
+    path = tmp_path / "w.safetensors"
+    transposed = torch.arange(6.0).reshape(2, 3).t()
+    save_weights(path, {"t": transposed}, {})
+    torch.testing.assert_close(load_weights(path)[0]["t"], transposed)
+
+
+def test_saving_a_model_records_arch_preset_and_classes(classifier_file):
+    _, metadata = load_weights(classifier_file)
+    assert (metadata["arch"], metadata["preset"], metadata["n_classes"], metadata["image_size"]) == (
+        "classifier",
+        "tiny",
+        6,
+        128,
+    )
+    assert metadata["classes"] == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_save_leaves_no_temporary_file(tmp_path):
+    save_weights(tmp_path / "w.safetensors", {"a": torch.zeros(2)}, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_foreign_safetensors_metadata_that_is_not_json_is_kept_as_text(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    safetensors.torch.save_file({"a": torch.zeros(1)}, str(path), metadata={"format": "pt"})
+    assert load_weights(path)[1] == {"format": "pt"}
+
+
+def test_missing_file_is_refused_with_its_name(tmp_path):
+    with pytest.raises(WeightsError, match="nowhere.safetensors: weights file not found"):
+        load_weights(tmp_path / "nowhere.safetensors")
+
+
+def test_torch_save_pickle_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"a": torch.zeros(2)}, path)
+    with pytest.raises(WeightsError, match=r"model.pth: is a pickle/torch.save file.*safetensors.torch.save_file"):
+        load_weights(path)
+
+
+def test_legacy_pickle_stream_is_refused(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"a": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError, match="old.pt: is a pickle"):
+        load_weights(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.999])
+def test_truncated_file_is_refused_with_its_name(classifier_file, tmp_path, keep):
+    data = classifier_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(WeightsError, match="cut.safetensors: .*truncated"):
+        load_weights(cut)
+
+
+def test_file_cut_inside_the_header_is_refused(classifier_file, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(classifier_file.read_bytes()[:20])
+    with pytest.raises(WeightsError, match="cut.safetensors: header claims"):
+        load_weights(cut)
+
+
+def test_huge_header_length_is_refused_before_reading_it(tmp_path):
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes((2**40).to_bytes(8, "little") + b"{}" * 1000)
+    with pytest.raises(WeightsError, match=f"hostile.safetensors: header claims {2**40} bytes"):
+        load_weights(path)
+
+
+def test_garbage_header_is_refused_as_corrupt(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{x" + b"\x00" * 16)
+    with pytest.raises(WeightsError, match="garbage.safetensors: truncated or corrupt"):
+        load_weights(path)
+
+
+def test_encoder_transfer_copies_encoder_and_reports_decoder_as_new_and_head_as_ignored(classifier_file):
+    checkpoint, _ = load_weights(classifier_file)
+    segmenter = build_segmenter("transunet", get_preset("tiny"))
+    report = load_encoder(segmenter, classifier_file)
+    state = segmenter.state_dict()
+    assert report.loaded == [key for key in state if key.startswith("encoder.")]
+    assert set(report.loaded) == {key for key in checkpoint if key.startswith("encoder.")}
+    for key in report.loaded:
+        torch.testing.assert_close(state[key], checkpoint[key], rtol=0, atol=0)
+    assert report.new == [key for key in state if not key.startswith("encoder.")]
+    assert {key.split(".")[0] for key in report.new} == {"decoder", "segmentation_head"}
+    assert report.ignored == ["head.linear.bias", "head.linear.weight", "head.norm.bias", "head.norm.weight"]
+    assert report.summary().startswith(f"loaded {len(report.loaded)} encoder tensors; new {len(report.new)}: decoder.*")
+    assert report.summary().endswith("ignored 4: head.* (4)")
+
+
+def test_encoder_transfer_from_another_preset_names_both_presets(tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_weights(path, build_classifier(get_preset("small"), 6), {})
+    with pytest.raises(WeightsError, match=r"small.safetensors: weights are for preset 'small' .* preset 'tiny'"):
+        load_encoder(build_segmenter("transunet", get_preset("tiny")), path)
+
+
+def test_encoder_transfer_with_a_wrong_shape_names_the_tensor_and_both_shapes(tmp_path):
+    segmenter = build_segmenter("transunet", get_preset("tiny"))
+    path = tmp_path / "odd.safetensors"
+    save_weights(path, {"encoder.patch_embed.bias": torch.zeros(7)}, {"preset": "tiny"})
+    shapes = r"shape \(7,\) in the file but \(96,\) in the model"
+    with pytest.raises(WeightsError, match=r"odd.safetensors: tensor encoder.patch_embed.bias has " + shapes):
+        load_encoder(segmenter, path)
+
+
+def test_encoder_transfer_from_a_file_without_encoder_tensors_is_refused(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    save_weights(path, build_segmenter("unet", get_preset("tiny")), {})
+    with pytest.raises(WeightsError, match="unet.safetensors: holds no encoder"):
+        load_encoder(build_segmenter("transunet", get_preset("tiny")), path)
+
+
+def test_encoder_transfer_into_a_monai_baseline_points_to_transunet(classifier_file):
+    with pytest.raises(ConfigError, match="arch unet has no foundation encoder; use --arch transunet"):
+        load_encoder(build_segmenter("unet", get_preset("tiny")), classifier_file)
+
+
+@pytest.mark.parametrize("arch", ["transunet", "unet"])
+def test_build_from_weights_rebuilds_a_model_with_identical_outputs(tmp_path, arch):
+    model = build_segmenter(arch, get_preset("tiny")).eval()
+    path = tmp_path / "best.safetensors"
+    save_weights(path, model, {"classes": ["background", "catheter", "guidewire"]})
+    rebuilt, metadata = build_from_weights(path)
+    assert model_metadata(rebuilt) == model_metadata(model)
+    assert metadata["classes"] == ["background", "catheter", "guidewire"]
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model(x))
+
+
+def test_build_from_weights_lists_missing_and_unexpected_tensors(tmp_path):
+    model = build_classifier(get_preset("tiny"), 2)
+    state = dict(model.state_dict())
+    del state["head.linear.bias"]
+    state["head.extra"] = torch.zeros(1)
+    path = tmp_path / "edited.safetensors"
+    save_weights(path, state, model_metadata(model))
+    with pytest.raises(WeightsError, match="edited.safetensors: .*missing head.linear.bias; unexpected head.extra"):
+        build_from_weights(path)
+
+
+def test_build_from_weights_needs_arch_and_preset_in_the_metadata(tmp_path):
+    path = tmp_path / "bare.safetensors"
+    save_weights(path, {"a": torch.zeros(1)}, {"n_classes": 3})
+    with pytest.raises(WeightsError, match="bare.safetensors: metadata lacks arch, preset"):
+        build_from_weights(path)
+
+
+def test_build_from_weights_refuses_an_unknown_arch(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_weights(path, {"a": torch.zeros(1)}, {"arch": "resnet", "preset": "tiny", "n_classes": 3})
+    with pytest.raises(WeightsError, match="odd.safetensors: unknown arch 'resnet'"):
+        build_from_weights(path)
+

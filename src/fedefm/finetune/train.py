@@ -1,0 +1,187 @@
+"""Few-shot fine-tuning of a catheter/guidewire segmenter, with model selection on validation only."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fedefm.config import FinetuneConfig, resolve_device, run_record
+from fedefm.data.augment import train_transforms
+from fedefm.data.datasets import SegmentationDataset, SegmentationItem, find_segmentation_splits
+from fedefm.errors import ConfigError, DataError
+from fedefm.files import append_jsonl, write_json
+from fedefm.finetune.metrics import SEGMENTATION_CLASSES, SegmentationScores
+from fedefm.models.presets import get_preset
+from fedefm.models.segmenters import build_segmenter
+from fedefm.models.weights import TransferReport, load_encoder, model_metadata, save_weights
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine decay to 1% of ``cfg.lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def select_shots(items: list[SegmentationItem], shots: int | None, seed: int) -> list[SegmentationItem]:
+    """The K training images of a few-shot run, drawn by the seed (all of them when K is None)."""
+    if shots is None:
+        return items
+    if shots > len(items):
+        raise ConfigError(f"--shots {shots}: the training split has only {len(items)} images; lower K")
+    order = np.random.default_rng(seed).permutation(len(items))[:shots]
+    return [items[i] for i in sorted(order)]
+
+
+def load_samples(items: list[SegmentationItem], size: int) -> dict[str, torch.Tensor]:
+    """Read and resize every item once: {"image": (N, 1, S, S), "mask": (N, S, S)}.
+
+    Few-shot sets are small, so holding them decoded keeps PNG/DICOM decoding out of the loop.
+    """
+    dataset = SegmentationDataset(items, size=size)
+    samples = [dataset[i] for i in range(len(dataset))]
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+    }
+
+
+def training_batches(
+    samples: dict[str, torch.Tensor], batch_size: int, augment: Callable[[dict], dict], generator: torch.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless augmented batches drawn without replacement within each pass over the samples."""
+    n = samples["image"].shape[0]
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            chosen = order[start : start + batch_size]
+            if start + batch_size > n and n >= batch_size:
+                break  # keep batches full; the next pass reshuffles
+            views = [augment({"image": samples["image"][i], "mask": samples["mask"][i]}) for i in chosen]
+            yield {
+                "image": torch.stack([torch.as_tensor(v["image"]) for v in views]).float(),
+                "mask": torch.stack([torch.as_tensor(v["mask"]) for v in views]).long(),
+            }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, samples: dict[str, torch.Tensor], batch_size: int = 8) -> dict:
+    """Score ``model`` on decoded samples; returns the evaluate JSON of DESIGN.md §6."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = SegmentationScores(SEGMENTATION_CLASSES)
+    for start in range(0, samples["image"].shape[0], batch_size):
+        logits = model(samples["image"][start : start + batch_size].to(device))
+        scores.update(logits.argmax(1).cpu(), samples["mask"][start : start + batch_size])
+    model.train(was_training)
+    return scores.aggregate()
+
+
+def selection_score(result: dict) -> float:
+    """The validation number a run is selected on: mean foreground Dice (0 when undefined)."""
+    dice = result["mean"]["dice"]
+    return -1.0 if dice is None else dice
+
+
+def build_model(cfg: FinetuneConfig) -> tuple[torch.nn.Module, TransferReport | None]:
+    """The segmenter named by the config, initialised from scratch or from a foundation checkpoint."""
+    model = build_segmenter(cfg.arch, get_preset(cfg.preset), n_classes=len(SEGMENTATION_CLASSES))
+    if cfg.init == "scratch":
+        return model, None
+    return model, load_encoder(model, Path(cfg.init))
+
+
+def run(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    """Fine-tune a segmenter; writes OUT/{config.json, metrics.jsonl, model.safetensors, log.txt}.
+
+    Returns:
+        {"best_epoch", "best_val", "val": evaluate JSON of the selected model, "transfer": summary or None}.
+    """
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    file_log = logging.FileHandler(out / "log.txt", mode="w")
+    logging.getLogger("fedefm").addHandler(file_log)
+    try:
+        return _train(cfg, out, progress)
+    finally:
+        logging.getLogger("fedefm").removeHandler(file_log)
+        file_log.close()
+
+
+def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
+    torch.manual_seed(cfg.seed)
+    splits = find_segmentation_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    if not splits["val"]:
+        raise DataError(f"{cfg.data}: no validation images after splitting; add a val/ split or raise --val-fraction")
+    train_items = select_shots(splits["train"], cfg.shots, cfg.seed)
+    write_json(out / "config.json", run_record(cfg, "finetune") | {"train_images": [i.name for i in train_items]})
+    train = load_samples(train_items, cfg.image_size)
+    val = load_samples(splits["val"], cfg.image_size)
+    log.info("training on %d images, validating on %d (%s)", len(train_items), len(splits["val"]), cfg.data)
+
+    device = resolve_device(cfg.device)
+    model, transfer = build_model(cfg)
+    if transfer is not None:
+        log.info("foundation weights from %s: %s", cfg.init, transfer.summary())
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed), generator)
+    steps_per_epoch = math.ceil(max(len(train_items), cfg.samples_per_epoch) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    best = {"best_epoch": 0, "best_val": -math.inf, "val": None}
+    step = 0
+    with Progress(
+        TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress,
+    ) as bar:
+        task = bar.add_task("epochs", total=cfg.epochs, status="")
+        for epoch in range(1, cfg.epochs + 1):
+            started, losses, seen = time.perf_counter(), [], 0
+            for _ in range(steps_per_epoch):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total_steps, cfg)
+                batch = {key: value.to(device) for key, value in next(batches).items()}
+                loss = loss_fn(model(batch["image"]), batch["mask"].unsqueeze(1))
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                seen += batch["image"].shape[0]
+                step += 1
+            train_s = time.perf_counter() - started
+            result = evaluate(model, val)
+            score = selection_score(result)
+            improved = score > best["best_val"]
+            if improved:
+                best = {"best_epoch": epoch, "best_val": score, "val": result}
+                save_weights(out / "model.safetensors", model, model_metadata(model) | {"classes": list(SEGMENTATION_CLASSES)})
+            row = {
+                "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
+                "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,
+                "val_dice": result["mean"]["dice"], "val_cldice": result["mean"]["cldice"],
+                "selected": improved, "wall_s": time.perf_counter() - started,
+            }
+            append_jsonl(out / "metrics.jsonl", row)
+            log.info("epoch %d: loss %.4f, val dice %.4f%s", epoch, row["train_loss"], score, " (selected)" if improved else "")
+            bar.update(task, advance=1, status=f"loss {row['train_loss']:.3f} val dice {score:.3f}")
+    return best | {"transfer": transfer.summary() if transfer else None}

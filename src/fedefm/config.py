@@ -43,7 +43,7 @@ class FinetuneConfig:
     shots: int | None = None
     epochs: int = 30
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -105,3 +105,92 @@ def read_run_config(run: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not found; is {run} a fedefm run folder?") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+
+
+TOPOLOGY_BY_EXCHANGE = {"none": "star", "client_server": "star", "gossip": "ring", "overseas": "ring"}
+
+
+@dataclass
+class PretrainConfig:
+    """Federated pre-training of the foundation classifier (``fedefm pretrain``).
+
+    ``options`` holds the algorithm's own settings by name (``beta``, ``mu``, ``update``, ...); every
+    field of the algorithm's Config not given there keeps its documented default.
+    """
+
+    data: Path
+    out: Path
+    algorithm: str = "fedefm"
+    topology: str | None = None
+    underlay: str = "gaia"
+    silos: int = 6
+    partition: str = "unseen"
+    unseen: float = 1.0
+    alpha: float = 0.5
+    rounds: int = 50
+    local_steps: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    preset: str = "tiny"
+    image_size: int | None = None
+    shots: int = 2
+    eval_every: int = 5
+    checkpoint_every: int = 10
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = "cpu"
+    seed: int = 0
+
+    def algorithm_config(self):
+        """The algorithm's frozen Config with the shared and the per-algorithm settings applied."""
+        from fedefm.federated.algorithms import get_algorithm
+
+        config_type = get_algorithm(self.algorithm).Config
+        known = {f.name for f in dataclasses.fields(config_type)}
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            raise ConfigError(f"--option {unknown[0]}: not a setting of {self.algorithm}; known: {', '.join(sorted(known))}")
+        return config_type(**{"lr": self.lr, "local_steps": self.local_steps, **self.options})
+
+    def validate(self) -> PretrainConfig:
+        """Check every field (and the algorithm's settings); raise ConfigError naming the option."""
+        from fedefm.federated.algorithms import get_algorithm
+        from fedefm.federated.topology import OVERLAYS, get_underlay
+        from fedefm.models.presets import get_preset
+
+        exchange = get_algorithm(self.algorithm).EXCHANGE
+        self.topology = self.topology or TOPOLOGY_BY_EXCHANGE[exchange]
+        choose("--topology", self.topology, OVERLAYS)
+        if exchange == "client_server" and self.topology != "star":
+            raise ConfigError(f"--algorithm {self.algorithm} is client-server: use --topology star, "
+                              "or a decentralised algorithm (dpsgd, matcha, fedefm) for other overlays")
+        if self.algorithm == "matcha" and self.topology != "matcha":
+            raise ConfigError("--algorithm matcha draws its own rounds: use --topology matcha")
+        if self.topology == "matcha" and self.algorithm != "matcha":
+            raise ConfigError(f"--topology matcha belongs to --algorithm matcha, not {self.algorithm}")
+        get_underlay(self.underlay)
+        choose("--partition", self.partition, ("unseen", "dirichlet"))
+        preset = get_preset(self.preset)
+        if self.image_size is None:
+            self.image_size = preset.image_size
+        if self.image_size % 16:
+            raise ConfigError(f"--image-size {self.image_size}: must be a multiple of 16")
+        if self.silos < 2 and self.algorithm != "centralized":
+            raise ConfigError(f"--silos {self.silos}: a federation needs at least 2 silos")
+        if not 0 <= self.unseen <= 1:
+            raise ConfigError(f"--unseen {self.unseen}: must be in [0, 1]")
+        for name in ("rounds", "local_steps", "batch_size", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not 1 <= self.shots < self.silos:
+            raise ConfigError(f"--shots {self.shots}: must be between 1 and silos - 1 = {self.silos - 1}")
+        if not Path(self.data).is_dir():
+            raise ConfigError(f"--data {self.data}: no such folder")
+        resolve_device(self.device)
+        self.algorithm_config()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of the resolved configuration."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,173 @@
+"""What every federated algorithm shares: the silo state, local SGD, and weight mixing.
+
+An algorithm is a module with a frozen ``Config`` (a subclass of ``LocalTraining``) and two pure
+functions over silo states, as DESIGN.md §2 and STYLE.md §4 describe:
+
+* ``local_update(model, state, batches, cfg, experts=None) -> SiloState``: what a silo does with its own
+  data in a round. ``model`` is a scratch module of the right architecture: the function loads the
+  state's weights into it, trains, and returns new weights; nothing else survives the call.
+* ``mix(states, W, cfg) -> list[SiloState]``: the exchange, W the (S, S) row-stochastic mixing matrix.
+
+Nothing here knows whether it runs in-process or over Flower, chooses a device, logs or touches files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedefm.errors import ConfigError, FedefmError
+
+Weights = dict[str, Tensor]
+Batch = tuple[Tensor, Tensor]  # images (B, 1, H, W) in [0, 1], labels (B,) int64
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+class NonFiniteLoss(FedefmError, ArithmeticError):
+    """A local loss became NaN or infinite; the message names the silo when the driver knows it."""
+
+
+@dataclass
+class SiloState:
+    """What one silo keeps between rounds, and the scalars that travel with its weights.
+
+    Attributes:
+        weights: the silo's model, name → tensor.
+        memory: what the algorithm carries between rounds (MOON's previous model, ...), name → weights.
+        num_examples: training images at the silo (FedAvg's weight).
+        train_loss: mean local loss of the last update.
+        grad_steps: gradient steps taken in the last round (overseas training included).
+    """
+
+    weights: Weights
+    memory: dict[str, Weights] = field(default_factory=dict)
+    num_examples: int = 0
+    train_loss: float = math.nan
+    grad_steps: int = 0
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Local SGD settings every algorithm shares.
+
+    Attributes:
+        lr: SGD learning rate (0.05: stable for the tiny preset from scratch with GroupNorm).
+        local_steps: gradient steps per silo per round (E).
+        momentum: SGD momentum; the optimizer is rebuilt each round, so momentum never crosses rounds.
+        weight_decay: L2 penalty of SGD.
+        grad_clip: global gradient-norm clip (a single-class silo's first steps can be large).
+    """
+
+    lr: float = 0.05
+    local_steps: int = 2
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+
+    def __post_init__(self) -> None:
+        """Check the shared fields; raise ConfigError naming the option."""
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: must be positive")
+        if self.local_steps < 1:
+            raise ConfigError(f"--local-steps {self.local_steps}: must be at least 1")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum {self.momentum}: must be in [0, 1)")
+
+
+def clone_weights(model: nn.Module) -> Weights:
+    """A detached copy of the model's parameters and buffers."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def cross_entropy(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    """Plain supervised loss L_c of the paper: cross-entropy of the model's logits (B, C) against labels (B,)."""
+    return F.cross_entropy(model(images), labels)
+
+
+def sgd_steps(
+    model: nn.Module, weights: Weights, batches: Iterator[Batch], cfg: LocalTraining, loss_fn: LossFn = cross_entropy,
+    steps: int | None = None,
+) -> tuple[Weights, float]:
+    """Train ``weights`` for ``steps`` (default cfg.local_steps) SGD steps; returns (new weights, mean loss).
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or infinite; the weights passed in are untouched.
+    """
+    model.load_state_dict(weights)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    losses = []
+    for step in range(cfg.local_steps if steps is None else steps):
+        images, labels = next(batches)
+        loss = loss_fn(model, images, labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"local loss is {loss.item()} at step {step}; lower --lr")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return clone_weights(model), float(np.mean(losses))
+
+
+def average_weights(weights: Sequence[Weights], coefficients: Sequence[float]) -> Weights:
+    """Σ_k c_k θ_k over floating-point tensors; integer buffers (counters) are taken from the first model."""
+    if len(weights) != len(coefficients) or not weights:
+        raise ValueError(f"{len(weights)} models and {len(coefficients)} coefficients; need one each, at least one")
+    first = weights[0]
+    if any(w.keys() != first.keys() for w in weights[1:]):
+        raise ValueError("models to average hold different tensor names")
+    mixed = {}
+    for name, tensor in first.items():
+        if tensor.is_floating_point():
+            mixed[name] = sum(float(c) * w[name] for c, w in zip(coefficients, weights))
+        else:
+            mixed[name] = tensor.clone()
+    return mixed
+
+
+def mix_weights(states: Sequence[SiloState], W: np.ndarray) -> list[SiloState]:
+    """Gossip/aggregation step θ_i ← Σ_j W_ij θ_j for every silo i; W (S, S) row-stochastic."""
+    W = np.asarray(W, dtype=np.float64)
+    if W.shape != (len(states), len(states)):
+        raise ValueError(f"mixing matrix is {W.shape} for {len(states)} silos")
+    if not np.allclose(W.sum(axis=1), 1.0) or (W < 0).any():
+        raise ValueError("mixing matrix rows must be non-negative and sum to 1")
+    mixed = []
+    for i, state in enumerate(states):
+        senders = [j for j in range(len(states)) if W[i, j] > 0]
+        weights = average_weights([states[j].weights for j in senders], [W[i, j] for j in senders])
+        mixed.append(replace(state, weights=weights))
+    return mixed
+
+
+def mean_weights(states: Sequence[SiloState]) -> Weights:
+    """The global model Θ = (1/S) Σ_i θ_i of the paper's step 4 (uniform over participating silos)."""
+    return average_weights([s.weights for s in states], [1.0 / len(states)] * len(states))
+
+
+def at_silo(silo: int, fn: Callable, *args, **kwargs):
+    """Call ``fn``; a NonFiniteLoss it raises is re-raised naming ``silo``."""
+    try:
+        return fn(*args, **kwargs)
+    except NonFiniteLoss as exc:
+        raise NonFiniteLoss(f"silo {silo}: {exc}") from exc
+
+
+def local_then_mix(local_update, mix):
+    """The round of every algorithm without overseas experts: local_update at each silo, then mix."""
+
+    def run_round(
+        model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
+        neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: LocalTraining,
+    ) -> list[SiloState]:
+        updated = [at_silo(i, local_update, model, state, batches[i], cfg) for i, state in enumerate(states)]
+        return mix(updated, W, cfg)
+
+    return run_round

@@ -1,0 +1,216 @@
+"""FedEFM (Do et al., ICRA 2025): overseas experts and EMD-weighted multishot distillation.
+
+One round, for every silo i (paper Algorithm 1; read ``run_round`` top to bottom):
+
+1. overseas experts (eq. 1): for each neighbour j of i, a copy of θ_i trains ``expert_steps`` SGD steps
+   at silo j on j's data and comes back as θ̂_{i→j};
+2. EMD weights (eq. 3): on a batch of i's data, the dense features of θ_i and of each θ̂_{i→j} are
+   compared by EMD with cosine cost; the flow-weighted similarity s_ij becomes w_ij (normalised over j);
+3. the update of θ_i, one of three readings (``Config.update``):
+
+   * ``"literal"``: eq. 2 as printed: θ_i takes ``distill_steps`` steps on its own batches of the
+     multishot loss Σ_j w_ij [β T² KL(θ̂_{i→j} ‖ θ_i) + (1 − β) CE(θ_i, y_i)] (eq. 11). No parameters
+     cross silos, so θ_i only learns about other silos' classes through soft labels on its own
+     images — which carry almost none (a probe stayed at chance with one class per silo).
+   * ``"released"``: what the authors' released code does instead (reference §2.6): every
+     neighbour's model trains at i on i's data and θ_i ← ½ θ_i + Σ_j ½|N(i)|⁻¹ θ_{j adapted at i},
+     after one local step of θ_i. No EMD, no distillation.
+   * ``"ours"`` (default): the experts' knowledge comes back in weight space, weighted by EMD:
+     θ_i ← (1 − γ) θ_i + γ Σ_j w_ij θ̂_{i→j}; then distillation on i's batches with the experts as
+     teachers, β close to 1 so that a single-class silo's cross-entropy does not pull the model back
+     to its own class; then a gossip step θ_i ← Σ_j W_ij θ_j over the overlay, so knowledge travels
+     more than one hop (an expert alone only brings back its host's data).
+
+4. the global model Θ = mean of the silo models (the driver computes it for evaluation).
+
+Bytes per round: literal and ours send each model to every neighbour and back (2 transfers per
+link), ours adds the gossip transfer (3); released sends each model once per link (the adapted
+neighbour models stay at the host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from fedefm.errors import ConfigError, choose
+from fedefm.federated.algorithms.base import (
+    Batch, LocalTraining, SiloState, Weights, at_silo, average_weights, mix_weights, sgd_steps,
+)
+from fedefm.federated.distill import DistillConfig, multishot_distillation_loss, neighbour_weights
+from fedefm.federated.emd import emd_score_batch
+
+EXCHANGE = "overseas"
+UPDATES = ("ours", "literal", "released")
+TRANSFERS_PER_LINK = {"ours": 3, "literal": 2, "released": 1}
+
+
+@dataclass(frozen=True)
+class Config(LocalTraining):
+    """FedEFM settings; the paper gives none of these values (reference §6).
+
+    Attributes:
+        update: "ours", "literal" or "released" (module docstring).
+        expert_steps: SGD steps of an overseas expert at its host (eq. 1); 0 means local_steps.
+        distill_steps: distillation steps at the home silo (eq. 2); 0 means local_steps.
+        return_weight: γ, the share of the EMD-weighted experts in θ_i before distillation ("ours").
+        beta: share of the expert (soft) term in eq. 11.
+        temperature: distillation temperature T.
+        weighting: how EMD scores become w_ij: "none", "sum" or "softmax" (see distill.neighbour_weights).
+        softmax_temperature: τ for weighting="softmax".
+        emd_grid: the token map is pooled to emd_grid × emd_grid nodes per image.
+        emd_solver: "exact" (network simplex) or "sinkhorn".
+        emd_weights: node masses, "uniform" or "cross_reference" (DeepEMD).
+        uniform_weights: ablation: ignore the EMD and weigh every expert equally.
+    """
+
+    update: str = "ours"
+    expert_steps: int = 0
+    distill_steps: int = 0
+    return_weight: float = 0.5
+    beta: float = 0.9
+    temperature: float = 4.0
+    weighting: str = "sum"
+    softmax_temperature: float = 0.1
+    emd_grid: int = 2
+    emd_solver: str = "exact"
+    emd_weights: str = "uniform"
+    uniform_weights: bool = False
+
+    def __post_init__(self) -> None:
+        """Check every field; raise ConfigError naming it."""
+        super().__post_init__()
+        choose("fedefm update", self.update, UPDATES)
+        if self.expert_steps < 0 or self.distill_steps < 0:
+            raise ConfigError("fedefm expert_steps and distill_steps must be >= 0 (0: use local_steps)")
+        if not 0 <= self.return_weight <= 1:
+            raise ConfigError(f"fedefm return_weight {self.return_weight}: must be in [0, 1]")
+        self.distillation()
+
+    def distillation(self) -> DistillConfig:
+        """The distillation settings as distill.py takes them (validated there)."""
+        return DistillConfig(beta=self.beta, temperature=self.temperature, weighting=self.weighting,
+                             softmax_temperature=self.softmax_temperature)
+
+    def steps(self, name: str) -> int:
+        """expert_steps or distill_steps, with 0 read as local_steps."""
+        return getattr(self, name) or self.local_steps
+
+
+def overseas_expert(model: nn.Module, visitor: SiloState, host_batches: Iterator[Batch], cfg: Config) -> SiloState:
+    """θ̂_{i→j}: silo i's model trained at host j on j's batches with cross-entropy (eq. 1)."""
+    steps = cfg.steps("expert_steps")
+    weights, loss = sgd_steps(model, visitor.weights, host_batches, cfg, steps=steps)
+    return SiloState(weights=weights, train_loss=loss, grad_steps=steps)
+
+
+@torch.no_grad()
+def emd_scores(model: nn.Module, student: Weights, experts: Sequence[SiloState], images: Tensor, cfg: Config) -> Tensor:
+    """EMD score s_ij (J,) between the student's and each expert's dense features on images (B, 1, H, W)."""
+    model.load_state_dict(student)
+    model.eval()
+    student_map = model.features(images)  # (B, D, h, w)
+    scores = []
+    for expert in experts:
+        model.load_state_dict(expert.weights)
+        scores.append(emd_score_batch(student_map, model.features(images), cfg.emd_grid,
+                                      weights=cfg.emd_weights, solver=cfg.emd_solver))
+    return torch.stack(scores)
+
+
+def expert_weights(model: nn.Module, state: SiloState, experts: Sequence[SiloState], batch: Batch, cfg: Config) -> Tensor:
+    """w_ij (J,): EMD scores normalised over the neighbours, or uniform for the ablation."""
+    if cfg.uniform_weights:
+        return torch.full((len(experts),), 1.0 / len(experts))
+    scores = emd_scores(model, state.weights, experts, batch[0], cfg)
+    return neighbour_weights(scores, cfg.weighting, cfg.softmax_temperature)
+
+
+def distillation_loss(expert_logits_fn, weights: Tensor, cfg: Config):
+    """Loss function of eq. 2 with eq. 11 for sgd_steps: experts are frozen and evaluated on the same batch."""
+    distill = cfg.distillation()
+
+    def loss_fn(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        return multishot_distillation_loss(model(images), expert_logits_fn(images), labels, weights, distill)
+
+    return loss_fn
+
+
+def frozen_logits(model: nn.Module, experts: Sequence[SiloState]):
+    """A function images → [logits (B, C) of each expert], in eval mode and without gradients."""
+
+    def logits(images: Tensor) -> list[Tensor]:
+        model.eval()
+        with torch.no_grad():
+            outputs = [functional_call(model, expert.weights, (images,)) for expert in experts]
+        model.train()
+        return outputs
+
+    return logits
+
+
+def local_update(
+    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config,
+    experts: Sequence[SiloState] = (), visitors: Sequence[SiloState] = (),
+) -> SiloState:
+    """Step 2–3 at silo i: EMD weights of its returned experts, then the update named by cfg.update.
+
+    Args:
+        experts: θ̂_{i→j}, silo i's model trained at each neighbour j (eq. 1).
+        visitors: θ_j adapted at silo i, each neighbour's model trained on i's data (the released code).
+    """
+    if cfg.update == "released":
+        own, own_loss = sgd_steps(model, state.weights, batches, cfg)
+        half = 0.5 / len(visitors)
+        weights = average_weights([own, *(v.weights for v in visitors)], [0.5, *([half] * len(visitors))])
+        return replace(state, weights=weights, train_loss=own_loss, grad_steps=cfg.local_steps)
+
+    batch = next(batches)
+    w = expert_weights(model, state, experts, batch, cfg)
+    start = state.weights
+    if cfg.update == "ours":
+        returned = average_weights([e.weights for e in experts], w.tolist())
+        start = average_weights([state.weights, returned], [1 - cfg.return_weight, cfg.return_weight])
+    steps = cfg.steps("distill_steps")
+    with_first = _prepend(batch, batches)
+    weights, loss = sgd_steps(model, start, with_first, cfg, distillation_loss(frozen_logits(model, experts), w, cfg),
+                              steps=steps)
+    return replace(state, weights=weights, train_loss=loss, grad_steps=steps)
+
+
+def _prepend(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
+    """The batch the EMD was scored on, then the silo's next batches."""
+    yield first
+    yield from rest
+
+
+def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:
+    """"ours": gossip over the overlay; "literal" and "released" keep each silo's model as updated."""
+    if cfg.update == "ours":
+        return mix_weights(states, W)
+    return list(states)
+
+
+def run_round(
+    model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
+    neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: Config,
+) -> list[SiloState]:
+    """One FedEFM round for every silo (Algorithm 1); silos are visited one at a time, as in parallel."""
+    experts = {
+        (i, j): at_silo(j, overseas_expert, model, states[i], batches[j], cfg)
+        for i in range(len(states)) for j in neighbours[i]
+    }
+    updated = [
+        at_silo(i, local_update, model, states[i], batches[i], cfg,
+                experts=[experts[i, j] for j in neighbours[i]],
+                visitors=[experts[j, i] for j in range(len(states)) if i in neighbours[j]])
+        for i in range(len(states))
+    ]
+    expert_steps = {i: sum(experts[i, j].grad_steps for j in neighbours[i]) for i in range(len(states))}
+    updated = [replace(s, grad_steps=s.grad_steps + expert_steps[i]) for i, s in enumerate(updated)]
+    return mix(updated, W, cfg)

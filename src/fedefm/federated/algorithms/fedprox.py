@@ -1,0 +1,55 @@
+"""FedProx (Li et al., 2020): FedAvg whose local loss adds μ/2 ‖θ − θ_global‖² against drift."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedefm.errors import ConfigError
+from fedefm.federated.algorithms.base import Batch, LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+
+EXCHANGE = "client_server"
+
+
+@dataclass(frozen=True)
+class Config(LocalTraining):
+    """Attributes: mu: proximal strength μ ≥ 0 (0.01, the paper's common choice; μ = 0 is FedAvg)."""
+
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        """Check μ and the shared fields."""
+        super().__post_init__()
+        if self.mu < 0:
+            raise ConfigError(f"fedprox mu {self.mu}: must be >= 0")
+
+
+def proximal_loss(anchor: dict[str, Tensor], mu: float):
+    """Loss function CE + μ/2 Σ ‖θ − anchor‖² (squared, as the FedProx paper writes it)."""
+
+    def loss_fn(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        penalty = sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
+        return F.cross_entropy(model(images), labels) + 0.5 * mu * penalty
+
+    return loss_fn
+
+
+def local_update(
+    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, experts: Sequence[SiloState] | None = None
+) -> SiloState:
+    """E steps of SGD on CE plus the proximal term, anchored at the model the silo received."""
+    anchor = {name: tensor.detach() for name, tensor in state.weights.items()}
+    weights, loss = sgd_steps(model, state.weights, batches, cfg, proximal_loss(anchor, cfg.mu))
+    return replace(state, weights=weights, train_loss=loss, grad_steps=cfg.local_steps)
+
+
+def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:
+    """Server average, as FedAvg."""
+    return mix_weights(states, W)
+
+
+run_round = local_then_mix(local_update, mix)

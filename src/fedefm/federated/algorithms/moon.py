@@ -1,0 +1,78 @@
+"""MOON (Li, He and Song, CVPR 2021): FedAvg plus a model-contrastive loss on the representation.
+
+The representation z is the encoder's mean token (the input of the classifier head). The local loss is
+CE + μ ℓ_con with ℓ_con = −log( e^{sim(z, z_glob)/τ} / (e^{sim(z, z_glob)/τ} + e^{sim(z, z_prev)/τ}) ),
+z_glob from the model the silo received this round and z_prev from the silo's own model of last round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from fedefm.errors import ConfigError
+from fedefm.federated.algorithms.base import Batch, LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+
+EXCHANGE = "client_server"
+
+
+@dataclass(frozen=True)
+class Config(LocalTraining):
+    """Attributes: mu: weight of the contrastive term (1.0, MOON's default for CIFAR-10); tau: temperature (0.5)."""
+
+    mu: float = 1.0
+    tau: float = 0.5
+
+    def __post_init__(self) -> None:
+        """Check μ, τ and the shared fields."""
+        super().__post_init__()
+        if self.mu < 0 or self.tau <= 0:
+            raise ConfigError(f"moon mu {self.mu} must be >= 0 and tau {self.tau} > 0")
+
+
+def representation(model: nn.Module, images: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
+    """Mean encoder token z (B, D) of ``images``, from the model's own weights or from ``weights``."""
+    if weights is None:
+        return model.encoder(images).tokens.mean(dim=1)
+    encoder_weights = {name.removeprefix("encoder."): t for name, t in weights.items() if name.startswith("encoder.")}
+    with torch.no_grad():
+        return functional_call(model.encoder, encoder_weights, (images,)).tokens.mean(dim=1)
+
+
+def contrastive_loss(global_weights: dict[str, Tensor], previous_weights: dict[str, Tensor], cfg: Config):
+    """Loss function CE + μ ℓ_con (module docstring); the global and previous models are frozen."""
+
+    def loss_fn(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        tokens = model.encoder(images).tokens  # (B, L, D)
+        z = tokens.mean(dim=1)  # (B, D)
+        logits = model.head(z)
+        positive = F.cosine_similarity(z, representation(model, images, global_weights)) / cfg.tau
+        negative = F.cosine_similarity(z, representation(model, images, previous_weights)) / cfg.tau
+        con = -torch.log_softmax(torch.stack([positive, negative], dim=1), dim=1)[:, 0].mean()
+        return F.cross_entropy(logits, labels) + cfg.mu * con
+
+    return loss_fn
+
+
+def local_update(
+    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, experts: Sequence[SiloState] | None = None
+) -> SiloState:
+    """E steps of SGD on CE + μ ℓ_con; remembers the result as next round's previous model."""
+    received = {name: tensor.detach() for name, tensor in state.weights.items()}
+    previous = state.memory.get("previous", received)
+    weights, loss = sgd_steps(model, state.weights, batches, cfg, contrastive_loss(received, previous, cfg))
+    return replace(state, weights=weights, memory={"previous": weights}, train_loss=loss, grad_steps=cfg.local_steps)
+
+
+def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:
+    """Server average, as FedAvg; each silo keeps its own previous model in memory."""
+    return mix_weights(states, W)
+
+
+run_round = local_then_mix(local_update, mix)

@@ -1,0 +1,98 @@
+"""The in-process simulator: run folders, accounting, resume and bad configurations."""
+
+import json
+
+import pytest
+import torch
+
+from fedefm.config import PretrainConfig
+from fedefm.data.synth import write_pretrain_corpus
+from fedefm.errors import ConfigError
+from fedefm.federated.algorithms import ALGORITHMS
+from fedefm.federated.simulator import run
+from fedefm.models.weights import load_weights
+
+TOPOLOGY = {"matcha": "matcha"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus") / "pretrain"
+    write_pretrain_corpus(root, per_class=12, size=32, seed=0)
+    return root
+
+
+def config(corpus, out, algorithm="fedefm", **overrides):
+    settings = dict(data=corpus, out=out, algorithm=algorithm, topology=TOPOLOGY.get(algorithm), silos=3, rounds=2,
+                    batch_size=8, image_size=32, eval_every=1, checkpoint_every=1, local_steps=1)
+    return PretrainConfig(**(settings | overrides))
+
+
+def rows(run_folder):
+    return [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_runs_two_rounds_and_writes_the_run_folder(corpus, tmp_path, algorithm):
+    summary = run(config(corpus, tmp_path, algorithm), progress=False)
+    metrics = rows(tmp_path)
+    assert [r["round"] for r in metrics] == [1, 2]
+    for key in ("val_acc", "silo_val_acc", "train_loss", "bytes_sent", "grad_steps", "cycle_time_s", "wall_s"):
+        assert key in metrics[0]
+    assert (tmp_path / "global.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    n_silos = 1 if algorithm == "centralized" else 3
+    assert len(list((tmp_path / "silos").glob("silo_*.safetensors"))) == n_silos
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    assert (metrics[0]["bytes_sent"] == 0) == (algorithm == "centralized")
+
+
+def test_fedefm_round_sends_each_model_there_back_and_once_more_to_gossip(corpus, tmp_path):
+    run(config(corpus, tmp_path, rounds=1), progress=False)
+    model_bytes = json.loads((tmp_path / "config.json").read_text())["model_bytes"]
+    # ring of 3 silos: 2 neighbours each, 3 transfers per (silo, neighbour) pair with update "ours"
+    assert rows(tmp_path)[0]["bytes_sent"] == 3 * 3 * 2 * model_bytes
+
+
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(corpus, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run(config(corpus, whole, rounds=4), progress=False)
+    run(config(corpus, parts, rounds=2), progress=False)
+    run(config(corpus, parts, rounds=4), resume=True, progress=False)
+    drop = ("wall_s", "cycle_time_s")
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in rows(whole)]
+    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in rows(parts)]
+    a, _ = load_weights(whole / "global.safetensors")
+    b, _ = load_weights(parts / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_run_with_different_settings_is_refused(corpus, tmp_path):
+    run(config(corpus, tmp_path, rounds=1), progress=False)
+    with pytest.raises(ConfigError, match="started with silos=3"):
+        run(config(corpus, tmp_path, rounds=2, silos=4), resume=True, progress=False)
+
+
+def test_more_silos_than_training_images_is_refused_before_training(tmp_path):
+    small = tmp_path / "small"
+    write_pretrain_corpus(small, per_class=3, size=32, seed=0)  # 1 train, 1 val, 1 test image per class
+    with pytest.raises(ConfigError, match="--silos 11: only 6 training images"):
+        run(config(small, tmp_path / "run", silos=11), progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_client_server_algorithm_on_a_ring_is_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="fedavg is client-server"):
+        config(corpus, tmp_path, "fedavg", topology="ring").validate()
+
+
+def test_unknown_algorithm_option_is_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="--option betta: not a setting of fedefm"):
+        config(corpus, tmp_path, options={"betta": 0.9}).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_global_accuracy_after_20_rounds_beats_chance(corpus, tmp_path, algorithm):
+    summary = run(config(corpus, tmp_path, algorithm, rounds=20, eval_every=5, checkpoint_every=20, local_steps=2),
+                  progress=False)
+    assert summary["final_val_acc"] > 1 / 6 + 0.15

@@ -1,0 +1,275 @@
+"""The ``fedefm`` command: every sub-command parses options, calls one library function, prints a summary."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from fedefm import __version__
+from fedefm.errors import ConfigError, FedefmError
+
+app = typer.Typer(help="Federated endovascular foundation model: synthetic data, pre-training, few-shot segmentation.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+synth_app = typer.Typer(help="Write synthetic, physically simulated X-ray datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect and validate datasets.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(command):
+    """Print a FedefmError as one red line and exit 1; any other exception is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FedefmError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fedefm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    """Federated endovascular foundation model."""
+    # The fedefm logger passes INFO on to the run folders' log.txt; the terminal shows it only with --verbose.
+    logging.basicConfig(format="%(message)s", handlers=[
+        RichHandler(console=err_console, show_path=False, level=logging.INFO if verbose else logging.WARNING)])
+    logging.getLogger("fedefm").setLevel(logging.INFO)
+
+
+@synth_app.command("seg")
+@user_errors
+def synth_seg(
+    out: Annotated[Path, typer.Argument(help="New folder for OUT/images, OUT/masks, OUT/manifest.json.")],
+    domain: Annotated[str, typer.Option(help="clinical, animal, phantom or simulation.")] = "clinical",
+    n: Annotated[int, typer.Option(help="Number of images.")] = 100,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+) -> None:
+    """Write a segmentation dataset (labels 0 background, 1 catheter, 2 guidewire)."""
+    from fedefm.data.synth import write_seg_dataset
+
+    manifest = write_seg_dataset(out, domain, n, size=size, seed=seed)
+    console.print(f"wrote {len(manifest['images'])} {domain} images and masks to {out}")
+
+
+@synth_app.command("pretrain")
+@user_errors
+def synth_pretrain(
+    out: Annotated[Path, typer.Argument(help="New folder for OUT/CLASS/*.png.")],
+    per_class: Annotated[int, typer.Option(help="Images per data-type class.")] = 100,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+) -> None:
+    """Write the pre-training corpus: one folder per data type (the label is the data type)."""
+    from fedefm.data.synth import write_pretrain_corpus
+
+    manifest = write_pretrain_corpus(out, per_class, size=size, seed=seed)
+    console.print(f"wrote {per_class} images for each of {', '.join(manifest['classes'])} to {out}")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Dataset root (segmentation or folder-per-class layout).")],
+    seed: Annotated[int, typer.Option(help="Seed of the carved splits.")] = 0,
+) -> None:
+    """Validate every file of a dataset and print a summary; exit 1 listing every bad file."""
+    from fedefm.data.datasets import check_dataset, format_report
+
+    report = check_dataset(root, seed=seed)
+    console.print(format_report(report))
+    if report.bad_files:
+        for path, reason in report.bad_files:
+            err_console.print(f"[red]bad file[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {len(report.bad_files)} bad file(s) in {root}")
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def finetune(
+    data: Annotated[Path, typer.Option(help="Segmentation dataset root (DESIGN §4 layout).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write.")],
+    init: Annotated[str, typer.Option(help="'scratch' or a foundation .safetensors file.")] = "scratch",
+    arch: Annotated[str, typer.Option(help="transunet, unet or swinunetr.")] = "transunet",
+    preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
+    shots: Annotated[Optional[int], typer.Option(help="K labelled training images (default: all).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of max(K, 64) augmented samples each.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of splits, shots, init and augmentation.")] = 0,
+) -> None:
+    """Fine-tune a catheter/guidewire segmenter on K images; selects the epoch on validation Dice."""
+    from fedefm.config import FinetuneConfig
+    from fedefm.finetune.train import run
+
+    cfg = FinetuneConfig(data=data, out=out, init=init, arch=arch, preset=preset, shots=shots,
+                         epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed)
+    result = run(cfg)
+    if result["transfer"]:
+        console.print(f"foundation encoder: {result['transfer']}")
+    console.print(f"selected epoch {result['best_epoch']} (val Dice {result['best_val']:.4f}); "
+                  f"weights in {out / 'model.safetensors'}")
+
+
+def parse_options(options: list[str]) -> dict:
+    """``--option beta=0.9`` pairs → {"beta": 0.9}; values are read as JSON when they parse, else as text."""
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {option}: expected NAME=VALUE, e.g. --option beta=0.9")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+@app.command()
+@user_errors
+def pretrain(
+    data: Annotated[Path, typer.Option(help="Pre-training corpus, ROOT/CLASS/*.ext (the label is the data type).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write.")],
+    algorithm: Annotated[str, typer.Option(help="centralized, fedavg, fedprox, moon, dpsgd, matcha or fedefm.")] = "fedefm",
+    topology: Annotated[Optional[str], typer.Option(help="star, ring, mst, complete or matcha (default: the algorithm's).")] = None,
+    underlay: Annotated[str, typer.Option(help="Where silos sit: gaia (11 sites) or aws_na (22).")] = "gaia",
+    silos: Annotated[int, typer.Option(help="Number of silos (hospitals).")] = 6,
+    unseen: Annotated[float, typer.Option(help="Share of each class held only by its owner silos (1: disjoint).")] = 1.0,
+    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = 50,
+    local_steps: Annotated[int, typer.Option(help="SGD steps per silo per round.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.05,
+    preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
+    image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
+    eval_every: Annotated[int, typer.Option(help="Rounds between validation evaluations.")] = 5,
+    checkpoint_every: Annotated[int, typer.Option(help="Rounds between checkpoints.")] = 10,
+    option: Annotated[list[str], typer.Option(help="Algorithm setting NAME=VALUE (e.g. beta=0.9); repeatable.")] = [],
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of partition, init, batches and topology draws.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+) -> None:
+    """Federated pre-training of the foundation model; writes metrics.jsonl, global.safetensors, silos/."""
+    from fedefm.config import PretrainConfig
+    from fedefm.federated.simulator import run
+
+    cfg = PretrainConfig(data=data, out=out, algorithm=algorithm, topology=topology, underlay=underlay, silos=silos,
+                         unseen=unseen, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+                         preset=preset, image_size=image_size, eval_every=eval_every,
+                         checkpoint_every=checkpoint_every, options=parse_options(option), device=device, seed=seed)
+    summary = run(cfg, resume=resume)
+    console.print(f"test accuracy of the global model {summary['test_acc']:.4f} "
+                  f"(validation, last evaluations: {summary['final_val_acc']:.4f}); weights in {out / 'global.safetensors'}")
+
+
+@app.command("topology")
+@user_errors
+def topology_table(
+    underlay: Annotated[str, typer.Option(help="gaia or aws_na.")] = "gaia",
+    preset: Annotated[str, typer.Option(help="Model whose size and measured step time set the delays.")] = "paper",
+    silos: Annotated[Optional[int], typer.Option(help="Silos (default: every site).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch of the measured local step.")] = 1,
+    budget: Annotated[float, typer.Option(help="MATCHA communication budget.")] = 0.5,
+) -> None:
+    """Cycle time of every overlay (Marfoq et al.'s max-plus model) for the preset's real size and step time."""
+    from fedefm.federated.topology import cycle_time_table, get_underlay, model_bytes
+    from fedefm.federated.timing import local_step_seconds
+    from fedefm.models.heads import Classifier
+    from fedefm.models.presets import get_preset
+
+    chosen = get_preset(preset)
+    sites = get_underlay(underlay)
+    model = Classifier(chosen, n_classes=6)
+    compute_s = local_step_seconds(model, batch_size, chosen.image_size)
+    size = model_bytes(model)
+    table = Table(title=f"{underlay}: {preset} preset, {size / 1e6:.1f} MB per model, local step {compute_s * 1e3:.0f} ms")
+    for column in ("overlay", "cycle time (ms)", "transfers/round", "max in-degree"):
+        table.add_column(column, justify="left" if column == "overlay" else "right")
+    for row in cycle_time_table(sites, silos or len(sites.sites), compute_s, size, budget=budget):
+        table.add_row(row["overlay"], f"{row['cycle_time_s'] * 1e3:.1f}", f"{row['edges']:g}", str(row["max_degree"]))
+    console.print(table)
+
+
+def metrics_table(results: dict[str, dict], title: str) -> Table:
+    """Rich table of evaluate JSON objects, one row per (run, class)."""
+    table = Table(title=title)
+    for column in ("run", "class", "Dice", "IoU", "clDice", "HD95 (px)"):
+        table.add_column(column, justify="left" if column in ("run", "class") else "right")
+    for run, result in results.items():
+        for name, scores in list(result["per_class"].items()) + [("mean", result["mean"])]:
+            cells = ["-" if scores[m] is None else f"{scores[m]:.3f}" for m in ("dice", "iou", "cldice", "hd95")]
+            table.add_row(run, name, *cells)
+    return table
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Finetune run folder or .safetensors file.")],
+    data: Annotated[Path, typer.Option(help="Segmentation dataset root.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON object only.")] = False,
+) -> None:
+    """Per-class Dice, IoU, clDice and HD95 of a segmenter on a split (background excluded)."""
+    from fedefm.finetune.evaluate import evaluate_model
+
+    result = evaluate_model(model, data, split)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        console.print(metrics_table({str(model): result}, f"{split} split, {result['n_images']} images"))
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Annotated[Path, typer.Option(help="Finetune run folder or .safetensors file.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, NPY, DICOM).")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME_mask.png and NAME_overlay.png.")],
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs (listed in OUT/skipped.txt).")] = False,
+) -> None:
+    """Write a label mask and a colour overlay (catheter orange, guidewire cyan) for every input."""
+    from fedefm.finetune.predict import predict as run_predict
+
+    report = run_predict(model, inputs, out, skip_bad=skip_bad)
+    console.print(f"{len(report.outputs)} images in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s) → {out}")
+    for path, reason in report.skipped:
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data and runs.")] = Path("demo_out"),
+    seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
+) -> None:
+    """Whole pipeline on embedded synthetic data: synthesise, fine-tune, evaluate, print the table."""
+    from fedefm.demo import run_demo
+
+    results = run_demo(out, seed=seed, console=console)
+    console.print(metrics_table(results, "demo: test split of the synthetic clinical domain"))
+    console.print(f"everything the demo wrote is in {out}/")

@@ -21,7 +21,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from fedefm.config import FinetuneConfig
-from fedefm.demo import synthetic_segmentation
+from fedefm.demo import synthetic_data
 from fedefm.finetune.predict import predict
 from fedefm.finetune.train import run as finetune
 from fedefm.models.presets import get_preset
@@ -77,14 +77,14 @@ def main() -> None:
     batch_size, size = 8, get_preset("tiny").image_size
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = synthetic_segmentation(work / "data", "clinical", 60, size, seed=0)
+        data = synthetic_data(work / "data", "seg", 0, domain="clinical", n=60, size=size)
         bare = [bare_images_per_s("tiny", batch_size, size, steps) for _ in range(repeats)]
         loop = [loop_images_per_s(data, work / f"run{r}", batch_size, size, epochs) for r in range(repeats)]
         print(f"tiny TransUNet, batch {batch_size}, {size}x{size}, torch threads {torch.get_num_threads()}")
         print(f"  bare forward+backward+step: median {statistics.median(bare):.1f} images/s  {[round(b, 1) for b in bare]}")
         print(f"  finetune loop:              median {statistics.median(loop):.1f} images/s  {[round(v, 1) for v in loop]}")
         print(f"  loop / bare: {statistics.median(loop) / statistics.median(bare):.1%}")
-        big = synthetic_segmentation(work / "data256", "clinical", n_predict, 256, seed=0)
+        big = synthetic_data(work / "data256", "seg", 0, domain="clinical", n=n_predict, size=256)
         images = sorted((big / "images").glob("*.png"))
         for preset in ("tiny", "paper"):
             rates = [predict_images_per_s(preset, images, work) for _ in range(repeats)]

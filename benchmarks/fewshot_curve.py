@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedefm.config import FinetuneConfig
 from fedefm.data.synth import DOMAINS
-from fedefm.demo import synthetic_segmentation
+from fedefm.demo import synthetic_data
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.train import run as finetune
 
@@ -26,6 +27,7 @@ from fedefm.finetune.train import run as finetune
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (1 lets two runs share 2 cores)")
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS))
     parser.add_argument("--shots", nargs="+", type=int, default=[4, 16, 64])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -40,13 +42,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.domains, args.shots, args.seeds, args.images, args.size, args.epochs = ["clinical"], [4], [0], 30, 64, 2
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     rows = []
     for domain in args.domains:
-        data = synthetic_segmentation(args.out / "data" / domain, domain, args.images, args.size, seed=1000)
+        data = synthetic_data(args.out / "data" / domain, "seg", 1000, domain=domain, n=args.images, size=args.size)
         for shots in args.shots:
             for seed in args.seeds:
                 run = args.out / "runs" / f"{domain}_k{shots}_s{seed}"

@@ -55,3 +55,23 @@ def test_data_check_passes_a_good_folder_and_names_every_bad_file(tmp_path):
     bad = runner.invoke(app, ["data", "check", str(out)])
     assert bad.exit_code == 1
     assert masks[0].name in bad.output and masks[1].name in bad.output
+
+
+def test_pretrain_writes_the_run_folder_and_names_a_bad_option(tmp_path):
+    corpus = tmp_path / "corpus"
+    assert runner.invoke(app, ["synth", "pretrain", str(corpus), "--per-class", "6", "--size", "32"]).exit_code == 0
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(corpus), "--out", str(out), "--algorithm", "fedavg", "--silos", "2",
+            "--rounds", "1", "--image-size", "32", "--batch-size", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "global.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    bad = runner.invoke(app, args + ["--option", "mu=0.1"])
+    assert bad.exit_code == 1 and "--option mu: not a setting of fedavg" in bad.output
+
+
+def test_topology_prints_the_cycle_time_of_every_overlay():
+    result = runner.invoke(app, ["topology", "--underlay", "gaia", "--preset", "tiny", "--silos", "5"])
+    assert result.exit_code == 0, result.output
+    for overlay in ("star", "ring", "mst", "complete", "matcha"):
+        assert overlay in result.output

@@ -183,7 +183,7 @@ class PretrainConfig:
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not 1 <= self.shots < self.silos:
+        if exchange == "overseas" and self.topology == "star" and not 1 <= self.shots < self.silos:
             raise ConfigError(f"--shots {self.shots}: must be between 1 and silos - 1 = {self.silos - 1}")
         if not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data}: no such folder")

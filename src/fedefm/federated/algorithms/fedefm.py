@@ -15,11 +15,12 @@ One round, for every silo i (paper Algorithm 1; read ``run_round`` top to bottom
    * ``"released"``: what the authors' released code does instead (reference §2.6): every
      neighbour's model trains at i on i's data and θ_i ← ½ θ_i + Σ_j ½|N(i)|⁻¹ θ_{j adapted at i},
      after one local step of θ_i. No EMD, no distillation.
-   * ``"ours"`` (default): the experts' knowledge comes back in weight space, weighted by EMD:
-     θ_i ← (1 − γ) θ_i + γ Σ_j w_ij θ̂_{i→j}; then distillation on i's batches with the experts as
-     teachers, β close to 1 so that a single-class silo's cross-entropy does not pull the model back
-     to its own class; then a gossip step θ_i ← Σ_j W_ij θ_j over the overlay, so knowledge travels
-     more than one hop (an expert alone only brings back its host's data).
+   * ``"ours"`` (default): θ_i trains at home on the same multishot loss (the home model), and the
+     experts' knowledge comes back in weight space, weighted by EMD, beside it:
+     θ_i ← (1 − γ) θ_home + γ Σ_j w_ij θ̂_{i→j} — every model of the round trained on one silo's data,
+     averaged as FedAvg averages, so no silo's own class gets the last word; then a gossip step
+     θ_i ← Σ_j W_ij θ_j over the overlay, so knowledge travels more than one hop (an expert alone only
+     brings back its host's data).
 
 4. the global model Θ = mean of the silo models (the driver computes it for evaluation).
 
@@ -58,7 +59,8 @@ class Config(LocalTraining):
         update: "ours", "literal" or "released" (module docstring).
         expert_steps: SGD steps of an overseas expert at its host (eq. 1); 0 means local_steps.
         distill_steps: distillation steps at the home silo (eq. 2); 0 means local_steps.
-        return_weight: γ, the share of the EMD-weighted experts in θ_i before distillation ("ours").
+        return_weight: γ, the share of the EMD-weighted experts beside the home model ("ours"); 2/3 gives
+            the home model and each of a ring's two experts the same share.
         beta: share of the expert (soft) term in eq. 11.
         temperature: distillation temperature T.
         weighting: how EMD scores become w_ij: "none", "sum" or "softmax" (see distill.neighbour_weights).
@@ -72,8 +74,8 @@ class Config(LocalTraining):
     update: str = "ours"
     expert_steps: int = 0
     distill_steps: int = 0
-    return_weight: float = 0.5
-    beta: float = 0.9
+    return_weight: float = 2 / 3
+    beta: float = 0.5
     temperature: float = 4.0
     weighting: str = "sum"
     softmax_temperature: float = 0.1
@@ -172,14 +174,12 @@ def local_update(
 
     batch = next(batches)
     w = expert_weights(model, state, experts, batch, cfg)
-    start = state.weights
+    steps = cfg.steps("distill_steps")
+    loss_fn = distillation_loss(frozen_logits(model, experts), w, cfg)
+    weights, loss = sgd_steps(model, state.weights, _prepend(batch, batches), cfg, loss_fn, steps=steps)
     if cfg.update == "ours":
         returned = average_weights([e.weights for e in experts], w.tolist())
-        start = average_weights([state.weights, returned], [1 - cfg.return_weight, cfg.return_weight])
-    steps = cfg.steps("distill_steps")
-    with_first = _prepend(batch, batches)
-    weights, loss = sgd_steps(model, start, with_first, cfg, distillation_loss(frozen_logits(model, experts), w, cfg),
-                              steps=steps)
+        weights = average_weights([weights, returned], [1 - cfg.return_weight, cfg.return_weight])
     return replace(state, weights=weights, train_loss=loss, grad_steps=steps)
 
 

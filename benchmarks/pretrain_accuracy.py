@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedefm.config import PretrainConfig
+from fedefm.config import PretrainConfig, parse_settings
 from fedefm.demo import synthetic_data
 from fedefm.federated.simulator import run
 
@@ -51,14 +51,7 @@ def parse_args() -> argparse.Namespace:
 def parse_variant(text: str) -> tuple[str, dict]:
     """'beta05:beta=0.5,update=ours' → ("beta05", {"beta": 0.5, "update": "ours"})."""
     name, _, settings = text.partition(":")
-    options = {}
-    for pair in filter(None, settings.split(",")):
-        key, _, value = pair.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return name, options
+    return name, parse_settings([pair for pair in settings.split(",") if pair])
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from fedefm import __version__
-from fedefm.errors import ConfigError, FedefmError
+from fedefm.errors import FedefmError
 
 app = typer.Typer(help="Federated endovascular foundation model: synthetic data, pre-training, few-shot segmentation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -136,20 +136,6 @@ def finetune(
                   f"weights in {out / 'model.safetensors'}")
 
 
-def parse_options(options: list[str]) -> dict:
-    """``--option beta=0.9`` pairs → {"beta": 0.9}; values are read as JSON when they parse, else as text."""
-    parsed = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option {option}: expected NAME=VALUE, e.g. --option beta=0.9")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
-
-
 @app.command()
 @user_errors
 def pretrain(
@@ -174,13 +160,13 @@ def pretrain(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
 ) -> None:
     """Federated pre-training of the foundation model; writes metrics.jsonl, global.safetensors, silos/."""
-    from fedefm.config import PretrainConfig
+    from fedefm.config import PretrainConfig, parse_settings
     from fedefm.federated.simulator import run
 
     cfg = PretrainConfig(data=data, out=out, algorithm=algorithm, topology=topology, underlay=underlay, silos=silos,
                          unseen=unseen, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
                          preset=preset, image_size=image_size, eval_every=eval_every,
-                         checkpoint_every=checkpoint_every, options=parse_options(option), device=device, seed=seed)
+                         checkpoint_every=checkpoint_every, options=parse_settings(option), device=device, seed=seed)
     summary = run(cfg, resume=resume)
     console.print(f"test accuracy of the global model {summary['test_acc']:.4f} "
                   f"(validation, last evaluations: {summary['final_val_acc']:.4f}); weights in {out / 'global.safetensors'}")

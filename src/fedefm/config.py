@@ -15,6 +15,20 @@ from fedefm import __version__
 from fedefm.errors import ConfigError, choose
 
 
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``["beta=0.9", "update=ours"]`` → {"beta": 0.9, "update": "ours"}: values read as JSON when they parse, else text."""
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair}: expected NAME=VALUE, e.g. --option beta=0.9")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' → CUDA when available, else CPU; 'cpu' or 'cuda[:N]' as given."""
     if name == "auto":

@@ -104,50 +104,46 @@ def find_classification_splits(
     return splits, class_names
 
 
-class SegmentationDataset(Dataset):
+class _ItemDataset(Dataset):
+    """Items read lazily, one per index, resized to ``size`` x ``size`` and optionally transformed."""
+
+    def __init__(self, items: Sequence[Any], size: int, transform: Callable[[dict], dict] | None = None):
+        self.items = list(items)
+        self.size = _check_size(size)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class SegmentationDataset(_ItemDataset):
     """Reads one image and mask per index, resized to ``size`` x ``size``.
 
     A sample is ``{"image": (1, size, size) float in [0, 1], "mask": (size, size) long labels
     {0, 1, 2}, "name": str}``. ``transform`` receives and returns ``{"image", "mask"}`` after resizing.
     """
 
-    def __init__(self, items: Sequence[SegmentationItem], size: int, transform: Callable[[dict], dict] | None = None):
-        self.items = list(items)
-        self.size = _check_size(size)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         image = read_image(item.image, item.frame)
         mask = read_mask(item.mask, item.mask_frame)
         _check_same_size(item, image, mask)
-        sample = {"image": _resize_image(image, self.size), "mask": _resize_mask(mask, self.size)}
+        sample = {"image": resize_image(image, self.size), "mask": resize_mask(mask, self.size)}
         if self.transform is not None:
             sample = self.transform(sample)
         return {"image": sample["image"], "mask": sample["mask"], "name": item.name}
 
 
-class ClassificationDataset(Dataset):
+class ClassificationDataset(_ItemDataset):
     """Reads one image per index, resized to ``size`` x ``size``.
 
     A sample is ``{"image": (1, size, size) float in [0, 1], "label": int, "name": str}``;
     ``transform`` receives and returns ``{"image"}`` after resizing.
     """
 
-    def __init__(self, items: Sequence[ClassificationItem], size: int, transform: Callable[[dict], dict] | None = None):
-        self.items = list(items)
-        self.size = _check_size(size)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        sample = {"image": _resize_image(read_image(item.image, item.frame), self.size)}
+        sample = {"image": resize_image(read_image(item.image, item.frame), self.size)}
         if self.transform is not None:
             sample = self.transform(sample)
         return {"image": sample["image"], "label": item.label, "name": item.name}
@@ -203,7 +199,7 @@ def _check_same_size(item: SegmentationItem, image: np.ndarray, mask: np.ndarray
         )
 
 
-def _resize_image(image: np.ndarray, size: int) -> torch.Tensor:
+def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     """(H, W) float32 -> (1, size, size), bilinear with antialiasing."""
     tensor = torch.from_numpy(image)[None, None]
     if image.shape != (size, size):
@@ -211,7 +207,7 @@ def _resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     return tensor[0]
 
 
-def _resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     """(H, W) uint8 labels -> (size, size) long, nearest so that no label is invented."""
     tensor = torch.from_numpy(mask)[None, None]
     if mask.shape != (size, size):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fedefm.data.datasets import resize_image
 from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image
 from fedefm.errors import DataError
 from fedefm.files import atomic_write
@@ -65,8 +66,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.nda
 @torch.no_grad()
 def segment(model: torch.nn.Module, image: np.ndarray, size: int) -> np.ndarray:
     """Label map (H, W) uint8 of one image (H, W) in [0, 1], predicted at ``size`` and resized back."""
-    x = torch.from_numpy(image)[None, None].float()
-    logits = model(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+    logits = model(resize_image(image, size)[None])
     logits = F.interpolate(logits, size=image.shape, mode="bilinear", align_corners=False)
     return logits.argmax(1)[0].numpy().astype(np.uint8)
 

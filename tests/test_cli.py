@@ -75,3 +75,11 @@ def test_topology_prints_the_cycle_time_of_every_overlay():
     assert result.exit_code == 0, result.output
     for overlay in ("star", "ring", "mst", "complete", "matcha"):
         assert overlay in result.output
+
+
+def test_data_partition_prints_disjoint_silos_at_full_unseen(tmp_path):
+    corpus = tmp_path / "corpus"
+    assert runner.invoke(app, ["synth", "pretrain", str(corpus), "--per-class", "6", "--size", "32"]).exit_code == 0
+    result = runner.invoke(app, ["data", "partition", str(corpus), "--silos", "3", "--unseen", "1"])
+    assert result.exit_code == 0, result.output
+    assert "clinical" in result.output and "ct_slice" in result.output

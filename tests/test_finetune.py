@@ -123,3 +123,21 @@ def test_cli_finetune_names_a_bad_option_without_a_traceback(dataset, tmp_path):
     assert result.exit_code == 1
     assert "did you mean 'transunet'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("arch", ["unet", "swinunetr"])
+def test_finetune_trains_the_monai_baselines(dataset, tmp_path, arch):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, arch=arch, shots=4, epochs=1, batch_size=4, samples_per_epoch=4,
+                         image_size=SIZE)
+    train.run(cfg, progress=False)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert set(evaluate_model(tmp_path, dataset, "test")) == {"n_images", "per_class", "mean"}
+
+
+def test_foundation_init_of_a_baseline_without_an_encoder_is_refused(dataset, tmp_path):
+    foundation = tmp_path / "foundation.safetensors"
+    classifier = Classifier(get_preset("tiny"), n_classes=6)
+    save_weights(foundation, classifier, model_metadata(classifier))
+    cfg = FinetuneConfig(data=dataset, out=tmp_path / "run", arch="unet", init=str(foundation), image_size=SIZE)
+    with pytest.raises(ConfigError, match="unet has no foundation encoder"):
+        train.run(cfg, progress=False)

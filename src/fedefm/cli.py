@@ -108,6 +108,26 @@ def data_check(
         raise typer.Exit(1)
 
 
+@data_app.command("partition")
+@user_errors
+def data_partition(
+    root: Annotated[Path, typer.Argument(help="Pre-training corpus, ROOT/CLASS/*.ext.")],
+    silos: Annotated[int, typer.Option(help="Number of silos.")] = 6,
+    unseen: Annotated[float, typer.Option(help="Share of each class held only by its owner silos (1: disjoint).")] = 1.0,
+    alpha: Annotated[Optional[float], typer.Option(help="Use Dirichlet(alpha) label skew instead of --unseen.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of splits and partition.")] = 0,
+) -> None:
+    """Print the silo x class table of the training split, as ``fedefm pretrain`` would partition it."""
+    from fedefm.data.datasets import find_classification_splits
+    from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table
+
+    splits, class_names = find_classification_splits(root, seed=seed)
+    labels = [item.label for item in splits["train"]]
+    parts = (partition_dirichlet(labels, silos, alpha, seed) if alpha is not None
+             else partition_unseen(labels, silos, unseen, seed))
+    console.print(silo_class_table(labels, parts, class_names), highlight=False)
+
+
 @app.command()
 @user_errors
 def finetune(

@@ -167,6 +167,7 @@ def local_then_mix(local_update, mix):
         model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
         neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: LocalTraining,
     ) -> list[SiloState]:
+        """One round: local_update at every silo (neighbours unused), then mix with W."""
         updated = [at_silo(i, local_update, model, state, batches[i], cfg) for i, state in enumerate(states)]
         return mix(updated, W, cfg)
 

@@ -25,6 +25,6 @@ def choose(option: str, value: str, known: Iterable[str]) -> str:
     known = list(known)
     if value in known:
         return value
-    close = difflib.get_close_matches(value, known, n=1)
+    close = difflib.get_close_matches(str(value), known, n=1) or [k for k in known if k.startswith(str(value))][:1]
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(f"{option} {value}: {hint}Known: {', '.join(known)}")

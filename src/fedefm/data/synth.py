@@ -20,7 +20,6 @@ and an image does not depend on how many others are written.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import os
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import fft, ndimage, special
 
-from fedefm.errors import ConfigError
+from fedefm.errors import ConfigError, choose
 from fedefm.files import write_json
 
 GENERATOR_VERSION = "1.0.0"
@@ -1167,15 +1166,6 @@ _SCENES = {"clinical": _clinical_scene, "animal": _animal_scene, "phantom": _pha
 # --------------------------------------------------------------------------- public API
 
 
-def _check_name(name: str, known: Sequence[str], option: str) -> None:
-    """Raise ConfigError for an unknown domain or class, with a 'did you mean' suggestion."""
-    if name in known:
-        return
-    close = difflib.get_close_matches(str(name), known, n=1) or [k for k in known if k.startswith(str(name))][:1]
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(f"{option} {name!r}: {hint}Known: {', '.join(known)}")
-
-
 def _check_size(size: int) -> None:
     """Raise ConfigError unless ``size`` is an integer of at least 32 px."""
     if int(size) != size or size < 32:
@@ -1199,7 +1189,7 @@ def render_fluoro(domain: str, size: int, rng: np.random.Generator) -> tuple[np.
     Raises:
         ConfigError: unknown domain or size below 32.
     """
-    _check_name(domain, DOMAINS, "--domain")
+    choose("--domain", domain, DOMAINS)
     _check_size(size)
     scene = _SCENES[domain](size, rng)
     device_splats, mask, device_info = _devices(scene.tree, scene.view, rng, *scene.device_odds)
@@ -1387,7 +1377,7 @@ def render_pretrain(cls: str, size: int, rng: np.random.Generator) -> np.ndarray
     Raises:
         ConfigError: unknown class or size below 32.
     """
-    _check_name(cls, PRETRAIN_CLASSES, "class")
+    choose("class", cls, PRETRAIN_CLASSES)
     _check_size(size)
     if cls in DOMAINS:
         return render_fluoro(cls, size, rng)[0]
@@ -1448,7 +1438,7 @@ def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int
         ConfigError: unknown domain, n < 1, size < 32, negative seed, or OUT exists and is not empty.
     """
     out = Path(out)
-    _check_name(domain, DOMAINS, "--domain")
+    choose("--domain", domain, DOMAINS)
     _check_counts(n, "--n", seed)
     _check_size(size)
     _check_out(out)
@@ -1489,7 +1479,7 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
     if not classes:
         raise ConfigError(f"classes: none given; pass some of {', '.join(PRETRAIN_CLASSES)}")
     for cls in classes:
-        _check_name(cls, PRETRAIN_CLASSES, "class")
+        choose("class", cls, PRETRAIN_CLASSES)
     if len(set(classes)) != len(classes):
         raise ConfigError(f"classes {classes}: a class is listed twice; list each once")
     _check_counts(per_class, "--per-class", seed)

@@ -18,23 +18,22 @@ import time
 from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
 
 from fedefm.config import FinetuneConfig
 from fedefm.demo import synthetic_data
 from fedefm.finetune.predict import predict
-from fedefm.finetune.train import run as finetune
+from fedefm.finetune.train import run as finetune, segmentation_loss
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
 from fedefm.models.weights import model_metadata, save_weights
 
 
-def bare_images_per_s(preset: str, batch_size: int, size: int, steps: int) -> float:
-    """Images/s of forward + Dice-CE loss + backward + AdamW step on one fixed random batch."""
+def bare_images_per_s(data: Path, preset: str, batch_size: int, size: int, steps: int) -> float:
+    """Images/s of forward + the finetune loss + backward + clip + AdamW step on one fixed random batch."""
     torch.manual_seed(0)
     model = build_segmenter("transunet", get_preset(preset), n_classes=3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    loss_fn = segmentation_loss(FinetuneConfig(data=data, out=data), torch.device("cpu"))
     images = torch.rand(batch_size, 1, size, size)
     masks = torch.randint(0, 3, (batch_size, 1, size, size))
     for _ in range(2):  # warm-up
@@ -78,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = synthetic_data(work / "data", "seg", 0, domain="clinical", n=60, size=size)
-        bare = [bare_images_per_s("tiny", batch_size, size, steps) for _ in range(repeats)]
+        bare = [bare_images_per_s(data, "tiny", batch_size, size, steps) for _ in range(repeats)]
         loop = [loop_images_per_s(data, work / f"run{r}", batch_size, size, epochs) for r in range(repeats)]
         print(f"tiny TransUNet, batch {batch_size}, {size}x{size}, torch threads {torch.get_num_threads()}")
         print(f"  bare forward+backward+step: median {statistics.median(bare):.1f} images/s  {[round(b, 1) for b in bare]}")

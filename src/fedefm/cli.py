@@ -139,7 +139,7 @@ def finetune(
     shots: Annotated[Optional[int], typer.Option(help="K labelled training images (default: all).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of max(K, 64) augmented samples each.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-3,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-2,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, shots, init and augmentation.")] = 0,
 ) -> None:

@@ -47,6 +47,9 @@ class FinetuneConfig:
 
     An epoch shows the model ``max(shots, samples_per_epoch)`` augmented training samples, so runs
     with different K take the same number of optimisation steps and differ only in the data seen.
+    ``class_weights`` weigh background, catheter and guidewire in the Dice-CE loss: devices cover about
+    1% of the pixels (0.9% catheter, 0.2% guidewire in the synthetic clinical domain), and without
+    weights few-shot runs often settle on predicting background everywhere.
     """
 
     data: Path
@@ -57,9 +60,10 @@ class FinetuneConfig:
     shots: int | None = None
     epochs: int = 30
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     warmup_steps: int = 20
+    class_weights: tuple[float, float, float] = (1.0, 10.0, 20.0)
     grad_clip: float = 1.0
     samples_per_epoch: int = 64
     image_size: int | None = None
@@ -86,6 +90,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "samples_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if len(self.class_weights) != 3 or min(self.class_weights) <= 0:
+            raise ConfigError(f"class weights {self.class_weights}: need 3 positive weights (background, catheter, guidewire)")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be positive")
         resolve_device(self.device)

@@ -95,6 +95,12 @@ def selection_score(result: dict) -> float:
     return -1.0 if dice is None else dice
 
 
+def segmentation_loss(cfg: FinetuneConfig, device: torch.device) -> DiceCELoss:
+    """MONAI Dice + cross-entropy over the foreground classes, class-weighted, Dice over the whole batch."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                      weight=torch.tensor(cfg.class_weights, device=device))
+
+
 def build_model(cfg: FinetuneConfig) -> tuple[torch.nn.Module, TransferReport | None]:
     """The segmenter named by the config, initialised from scratch or from a foundation checkpoint."""
     model = build_segmenter(cfg.arch, get_preset(cfg.preset), n_classes=len(SEGMENTATION_CLASSES))
@@ -139,7 +145,7 @@ def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
         log.info("foundation weights from %s: %s", cfg.init, transfer.summary())
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    loss_fn = segmentation_loss(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed), generator)
     steps_per_epoch = math.ceil(max(len(train_items), cfg.samples_per_epoch) / cfg.batch_size)

@@ -61,12 +61,11 @@ def main() -> None:
         args.seeds, args.rounds, args.per_class, args.size = [0], 4, 10, 32
     results_path = args.out / "results.jsonl"
     if args.tables:
-        print_tables([json.loads(line) for line in results_path.read_text().splitlines()])
+        print_tables(read_results(results_path))
         return
     corpus = synthetic_data(args.out / "corpus", "pretrain", 0, per_class=args.per_class, size=args.size)
     runs = [(name, name, {}, args.seeds) for name in args.algorithms]
     runs += [(name, "fedefm", options, args.variant_seeds) for name, options in map(parse_variant, args.variant)]
-    results = []
     for name, algorithm, options, seeds in runs:
         for seed in seeds:
             out = args.out / "runs" / f"{name}_s{seed}"
@@ -76,12 +75,16 @@ def main() -> None:
                                  topology="matcha" if algorithm == "matcha" else None)
             summary = run(cfg, progress=False)
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            results.append({"name": name, "seed": seed, "options": options, "summary": summary, "rows": rows})
             with open(results_path, "a") as f:
-                f.write(json.dumps(results[-1]) + "\n")
+                f.write(json.dumps({"name": name, "seed": seed, "options": options, "summary": summary, "rows": rows}) + "\n")
             print(f"{name:14s} seed {seed}: test {summary['test_acc']:.3f}, val (last 5) {summary['final_val_acc']:.3f}",
                   flush=True)
-    print_tables(results)
+    print_tables(read_results(results_path))
+
+
+def read_results(path: Path) -> list[dict]:
+    """Every run recorded in OUT/results.jsonl, including those of earlier invocations."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def curve(rows: list[dict], key: str = "grad_steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

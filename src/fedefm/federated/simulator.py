@@ -218,9 +218,6 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=len(idx)) for idx in silo_indices]
     n = len(states)
-    if cfg.algorithm == "centralized":
-        # Pooled data gets the compute of the federation it is compared with: S x E steps per round.
-        algo_cfg = replace(algo_cfg, local_steps=cfg.local_steps * cfg.silos)
     model_size = topology.model_bytes(model)
     underlay = topology.get_underlay(cfg.underlay)
     overlay = topology.build_overlay(cfg.topology, underlay, max(n, 2), 0.0, model_size) if n > 1 else None

@@ -1,8 +1,9 @@
 """Centralised training on pooled data: the upper bound the federated algorithms are measured against.
 
-The driver gives this algorithm a single silo that holds every training image, and S x E gradient
-steps per round (S the number of silos of the federated runs it is compared with), so a round costs
-the same compute as a round of FedAvg over S silos.
+The driver gives this algorithm a single silo that holds every training image; it takes the same
+E local steps per round as every silo of a federated run, so a round makes as many sequential steps
+as a round of FedAvg (whose S silos compute S x E gradients in parallel): compare by round, and by
+gradient steps with the benchmarks' second table.
 """
 
 from __future__ import annotations
@@ -19,4 +20,4 @@ __all__ = ["Config", "EXCHANGE", "local_update", "mix", "run_round"]
 
 @dataclass(frozen=True)
 class Config(LocalTraining):
-    """Pooled-data training; the driver sets local_steps to S x E (see the module docstring)."""
+    """Pooled-data training with the shared local-training settings."""

@@ -1,6 +1,7 @@
 """Foundation accuracy at 100% unseen: centralized, FedAvg, D-PSGD, MATCHA and FedEFM on the same silos.
 
     python benchmarks/pretrain_accuracy.py --out bench_out/pretrain              # 3 seeds, 150 rounds
+    python benchmarks/pretrain_accuracy.py --out bench_out/pretrain --tables     # tables of every recorded run
     python benchmarks/pretrain_accuracy.py --quick --out bench_out/pretrain_q    # seconds
     python benchmarks/pretrain_accuracy.py --out bench_out/ablate --algorithms fedefm \\
         --variant literal:update=literal --variant beta05:beta=0.5            # FedEFM readings / ablations

@@ -68,6 +68,9 @@ class Config(LocalTraining):
         emd_grid: the token map is pooled to emd_grid × emd_grid nodes per image.
         emd_solver: "exact" (network simplex) or "sinkhorn".
         emd_weights: node masses, "uniform" or "cross_reference" (DeepEMD).
+        emd_images: the EMD score of an expert is averaged over the first emd_images images of the
+            home batch (4: the score is one scalar per expert, and the feature passes it needs would
+            otherwise cost more than the rest of the EMD step).
         uniform_weights: ablation: ignore the EMD and weigh every expert equally.
     """
 
@@ -82,6 +85,7 @@ class Config(LocalTraining):
     emd_grid: int = 2
     emd_solver: str = "exact"
     emd_weights: str = "uniform"
+    emd_images: int = 4
     uniform_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -90,6 +94,8 @@ class Config(LocalTraining):
         choose("fedefm update", self.update, UPDATES)
         if self.expert_steps < 0 or self.distill_steps < 0:
             raise ConfigError("fedefm expert_steps and distill_steps must be >= 0 (0: use local_steps)")
+        if self.emd_images < 1:
+            raise ConfigError(f"fedefm emd_images {self.emd_images}: must be at least 1")
         if not 0 <= self.return_weight <= 1:
             raise ConfigError(f"fedefm return_weight {self.return_weight}: must be in [0, 1]")
         self.distillation()
@@ -129,7 +135,7 @@ def expert_weights(model: nn.Module, state: SiloState, experts: Sequence[SiloSta
     """w_ij (J,): EMD scores normalised over the neighbours, or uniform for the ablation."""
     if cfg.uniform_weights:
         return torch.full((len(experts),), 1.0 / len(experts))
-    scores = emd_scores(model, state.weights, experts, batch[0], cfg)
+    scores = emd_scores(model, state.weights, experts, batch[0][: cfg.emd_images], cfg)
     return neighbour_weights(scores, cfg.weighting, cfg.softmax_temperature)
 
 

@@ -206,17 +206,22 @@ def run_round(
     model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
     neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: Config,
 ) -> list[SiloState]:
-    """One FedEFM round for every silo (Algorithm 1); silos are visited one at a time, as in parallel."""
-    experts = {
-        (i, j): at_silo(j, overseas_expert, model, states[i], batches[j], cfg)
-        for i in range(len(states)) for j in neighbours[i]
-    }
-    updated = [
-        at_silo(i, local_update, model, states[i], batches[i], cfg,
-                experts=[experts[i, j] for j in neighbours[i]],
-                visitors=[experts[j, i] for j in range(len(states)) if i in neighbours[j]])
-        for i in range(len(states))
-    ]
-    expert_steps = {i: sum(experts[i, j].grad_steps for j in neighbours[i]) for i in range(len(states))}
-    updated = [replace(s, grad_steps=s.grad_steps + expert_steps[i]) for i, s in enumerate(updated)]
+    """One FedEFM round for every silo (Algorithm 1).
+
+    Silos are visited one at a time; each reads only round-k states, so the result is the parallel
+    round's. Silo i's experts live only while i updates: memory holds the S states, their updates and
+    |N(i)| experts, never every expert of the round.
+    """
+    updated = []
+    for i, state in enumerate(states):
+        if cfg.update == "released":
+            experts = []
+            visitors = [at_silo(i, overseas_expert, model, states[j], batches[i], cfg)
+                        for j in range(len(states)) if i in neighbours[j]]
+        else:
+            experts = [at_silo(j, overseas_expert, model, state, batches[j], cfg) for j in neighbours[i]]
+            visitors = []
+        new = at_silo(i, local_update, model, state, batches[i], cfg, experts=experts, visitors=visitors)
+        travelled = sum(e.grad_steps for e in experts + visitors)
+        updated.append(replace(new, grad_steps=new.grad_steps + travelled))
     return mix(updated, W, cfg)

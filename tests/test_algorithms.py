@@ -109,7 +109,7 @@ def test_fedefm_round_runs_every_update_reading(model):
     W = np.full((3, 3), 1 / 3)
     for update in fedefm.UPDATES:
         states = [SiloState(weights={k: v.clone() for k, v in start.items()}, num_examples=4) for _ in range(3)]
-        cfg = fedefm.Config(update=update, local_steps=1)
+        cfg = fedefm.Config(update=update, local_steps=2)
         out = fedefm.run_round(model, states, [batches(i, seed=i) for i in range(3)], ring, W, cfg)
         assert len(out) == 3 and all(s.grad_steps >= 3 for s in out)
 

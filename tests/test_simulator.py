@@ -9,6 +9,7 @@ from fedefm.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
 from fedefm.errors import ConfigError
 from fedefm.federated.algorithms import ALGORITHMS
+from fedefm.federated.algorithms.base import NonFiniteLoss
 from fedefm.federated.simulator import run
 from fedefm.models.weights import load_weights
 
@@ -90,9 +91,27 @@ def test_unknown_algorithm_option_is_refused(corpus, tmp_path):
         config(corpus, tmp_path, options={"betta": 0.9}).validate()
 
 
+@pytest.fixture(scope="module")
+def larger_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus") / "pretrain24"
+    write_pretrain_corpus(root, per_class=24, size=32, seed=0)  # 4 validation images per class
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_global_accuracy_after_20_rounds_beats_chance(corpus, tmp_path, algorithm):
-    summary = run(config(corpus, tmp_path, algorithm, rounds=20, eval_every=5, checkpoint_every=20, local_steps=2),
-                  progress=False)
+def test_global_accuracy_after_20_rounds_beats_chance(larger_corpus, tmp_path, algorithm):
+    summary = run(config(larger_corpus, tmp_path, algorithm, rounds=20, eval_every=5, checkpoint_every=20,
+                         local_steps=6), progress=False)
     assert summary["final_val_acc"] > 1 / 6 + 0.15
+
+
+def test_a_nan_loss_stops_the_run_naming_round_and_silo_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch):
+    run(config(corpus, tmp_path, "fedavg", topology="star", rounds=1), progress=False)
+    checkpoint = tmp_path / "checkpoints" / "round_00001.safetensors"
+    before = checkpoint.read_bytes()
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *args, **kwargs: torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLoss, match=r"round 2, silo 0: local loss is nan"):
+        run(config(corpus, tmp_path, "fedavg", topology="star", rounds=3), resume=True, progress=False)
+    assert checkpoint.read_bytes() == before
+    assert not (tmp_path / "checkpoints" / "round_00002.safetensors").exists()

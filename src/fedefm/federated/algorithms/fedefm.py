@@ -31,6 +31,7 @@ neighbour models stay at the host).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -182,17 +183,12 @@ def local_update(
     w = expert_weights(model, state, experts, batch, cfg)
     steps = cfg.steps("distill_steps")
     loss_fn = distillation_loss(frozen_logits(model, experts), w, cfg)
-    weights, loss = sgd_steps(model, state.weights, _prepend(batch, batches), cfg, loss_fn, steps=steps)
+    # chain, not a generator with `yield from`: closing that would close the silo's own batch stream.
+    weights, loss = sgd_steps(model, state.weights, itertools.chain([batch], batches), cfg, loss_fn, steps=steps)
     if cfg.update == "ours":
         returned = average_weights([e.weights for e in experts], w.tolist())
         weights = average_weights([weights, returned], [1 - cfg.return_weight, cfg.return_weight])
     return replace(state, weights=weights, train_loss=loss, grad_steps=steps)
-
-
-def _prepend(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
-    """The batch the EMD was scored on, then the silo's next batches."""
-    yield first
-    yield from rest
 
 
 def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:

@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (1 lets two runs share 2 cores)")
-    parser.add_argument("--algorithms", nargs="+", default=DEFAULT_ALGORITHMS)
+    parser.add_argument("--algorithms", nargs="*", default=DEFAULT_ALGORITHMS, help="none: run only the --variant runs")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=value,key=value — an extra FedEFM configuration to run under NAME")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

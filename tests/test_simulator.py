@@ -115,3 +115,10 @@ def test_a_nan_loss_stops_the_run_naming_round_and_silo_and_keeps_the_last_check
         run(config(corpus, tmp_path, "fedavg", topology="star", rounds=3), resume=True, progress=False)
     assert checkpoint.read_bytes() == before
     assert not (tmp_path / "checkpoints" / "round_00002.safetensors").exists()
+
+
+def test_client_server_fedefm_relays_each_model_to_shots_other_silos(corpus, tmp_path):
+    run(config(corpus, tmp_path, topology="star", silos=3, shots=1, rounds=1), progress=False)
+    model_bytes = json.loads((tmp_path / "config.json").read_text())["model_bytes"]
+    # 3 silos x 1 shot x 3 transfers, each relayed in two hops, plus every silo's upload and download
+    assert rows(tmp_path)[0]["bytes_sent"] == (2 * 3 * 3 * 1 + 2 * 3) * model_bytes

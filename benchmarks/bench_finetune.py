@@ -22,7 +22,8 @@ import torch
 from fedefm.config import FinetuneConfig
 from fedefm.demo import synthetic_data
 from fedefm.finetune.predict import predict
-from fedefm.finetune.train import run as finetune, segmentation_loss
+from fedefm.finetune.train import run as finetune
+from fedefm.finetune.train import segmentation_loss
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
 from fedefm.models.weights import model_metadata, save_weights

@@ -13,7 +13,6 @@ from fedefm.models.encoder import HybridEncoder, StdConv2d, group_count
 from fedefm.models.presets import PRESETS, get_preset
 from fedefm.models.segmenters import ARCHS, TransUNet, build_classifier, build_segmenter
 
-
 # Measured with benchmarks/bench_params.py; a change here means the architecture changed.
 PAPER_ENCODER_PARAMETERS = 44_394_688
 

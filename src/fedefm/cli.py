@@ -202,8 +202,8 @@ def topology_table(
     budget: Annotated[float, typer.Option(help="MATCHA communication budget.")] = 0.5,
 ) -> None:
     """Cycle time of every overlay (Marfoq et al.'s max-plus model) for the preset's real size and step time."""
-    from fedefm.federated.topology import cycle_time_table, get_underlay, model_bytes
     from fedefm.federated.timing import local_step_seconds
+    from fedefm.federated.topology import cycle_time_table, get_underlay, model_bytes
     from fedefm.models.heads import Classifier
     from fedefm.models.presets import get_preset
 

@@ -42,7 +42,14 @@ from torch.func import functional_call
 
 from fedefm.errors import ConfigError, choose
 from fedefm.federated.algorithms.base import (
-    Batch, LocalTraining, SiloState, Weights, at_silo, average_weights, mix_weights, sgd_steps,
+    Batch,
+    LocalTraining,
+    SiloState,
+    Weights,
+    at_silo,
+    average_weights,
+    mix_weights,
+    sgd_steps,
 )
 from fedefm.federated.distill import DistillConfig, multishot_distillation_loss, neighbour_weights
 from fedefm.federated.emd import emd_score_batch

@@ -122,3 +122,9 @@ def test_client_server_fedefm_relays_each_model_to_shots_other_silos(corpus, tmp
     model_bytes = json.loads((tmp_path / "config.json").read_text())["model_bytes"]
     # 3 silos x 1 shot x 3 transfers, each relayed in two hops, plus every silo's upload and download
     assert rows(tmp_path)[0]["bytes_sent"] == (2 * 3 * 3 * 1 + 2 * 3) * model_bytes
+
+
+def test_only_the_newest_two_checkpoints_stay_on_disk(corpus, tmp_path):
+    run(config(corpus, tmp_path, "fedavg", topology="star", rounds=4), progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_00003.safetensors",
+                                                                           "round_00004.safetensors"]

@@ -27,7 +27,7 @@ from fedefm.errors import ConfigError, DataError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
 from fedefm.federated.algorithms.base import Batch, NonFiniteLoss, SiloState, mean_weights
-from fedefm.files import append_jsonl, write_json
+from fedefm.files import append_jsonl, atomic_write, write_json
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
 from fedefm.models.weights import load_weights, model_metadata, save_weights
@@ -122,7 +122,12 @@ def round_bytes(cfg: PretrainConfig, neighbours: list[list[int]], W: np.ndarray,
 
 
 class Checkpoint:
-    """RUN/checkpoints/round_NNNNN.safetensors: every silo's weights and memory, plus the RNG states in metadata."""
+    """RUN/checkpoints/round_NNNNN.safetensors: every silo's weights and memory, plus the RNG states in metadata.
+
+    The newest ``keep`` checkpoints stay on disk (a paper-size federation is S x 178 MB per checkpoint).
+    """
+
+    keep = 2
 
     def __init__(self, run: Path) -> None:
         self.folder = run / "checkpoints"
@@ -144,6 +149,8 @@ class Checkpoint:
             "torch_rng": torch.random.get_rng_state().tolist(),  # dropout draws from the global generator
         }
         save_weights(self.folder / f"round_{round_:05d}.safetensors", tensors, {"checkpoint": metadata})
+        for old in sorted(self.folder.glob("round_*.safetensors"))[: -self.keep]:
+            old.unlink()
 
     def latest(self) -> Path | None:
         """The newest checkpoint file, or None."""
@@ -232,7 +239,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         states = [replace(s, weights={k: v.to(device) for k, v in s.weights.items()}) for s in states]
         first_round = done + 1
         kept = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["round"] <= done]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        with atomic_write(out / "metrics.jsonl", "w") as f:
+            f.writelines(line + "\n" for line in kept)
         log.info("resuming %s after round %d", out, done)
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -240,7 +248,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             "classes": class_names, "algorithm_config": dataclasses.asdict(algo_cfg),
             "silo_sizes": [len(idx) for idx in silo_indices], "model_bytes": model_size,
         })
-        (out / "partition.txt").write_text(silo_class_table(labels, silo_indices, class_names) + "\n")
+        with atomic_write(out / "partition.txt", "w") as f:
+            f.write(silo_class_table(labels, silo_indices, class_names) + "\n")
 
     val_acc = math.nan
     with Progress(TextColumn(f"pretrain {cfg.algorithm}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
@@ -257,8 +266,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             compute_s = (time.perf_counter() - started) / n
             for i, state in enumerate(states):
                 if not all(torch.isfinite(t).all() for t in state.weights.values() if t.is_floating_point()):
-                    raise ConfigError(f"silo {i} has non-finite weights after round {round_}; lower --lr. "
-                                      f"The last good checkpoint is in {checkpoint.folder}")
+                    raise NonFiniteLoss(f"round {round_}, silo {i}: non-finite weights; lower --lr. "
+                                        f"The last good checkpoint is in {checkpoint.folder}")
             row = {
                 "round": round_,
                 "train_loss": float(np.mean([s.train_loss for s in states])),

@@ -21,8 +21,8 @@ def weights_path(model: Path) -> Path:
 
 
 def split_settings(model: Path) -> dict:
-    """Seed and split fractions the model was trained with, so carved splits match training's."""
-    config = Path(model) / "config.json"
+    """Seed and split fractions the model was trained with (from the run's config.json), so carved splits match."""
+    config = weights_path(model).parent / "config.json"
     if not config.is_file():
         return {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}
     cfg = json.loads(config.read_text())["config"]

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import safetensors
-import safetensors.torch
+from safetensors.torch import load as parse_safetensors
+from safetensors.torch import save as serialize_safetensors
 from torch import Tensor, nn
 
 from fedefm import __version__
@@ -50,7 +51,7 @@ def save_weights(path: Path, model_or_state: nn.Module | dict[str, Tensor], meta
         state = model_or_state
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
     header = {**metadata, "fedefm_version": __version__, "format": FORMAT}
-    data = safetensors.torch.save(tensors, metadata={key: json.dumps(value) for key, value in header.items()})
+    data = serialize_safetensors(tensors, metadata={key: json.dumps(value) for key, value in header.items()})
     with atomic_write(path, "wb") as f:
         f.write(data)
 
@@ -88,7 +89,7 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         )
     try:
         header = json.loads(data[8 : 8 + header_bytes])
-        tensors = safetensors.torch.load(data)
+        tensors = parse_safetensors(data)
     except (json.JSONDecodeError, UnicodeDecodeError, safetensors.SafetensorError) as error:
         raise WeightsError(f"{path}: truncated or corrupt safetensors file ({error}); write it again") from error
     metadata = {key: read_metadata_value(value) for key, value in header.get("__metadata__", {}).items()}

@@ -85,14 +85,20 @@ def accuracy(model: torch.nn.Module, weights: dict[str, torch.Tensor], images: t
     return correct / max(1, labels.shape[0])
 
 
-def round_links(cfg: PretrainConfig, overlay, matchings, rng: np.random.Generator, counts: list[int]):
+def transfers_per_link(cfg: PretrainConfig, algo_cfg) -> int:
+    """Model transfers per (silo, neighbour) pair and round: FedEFM's trips there and back (and gossip), else 1."""
+    algorithm = get_algorithm(cfg.algorithm)
+    return algorithm.TRANSFERS_PER_LINK[algo_cfg.update] if algorithm.EXCHANGE == "overseas" else 1
+
+
+def round_links(cfg: PretrainConfig, algo_cfg, overlay, matchings, rng: np.random.Generator, counts: list[int]):
     """This round's neighbours per silo, mixing matrix W (S, S) and the graph the models travel on."""
     n = len(counts)
     exchange = get_algorithm(cfg.algorithm).EXCHANGE
     if exchange in ("none", "client_server"):
         return [[] for _ in range(n)], topology.fedavg_matrix(counts), overlay
     if cfg.topology == "matcha":
-        graph = topology.sample_matcha_round(matchings, cfg.algorithm_config().budget, rng)
+        graph = topology.sample_matcha_round(matchings, algo_cfg.budget, rng)
         return [topology.neighbours(graph, i) for i in range(n)], topology.mixing_matrix(graph), graph
     if cfg.topology == "star":
         # Client-server FedEFM: the server relays each silo's model to `shots` other silos this round.
@@ -104,7 +110,7 @@ def round_links(cfg: PretrainConfig, overlay, matchings, rng: np.random.Generato
     return [topology.neighbours(links, i) for i in range(n)], topology.mixing_matrix(links), overlay
 
 
-def round_bytes(cfg: PretrainConfig, neighbours: list[list[int]], W: np.ndarray, model_bytes: int) -> int:
+def round_bytes(cfg: PretrainConfig, algo_cfg, neighbours: list[list[int]], W: np.ndarray, model_bytes: int) -> int:
     """Bytes every link carried this round, as the algorithm's exchange needs them."""
     algorithm = get_algorithm(cfg.algorithm)
     n = W.shape[0]
@@ -114,7 +120,7 @@ def round_bytes(cfg: PretrainConfig, neighbours: list[list[int]], W: np.ndarray,
         return 2 * n * model_bytes  # every silo uploads its model and downloads the average
     if algorithm.EXCHANGE == "gossip":
         return int(((W > 0).sum() - n) * model_bytes)
-    transfers = algorithm.TRANSFERS_PER_LINK[cfg.algorithm_config().update]
+    transfers = transfers_per_link(cfg, algo_cfg)
     if cfg.topology == "star":
         # Relayed through the server: each transfer is two hops, plus the upload/download of the average.
         return int(2 * transfers * sum(map(len, neighbours)) * model_bytes + 2 * n * model_bytes)
@@ -257,7 +263,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         task = bar.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
         for round_ in range(first_round, cfg.rounds + 1):
             started = time.perf_counter()
-            neighbours, W, graph = round_links(cfg, overlay, matchings, rng, [s.num_examples for s in states])
+            neighbours, W, graph = round_links(cfg, algo_cfg, overlay, matchings, rng, [s.num_examples for s in states])
             batches = [silo.batches() for silo in silos]
             try:
                 states = algorithm.run_round(model, states, batches, neighbours, W, algo_cfg)
@@ -272,8 +278,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
                 "round": round_,
                 "train_loss": float(np.mean([s.train_loss for s in states])),
                 "grad_steps": int(sum(s.grad_steps for s in states)),
-                "bytes_sent": round_bytes(cfg, neighbours, W, model_size),
-                "cycle_time_s": cycle_time(cfg, graph, underlay, compute_s, model_size),
+                "bytes_sent": round_bytes(cfg, algo_cfg, neighbours, W, model_size),
+                "cycle_time_s": cycle_time(graph, underlay, compute_s, transfers_per_link(cfg, algo_cfg) * model_size),
                 "val_acc": None,
                 "silo_val_acc": None,
             }
@@ -290,14 +296,12 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     return finish(cfg, out, model, states, splits["test"], class_names)
 
 
-def cycle_time(cfg: PretrainConfig, graph, underlay, compute_s: float, model_size: int) -> float | None:
+def cycle_time(graph, underlay, compute_s: float, transfer_bytes: int) -> float | None:
     """Marfoq's cycle time of this round's graph with the measured compute time (None without links)."""
     if graph is None:
         return None
-    exchange = get_algorithm(cfg.algorithm).EXCHANGE
-    transfers = get_algorithm(cfg.algorithm).TRANSFERS_PER_LINK[cfg.algorithm_config().update] if exchange == "overseas" else 1
     server = graph.graph.get("server")
-    return topology.cycle_time(topology.delay_graph(graph, underlay, compute_s, transfers * model_size, server=server))
+    return topology.cycle_time(topology.delay_graph(graph, underlay, compute_s, transfer_bytes, server=server))
 
 
 def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState],

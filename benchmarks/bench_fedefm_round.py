@@ -47,6 +47,22 @@ def build_silos(corpus: Path, n_silos: int, size: int, batch_size: int) -> tuple
     return silos, len(classes)
 
 
+def federation(preset: str, n_silos: int, size: int, per_class: int, batch_size: int):
+    """Silos (one data type each), a scratch model of ``preset`` and its initial weights, seeded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        write_pretrain_corpus(corpus, per_class=per_class, size=size, seed=0)
+        silos, n_classes = build_silos(corpus, n_silos, size, batch_size)
+    torch.manual_seed(0)
+    model = Classifier(get_preset(preset), n_classes)
+    return silos, model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def fresh_states(start: dict, n: int) -> list[SiloState]:
+    """n silo states holding copies of the same initial weights."""
+    return [SiloState(weights={k: v.clone() for k, v in start.items()}, num_examples=1) for _ in range(n)]
+
+
 def timed_round(module, model, states, silos, neighbours, W, cfg, timers: dict | None = None) -> float:
     """Seconds of one ``module.run_round``; with ``timers``, FedEFM's phases are accumulated into it."""
     originals = {}
@@ -85,18 +101,12 @@ def ring(n: int) -> tuple[list[list[int]], np.ndarray]:
 
 def breakdown(repeats: int) -> None:
     """Print FedEFM vs D-PSGD round times on the tiny preset and FedEFM's phase breakdown."""
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        write_pretrain_corpus(corpus, per_class=40, size=64, seed=0)
-        silos, n_classes = build_silos(corpus, 6, 64, 16)
-    torch.manual_seed(0)
-    model = Classifier(get_preset("tiny"), n_classes)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
+    silos, model, start = federation("tiny", 6, 64, per_class=40, batch_size=16)
     neighbours, W = ring(6)
     results = defaultdict(list)
     phase_totals = defaultdict(list)
     for _ in range(repeats):
-        states = [SiloState(weights={k: v.clone() for k, v in start.items()}, num_examples=1) for _ in silos]
+        states = fresh_states(start, len(silos))
         results["dpsgd"].append(timed_round(dpsgd, model, states, silos, neighbours, W, dpsgd.Config()))
         timers = defaultdict(float)
         results["fedefm"].append(timed_round(fedefm, model, states, silos, neighbours, W, fedefm.Config(), timers))
@@ -117,14 +127,8 @@ def breakdown(repeats: int) -> None:
 
 def memory() -> None:
     """Print the peak RSS of one FedEFM round with 11 paper-preset silos on the Gaia ring."""
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        write_pretrain_corpus(corpus, per_class=8, size=256, seed=0)
-        silos, n_classes = build_silos(corpus, 11, 256, 2)
-    torch.manual_seed(0)
-    model = Classifier(get_preset("paper"), n_classes)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    states = [SiloState(weights={k: v.clone() for k, v in start.items()}, num_examples=1) for _ in silos]
+    silos, model, start = federation("paper", 11, 256, per_class=8, batch_size=2)
+    states = fresh_states(start, len(silos))
     neighbours, W = ring(11)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     seconds = timed_round(fedefm, model, states, silos, neighbours, W, fedefm.Config(local_steps=1))

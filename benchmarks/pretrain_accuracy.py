@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
                         help="NAME:key=value,key=value — an extra FedEFM configuration to run under NAME")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=150)
+    parser.add_argument("--local-steps", type=int, default=2, help="E, the same for every algorithm")
     parser.add_argument("--silos", type=int, default=6)
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
@@ -71,7 +72,7 @@ def main() -> None:
         for seed in seeds:
             out = args.out / "runs" / f"{name}_s{seed}"
             cfg = PretrainConfig(data=corpus, out=out, algorithm=algorithm, silos=args.silos, unseen=1.0,
-                                 rounds=args.rounds, image_size=args.size, eval_every=5 if not args.quick else 1,
+                                 rounds=args.rounds, local_steps=args.local_steps, image_size=args.size, eval_every=5 if not args.quick else 1,
                                  checkpoint_every=args.rounds, options=options, seed=seed,
                                  topology="matcha" if algorithm == "matcha" else None)
             summary = run(cfg, progress=False)

@@ -14,7 +14,7 @@ from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.predict import predict
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
-from fedefm.models.weights import model_metadata, save_weights
+from fedefm.models.weights import load_weights, model_metadata, save_weights
 
 SIZE = 64
 
@@ -48,6 +48,13 @@ def test_finetune_writes_the_run_folder_with_resolved_config(finetuned):
     assert record["seed"] == 0 and record["config"]["image_size"] == SIZE
     assert len(record["train_images"]) == 8
     assert 1 <= result["best_epoch"] <= 6
+
+
+def test_weights_record_the_training_resolution_not_the_presets(finetuned):
+    out, _ = finetuned
+    _, metadata = load_weights(out / "model.safetensors")
+    assert get_preset("tiny").image_size != SIZE
+    assert int(metadata["image_size"]) == SIZE
 
 
 def test_test_split_is_never_used_for_selection(dataset, tmp_path, monkeypatch):

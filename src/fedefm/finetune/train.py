@@ -180,7 +180,9 @@ def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
             improved = score > best["best_val"]
             if improved:
                 best = {"best_epoch": epoch, "best_val": score, "val": result}
-                save_weights(out / "model.safetensors", model, model_metadata(model) | {"classes": list(SEGMENTATION_CLASSES)})
+                # The training resolution, not the preset's: evaluate and predict resize inputs to it.
+                save_weights(out / "model.safetensors", model, model_metadata(model) | {
+                    "classes": list(SEGMENTATION_CLASSES), "image_size": cfg.image_size})
             row = {
                 "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
                 "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,

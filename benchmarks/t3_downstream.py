@@ -1,92 +1,101 @@
-"""Few-shot segmentation curve: test Dice / clDice per class for K labelled images, several seeds.
+"""T3 — downstream few-shot segmentation: K labelled images per domain, from scratch or from foundation weights.
 
-    python benchmarks/fewshot_curve.py --out bench_out/fewshot            # full: 4 domains, K 4/16/64, 3 seeds
-    python benchmarks/fewshot_curve.py --quick --out bench_out/fewshot_q  # seconds: 1 domain, K 4, 1 seed
+    python benchmarks/t3_downstream.py --out bench_out/t3 --foundation bench_out/t1 --threads 1   # full
+    python benchmarks/t3_downstream.py --quick --out bench_out/t3_quick --foundation bench_out/t1_quick
 
-Every run selects its epoch on the validation split and is scored once on the test split.
-Results go to OUT/results.jsonl (one row per run) and the table is printed as mean ± std over seeds.
+Full: 4 synthetic domains (clinical, animal, phantom, simulation) x K in {4, 16, 64} x 5 initialisations
+(scratch and the centralized, fedavg, dpsgd and fedefm_ring pre-trainings of T1) x 3 seeds, TransUNet, tiny
+preset. The foundation weights are taken from the T1 output folder given by --foundation
+(runs/NAME_sSEED/global.safetensors, the pre-training of the same seed, else seed 0), so pre-training is not
+repeated. Every run selects its epoch on the validation split and scores the test split once.
+
+Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s: ``domain``, ``shots`` (K),
+``seed``, ``init`` (scratch or the T1 run name), ``init_weights`` (the file), ``arch``, ``epochs``,
+``image_size``, ``run``, ``transfer`` (which encoder tensors were loaded, or null), ``best_epoch``,
+``val_dice`` (of the selected epoch) and ``test`` (evaluate JSON: per-class and mean Dice, IoU, clDice, HD95).
+Table: per domain, K and initialisation, test Dice / IoU / clDice / HD95 (px) per class, mean ± std over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import numpy as np
+import common
 import torch
 
 from fedefm.config import FinetuneConfig
 from fedefm.data.synth import DOMAINS
-from fedefm.demo import synthetic_data
-from fedefm.finetune.evaluate import evaluate_model
-from fedefm.finetune.train import run as finetune
+from fedefm.errors import ConfigError
+from fedefm.results import downstream_summary, markdown, read_results
+
+TABLE = "T3"
+INITS = ["scratch", "centralized", "fedavg", "dpsgd", "fedefm_ring"]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (1 lets two runs share 2 cores)")
-    parser.add_argument("--domains", nargs="+", default=list(DOMAINS))
-    parser.add_argument("--shots", nargs="+", type=int, default=[4, 16, 64])
+def add_finetune_args(parser: argparse.ArgumentParser, shots: list[int]) -> None:
+    """Fine-tuning flags shared by T3 and T4."""
+    parser.add_argument("--foundation", type=Path, help="T1 output folder holding runs/NAME_sSEED/global.safetensors")
+    parser.add_argument("--shots", nargs="+", type=int, default=shots)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=120, help="synthetic images per domain (all splits)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--init", default="scratch")
-    parser.add_argument("--arch", default="transunet")
-    parser.add_argument("--quick", action="store_true", help="1 domain, K = 4, 1 seed, 2 epochs")
-    return parser.parse_args()
+
+
+def quick_finetune(args: argparse.Namespace) -> None:
+    """--quick: 1 seed, K = 4, 24 images of 32 px, 2 epochs."""
+    args.shots, args.seeds, args.images, args.size, args.epochs = [4], [0], 24, 32, 2
+
+
+def init_weights(args: argparse.Namespace, init: str, seed: int) -> str:
+    """'scratch', or the foundation weights file of T1 run ``init``."""
+    if init == "scratch":
+        return init
+    if args.foundation is None:
+        raise ConfigError(f"--inits {init} needs --foundation, the T1 output folder")
+    return str(common.foundation_weights(args.foundation, init, seed))
+
+
+def run_finetunings(args: argparse.Namespace, table: str, plan: list[tuple[str, str, str]]) -> None:
+    """Fine-tune every (domain, arch, init) of ``plan`` for each K and seed; append one row per run."""
+    torch.set_num_threads(args.threads)
+    for domain, arch, init in plan:
+        for shots in args.shots:
+            for seed in args.seeds:
+                weights = init_weights(args, init, seed)
+                data = common.segmentation_data(args.out, domain, args.images, args.size)
+                started = time.perf_counter()
+                cfg = FinetuneConfig(data=data, out=args.out / "runs" / f"{domain}_{arch}_{init}_k{shots}_s{seed}",
+                                     init=weights, arch=arch, shots=shots, epochs=args.epochs,
+                                     image_size=args.size, seed=seed)
+                row = common.record(args.out, table, common.downstream_result(cfg, domain, init), started)
+                print(f"{domain:10s} {arch:9s} {init:12s} K={shots:3d} seed {seed}: test Dice "
+                      f"{row['test']['mean']['dice']:.3f} ({row['wall_s']:.0f} s)", flush=True)
+
+
+def tables(results: list[dict]) -> str:
+    """Test scores per domain, K and initialisation."""
+    return markdown(downstream_summary(results, keys=("domain", "shots", "init")))
 
 
 def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    if args.quick:
-        args.domains, args.shots, args.seeds, args.images, args.size, args.epochs = ["clinical"], [4], [0], 30, 64, 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "results.jsonl"
-    rows = []
-    for domain in args.domains:
-        data = synthetic_data(args.out / "data" / domain, "seg", 1000, domain=domain, n=args.images, size=args.size)
-        for shots in args.shots:
+    parser = common.parser_for(__doc__)
+    add_finetune_args(parser, shots=[4, 16, 64])
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    parser.add_argument("--inits", nargs="+", default=INITS, help="scratch and/or T1 run names")
+    args = parser.parse_args()
+    if not args.tables:
+        if args.quick:
+            quick_finetune(args)
+            args.domains = ["clinical"]
+        for init in args.inits:  # every weights file is found before the first run starts
             for seed in args.seeds:
-                run = args.out / "runs" / f"{domain}_k{shots}_s{seed}"
-                started = time.perf_counter()
-                cfg = FinetuneConfig(data=data, out=run, init=args.init, arch=args.arch, shots=shots,
-                                     epochs=args.epochs, image_size=args.size, seed=seed)
-                selected = finetune(cfg, progress=False)
-                test = evaluate_model(run, data, "test")
-                row = {"domain": domain, "shots": shots, "seed": seed, "init": args.init, "arch": args.arch,
-                       "best_epoch": selected["best_epoch"], "val_dice": selected["best_val"], "test": test,
-                       "seconds": time.perf_counter() - started}
-                rows.append(row)
-                with open(results_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{domain:10s} K={shots:3d} seed={seed} test Dice {test['mean']['dice']:.3f} "
-                      f"({row['seconds']:.0f} s)", flush=True)
-    print_table(rows)
-
-
-def mean_std(values: list[float | None]) -> str:
-    """'mean ± std' of the defined values, '-' when there are none."""
-    values = [v for v in values if v is not None]
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-"
-
-
-def print_table(rows: list[dict]) -> None:
-    """Markdown table: one line per (domain, K), mean ± std over seeds."""
-    print("\n| domain | K | catheter Dice | catheter clDice | guidewire Dice | guidewire clDice | mean Dice | seeds |")
-    print("|---|---|---|---|---|---|---|---|")
-    for domain in dict.fromkeys(r["domain"] for r in rows):
-        for shots in dict.fromkeys(r["shots"] for r in rows):
-            group = [r["test"] for r in rows if r["domain"] == domain and r["shots"] == shots]
-            cells = [mean_std([g["per_class"][c][m] for g in group])
-                     for c in ("catheter", "guidewire") for m in ("dice", "cldice")]
-            print(f"| {domain} | {shots} | " + " | ".join(cells) +
-                  f" | {mean_std([g['mean']['dice'] for g in group])} | {len(group)} |")
+                init_weights(args, init, seed)
+        run_finetunings(args, TABLE, [(domain, "transunet", init) for domain in args.domains for init in args.inits])
+    print("\n" + tables(read_results(args.out / common.RESULT_FILE)))
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

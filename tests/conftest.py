@@ -7,3 +7,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+import runpy  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str) -> None:
+    """Run benchmarks/SCRIPT as ``python benchmarks/SCRIPT ARGS`` would, in this process (imports are paid once)."""
+    argv, path, threads = sys.argv, list(sys.path), torch.get_num_threads()
+    sys.argv = [f"benchmarks/{script}", *args]
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def quick_benchmarks(tmp_path_factory) -> Path:
+    """ROOT/t1 ... ROOT/t5: every table script's --quick output (T3 and T4 start from T1's weights)."""
+    root = tmp_path_factory.mktemp("bench")
+    run_benchmark("t1_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t1"))
+    run_benchmark("t2_unseen.py", "--quick", "--threads", "1", "--out", str(root / "t2"))
+    for script, table in (("t3_downstream.py", "t3"), ("t4_backbones.py", "t4")):
+        run_benchmark(script, "--quick", "--threads", "1", "--out", str(root / table), "--foundation", str(root / "t1"))
+    run_benchmark("t5_fedefm_ablation.py", "--quick", "--threads", "1", "--out", str(root / "t5"))
+    return root

@@ -279,3 +279,18 @@ def demo(
     results = run_demo(out, seed=seed, console=console)
     console.print(metrics_table(results, "demo: test split of the synthetic clinical domain"))
     console.print(f"everything the demo wrote is in {out}/")
+
+
+@app.command()
+@user_errors
+def report(
+    inputs: Annotated[list[Path], typer.Argument(help="Run folders and benchmark output folders (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="HTML file to write (self-contained: figures embedded).")] = Path("report.html"),
+) -> None:
+    """One HTML page: accuracy curves, partition, consensus distance, cycle times, downstream tables, overlays."""
+    from fedefm.report import build_report
+
+    sections = build_report(inputs, out)
+    missing = [title for title, shown in sections.items() if not shown]
+    console.print(f"wrote {out} ({len(sections) - len(missing)} of {len(sections)} sections with content"
+                  + (f"; no input for: {', '.join(missing)})" if missing else ")"))

@@ -1,0 +1,131 @@
+"""Each table script's --quick mode writes its result file with the documented columns; BENCHMARKS.md is generated
+from those files and refuses a table whose file is missing."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_benchmark
+
+COMMON = {"table", "machine", "command", "wall_s", "seed"}
+MACHINE = {"platform", "cpu", "cores", "torch", "python", "fedefm", "threads", "cuda"}
+FOUNDATION = COMMON | {"name", "setting", "algorithm", "topology", "options", "unseen", "silos", "shots", "rounds",
+                       "local_steps", "batch_size", "image_size", "run", "summary", "rows"}
+DOWNSTREAM = COMMON | {"domain", "shots", "init", "init_weights", "arch", "epochs", "image_size", "run", "transfer",
+                       "best_epoch", "val_dice", "test"}
+EXPECTED = {
+    "t1": (FOUNDATION, {"centralized", "fedavg", "fedprox", "moon", "fedefm_star", "dpsgd", "matcha", "fedefm_ring"}),
+    "t2": (FOUNDATION, {f"{a}_u{u}" for a in ("fedavg", "dpsgd", "fedefm") for u in (0, 1)}),
+    "t3": (DOWNSTREAM, {"scratch", "centralized", "fedavg", "dpsgd", "fedefm_ring"}),
+    "t4": (DOWNSTREAM, {"unet/scratch", "swinunetr/scratch", "transunet/scratch", "transunet/fedefm_ring"}),
+    "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
+}
+SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
+           "t5": "t5_fedefm_ablation.py"}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_names(table: str, rows: list[dict]) -> set[str]:
+    if table == "t3":
+        return {r["init"] for r in rows}
+    if table == "t4":
+        return {f"{r['arch']}/{r['init']}" for r in rows}
+    return {r["name"] for r in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table", list(EXPECTED))
+def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmarks, table):
+    rows = read_rows(quick_benchmarks / table / "results.jsonl")
+    columns, names = EXPECTED[table]
+    assert run_names(table, rows) == names
+    for row in rows:
+        assert columns <= set(row), columns - set(row)
+        assert row["table"] == table.upper() and set(row["machine"]) == MACHINE
+        assert row["command"].startswith(f"python benchmarks/{SCRIPTS[table]} --quick") and row["wall_s"] > 0
+        if columns is FOUNDATION:
+            assert 0 <= row["summary"]["test_acc"] <= 1 and len(row["rows"]) == row["rounds"] == 2
+        else:
+            assert set(row["test"]["per_class"]) == {"catheter", "guidewire"} and row["shots"] == 4
+
+
+@pytest.mark.slow
+def test_t2_runs_each_unseen_share_it_names(quick_benchmarks):
+    rows = read_rows(quick_benchmarks / "t2" / "results.jsonl")
+    assert {(r["algorithm"], r["unseen"]) for r in rows} == {(a, u) for a in ("fedavg", "dpsgd", "fedefm")
+                                                             for u in (0.0, 1.0)}
+    partitions = {r["unseen"]: (Path(r["run"]) / "partition.txt").read_text()
+                  for r in rows if r["algorithm"] == "fedavg"}
+    assert partitions[0.0] != partitions[1.0]
+
+
+@pytest.mark.slow
+def test_t3_starts_foundation_runs_from_the_t1_weights_it_names(quick_benchmarks):
+    rows = read_rows(quick_benchmarks / "t3" / "results.jsonl")
+    by_init = {r["init"]: r for r in rows}
+    assert by_init["scratch"]["init_weights"] == "scratch" and by_init["scratch"]["transfer"] is None
+    t1_weights = quick_benchmarks / "t1" / "runs" / "fedavg_s0" / "global.safetensors"
+    assert by_init["fedavg"]["init_weights"] == str(t1_weights)
+    assert by_init["fedavg"]["transfer"].startswith("loaded ")
+
+
+def test_t3_with_a_foundation_init_but_no_t1_folder_stops_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="needs --foundation"):
+        run_benchmark("t3_downstream.py", "--quick", "--out", str(tmp_path), "--inits", "fedavg")
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_t3_names_the_t1_runs_it_found_when_one_is_missing(tmp_path):
+    (tmp_path / "t1" / "runs" / "fedavg_s0").mkdir(parents=True)
+    (tmp_path / "t1" / "runs" / "fedavg_s0" / "global.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="no finished pre-training 'dpsgd' \\(found: fedavg_s0\\)"):
+        run_benchmark("t3_downstream.py", "--quick", "--out", str(tmp_path / "t3"),
+                      "--foundation", str(tmp_path / "t1"), "--inits", "fedavg", "dpsgd")
+
+
+def make_md(*args: str) -> None:
+    run_benchmark("make_benchmarks_md.py", *args)
+
+
+@pytest.mark.slow
+def test_benchmarks_md_has_every_table_with_its_machine_command_and_seeds(quick_benchmarks, tmp_path):
+    claims = tmp_path / "claims.md"
+    claims.write_text("FedEFM beats FedAvg here: a hand-written sentence.")
+    out = tmp_path / "BENCHMARKS.md"
+    make_md("--results", str(quick_benchmarks), "--out", str(out), "--claims", str(claims))
+    text = out.read_text()
+    for table, script in SCRIPTS.items():
+        assert f"## {table.upper()} — " in text
+        assert f"python benchmarks/{script} --quick --threads 1 --out {quick_benchmarks / table}" in text
+    assert text.count("Machine: ") == 5 and text.count("Seeds: 0.") == 5
+    assert text.count("Quick mode (CI-sized)") == 5
+    assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text
+    assert text.rstrip().endswith("FedEFM beats FedAvg here: a hand-written sentence.")
+
+
+@pytest.mark.slow
+def test_benchmarks_md_without_a_claims_file_says_the_statement_is_not_written(quick_benchmarks, tmp_path):
+    make_md("--results", str(quick_benchmarks), "--out", str(tmp_path / "B.md"), "--tables", "T2",
+            "--claims", str(tmp_path / "absent.md"))
+    assert "_Not written yet:" in (tmp_path / "B.md").read_text()
+
+
+def test_benchmarks_md_refuses_a_table_whose_result_file_is_missing(tmp_path):
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "results.jsonl").write_text("")
+    missing = tmp_path / "t2" / "results.jsonl"
+    with pytest.raises(SystemExit, match=f"T2 \\(Unseen-share ablation\\): result file {missing} is missing; "
+                                         "run python benchmarks/t2_unseen.py") as stop:
+        make_md("--results", str(tmp_path), "--out", str(tmp_path / "BENCHMARKS.md"), "--tables", "T1", "T2")
+    assert isinstance(stop.value.code, str)  # a message, so the interpreter exits with status 1
+    assert not (tmp_path / "BENCHMARKS.md").exists()
+
+
+def test_benchmarks_md_refuses_an_empty_result_file(tmp_path):
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "results.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="t1/results.jsonl: holds no results"):
+        make_md("--results", str(tmp_path), "--out", str(tmp_path / "BENCHMARKS.md"), "--tables", "T1")

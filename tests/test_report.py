@@ -26,10 +26,16 @@ DOWNSTREAM_ROW = {
 }
 
 
+@pytest.fixture(scope="module")
+def quick_report(quick_benchmarks, tmp_path_factory):
+    """(page path, {section: had content}) of the report of every quick benchmark output."""
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    return out, build_report([quick_benchmarks], out)
+
+
 @pytest.mark.slow
-def test_report_of_the_quick_benchmarks_fills_every_section_with_embedded_figures(quick_benchmarks, tmp_path):
-    out = tmp_path / "report.html"
-    shown = build_report([quick_benchmarks], out)
+def test_report_of_the_quick_benchmarks_fills_every_section_with_embedded_figures(quick_report):
+    out, shown = quick_report
     assert shown == {title: True for title in SECTIONS}
     page = out.read_text()
     assert re.findall(r"<h2>(.*?)</h2>", page) == list(SECTIONS)
@@ -44,9 +50,8 @@ def test_report_of_the_quick_benchmarks_fills_every_section_with_embedded_figure
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
-def test_report_renders_in_headless_chromium(quick_benchmarks, tmp_path):
-    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
-    build_report([quick_benchmarks], page)
+def test_report_renders_in_headless_chromium(quick_report, tmp_path):
+    page, shot = quick_report[0], tmp_path / "shot.png"
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri()],
                    capture_output=True, timeout=120, check=True)

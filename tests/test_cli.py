@@ -17,7 +17,7 @@ def test_version_prints_the_package_version():
 def test_help_lists_every_sub_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("synth", "data", "finetune", "evaluate", "predict", "demo"):
+    for command in ("synth", "data", "finetune", "evaluate", "predict", "demo", "report"):
         assert command in result.output
 
 

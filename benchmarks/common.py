@@ -85,6 +85,11 @@ def record(out: Path, table: str, row: dict[str, Any], started: float) -> dict[s
     return full
 
 
+def recorded(out: Path, key: Callable[[dict], tuple]) -> set[tuple]:
+    """The keys of the runs already in OUT/results.jsonl (none when it does not exist yet)."""
+    return {key(r) for r in read_results(out / RESULT_FILE)} if (out / RESULT_FILE).is_file() else set()
+
+
 def pretrain_corpus(out: Path, per_class: int, size: int) -> Path:
     """The synthetic pre-training corpus (6 data types) under OUT/corpus, reused when it already matches."""
     return synthetic_data(out / "corpus", "pretrain", 0, per_class=per_class, size=size)
@@ -158,8 +163,7 @@ def run_pretrainings(args: argparse.Namespace, table: str, plan: list[Pretrainin
     """Run every (configuration, seed) of ``plan`` not yet in OUT/results.jsonl; return the rows it appended."""
     torch.set_num_threads(args.threads)
     corpus = pretrain_corpus(args.out, args.per_class, args.size)
-    done = ({(r["name"], r["seed"]) for r in read_results(args.out / RESULT_FILE)}
-            if (args.out / RESULT_FILE).is_file() else set())
+    done = recorded(args.out, lambda r: (r["name"], r["seed"]))
     appended = []
     for spec in plan:
         for seed in args.seeds:

@@ -13,6 +13,7 @@ Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_
 ``seed``, ``init`` (scratch or the T1 run name), ``init_weights`` (the file), ``arch``, ``epochs``,
 ``image_size``, ``run``, ``transfer`` (which encoder tensors were loaded, or null), ``best_epoch``,
 ``val_dice`` (of the selected epoch) and ``test`` (evaluate JSON: per-class and mean Dice, IoU, clDice, HD95).
+Runs already in the file are skipped, so an interrupted run continues where it stopped.
 Table: per domain, K and initialisation, test Dice / IoU / clDice / HD95 (px) per class, mean ± std over seeds.
 """
 
@@ -61,9 +62,13 @@ def init_weights(args: argparse.Namespace, init: str, seed: int) -> str:
 def run_finetunings(args: argparse.Namespace, table: str, plan: list[tuple[str, str, str]]) -> None:
     """Fine-tune every (domain, arch, init) of ``plan`` for each K and seed; append one row per run."""
     torch.set_num_threads(args.threads)
+    done = common.recorded(args.out, lambda r: (r["domain"], r["arch"], r["init"], r["shots"], r["seed"]))
     for domain, arch, init in plan:
         for shots in args.shots:
             for seed in args.seeds:
+                if (domain, arch, init, shots, seed) in done:
+                    print(f"{domain} {arch} {init} K={shots} seed {seed}: already recorded, skipped", flush=True)
+                    continue
                 weights = init_weights(args, init, seed)
                 data = common.segmentation_data(args.out, domain, args.images, args.size)
                 started = time.perf_counter()

@@ -72,6 +72,15 @@ def test_t3_starts_foundation_runs_from_the_t1_weights_it_names(quick_benchmarks
     assert by_init["fedavg"]["transfer"].startswith("loaded ")
 
 
+@pytest.mark.slow
+def test_a_rerun_skips_the_runs_already_recorded(quick_benchmarks, capsys):
+    before = (quick_benchmarks / "t3" / "results.jsonl").read_text()
+    run_benchmark("t3_downstream.py", "--quick", "--threads", "1", "--out", str(quick_benchmarks / "t3"),
+                  "--foundation", str(quick_benchmarks / "t1"), "--inits", "scratch")
+    assert (quick_benchmarks / "t3" / "results.jsonl").read_text() == before
+    assert "clinical transunet scratch K=4 seed 0: already recorded, skipped" in capsys.readouterr().out
+
+
 def test_t3_with_a_foundation_init_but_no_t1_folder_stops_before_training(tmp_path):
     with pytest.raises(SystemExit, match="needs --foundation"):
         run_benchmark("t3_downstream.py", "--quick", "--out", str(tmp_path), "--inits", "fedavg")

@@ -21,7 +21,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import PretrainConfig, resolve_device, run_record
+from fedefm.config import PretrainConfig, check_resume, resolve_device, run_record
 from fedefm.data.datasets import ClassificationDataset, ClassificationItem, find_classification_splits
 from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table
 from fedefm.errors import ConfigError, DataError
@@ -213,17 +213,6 @@ class Checkpoint:
 RESUMABLE_CHANGES = ("rounds", "out", "min_healthy_silos", "silo_timeout_s", "data_memory_mb")
 
 
-def check_resume(cfg: PretrainConfig, run: Path) -> None:
-    """Refuse to resume a run folder written by a different configuration (rounds may grow)."""
-    saved = json.loads((run / "config.json").read_text())["config"]
-    current = cfg.to_dict()
-    differing = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if differing:
-        key = differing[0]
-        raise ConfigError(f"--resume {run}: the run was started with {key}={saved.get(key)!r}, not {current[key]!r}; "
-                          "resume with the same settings or choose a new --out")
-
-
 def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Pre-train the foundation classifier federatedly; writes the run folder of DESIGN.md §6.
 
@@ -239,7 +228,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     if resume and not (out / "config.json").is_file():
         raise ConfigError(f"--resume {out}: no config.json there; start without --resume")
     if resume:
-        check_resume(cfg, out)
+        check_resume(cfg, out, RESUMABLE_CHANGES)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     algorithm = get_algorithm(cfg.algorithm)

@@ -31,8 +31,10 @@ from fedefm.errors import DataError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm")
 
-# Larger than any detector panel; beyond it a header is corrupt or a file is a decompression bomb.
+# Larger than any detector panel; beyond them a header is corrupt or a file is a decompression bomb.
+# Both are checked on the header, before any pixel is decoded.
 MAX_SIDE = 16384
+MAX_PIXELS = 2**25  # 32 Mpx per frame (5792 x 5792), 8x a 2048 x 2048 flat panel
 
 _LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -136,6 +138,8 @@ def _check_shape(path: Path, shape: tuple[int, ...]) -> None:
         raise DataError(f"{path}: the image is empty (shape {shape})")
     if max(shape[:2]) > MAX_SIDE:
         raise DataError(f"{path}: image of {shape[0]}x{shape[1]} pixels exceeds the {MAX_SIDE} px limit per side")
+    if shape[0] * shape[1] > MAX_PIXELS:
+        raise DataError(f"{path}: image of {shape[0]}x{shape[1]} pixels exceeds the {MAX_PIXELS} pixel limit")
 
 
 def _read_array(path: Path, frame: int | None, palette_indices: bool) -> np.ndarray:
@@ -202,7 +206,7 @@ def _open_npy(path: Path) -> np.ndarray:
     _check_exists(path)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, OverflowError, MemoryError) as exc:  # Overflow: a header's shape too large to map
         raise DataError(f"{path}: unreadable or truncated NPY file ({exc}); save it with numpy.save") from exc
 
 
@@ -228,7 +232,7 @@ def _read_npy(path: Path, frame: int | None) -> np.ndarray:
 
 
 def _check_numeric(array: np.ndarray, path: Path) -> np.ndarray:
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+    if array.dtype.kind not in "biuf":  # not "m": numpy counts timedelta64 among the integers
         raise DataError(f"{path}: pixel type {array.dtype} is not numeric; store integers or floats")
     if array.size == 0:
         raise DataError(f"{path}: the image is empty (shape {array.shape})")

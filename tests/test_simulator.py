@@ -130,3 +130,31 @@ def test_only_the_newest_two_checkpoints_stay_on_disk(corpus, tmp_path):
     run(config(corpus, tmp_path, "fedavg", topology="star", rounds=4), progress=False)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_00003.safetensors",
                                                                            "round_00004.safetensors"]
+
+
+def test_streamed_images_match_the_decoded_ones_and_nothing_is_read_up_front(corpus, monkeypatch):
+    from fedefm.data.datasets import ClassificationDataset, find_classification_splits
+    from fedefm.federated.simulator import ImageSource
+
+    items = find_classification_splits(corpus)[0]["train"]
+    reads = []
+    real_getitem = ClassificationDataset.__getitem__
+    monkeypatch.setattr(ClassificationDataset, "__getitem__", lambda self, i: reads.append(i) or real_getitem(self, i))
+    streamed = ImageSource(items, 32, in_memory=False, device=torch.device("cpu"))
+    assert reads == []
+    decoded = ImageSource(items, 32, in_memory=True, device=torch.device("cpu"))
+    index = torch.tensor([5, 0, 7])
+    assert torch.equal(streamed.images(index), decoded.images(index))
+
+
+def test_a_run_streaming_from_disk_gives_the_numbers_of_a_run_in_memory(corpus, tmp_path):
+    memory, disk = tmp_path / "memory", tmp_path / "disk"
+    run(config(corpus, memory, "fedavg", topology="star"), progress=False)
+    summary = run(config(corpus, disk, "fedavg", topology="star", data_memory_mb=0), progress=False)
+    drop = ("wall_s", "cycle_time_s", "peak_rss_mb")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows(memory)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows(disk)]
+    a, _ = load_weights(memory / "global.safetensors")
+    b, _ = load_weights(disk / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["peak_rss_mb"] > 0 and all(r["peak_rss_mb"] > 0 for r in rows(disk))

@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_readers import write_dicom
 
 from fedefm.data.datasets import check_dataset
 from fedefm.data.readers import MAX_PIXELS, MAX_SIDE, count_frames, read_image, read_mask
 from fedefm.errors import DataError
-from test_readers import write_dicom
 
 BOUNDED = settings(max_examples=100, deadline=timedelta(seconds=5), derandomize=True,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

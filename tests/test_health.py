@@ -13,8 +13,8 @@ import torch
 
 from fedefm.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
-from fedefm.federated.algorithms import dpsgd, fedefm
 from fedefm.federated import health
+from fedefm.federated.algorithms import dpsgd, fedefm
 from fedefm.federated.algorithms.base import SiloState, local_then_mix
 from fedefm.federated.health import Fault, RoundGuard, TooFewHealthySilos, check_quorum, renormalise, weights_fault
 from fedefm.federated.simulator import run

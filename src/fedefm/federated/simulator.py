@@ -292,7 +292,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             except TooFewHealthySilos as exc:
                 raise TooFewHealthySilos(f"{exc}. The last good checkpoint is in {checkpoint.folder}") from exc
             for fault in guard.faults:
-                log.warning("round %d, silo %d left out: %s", round_, fault.silo, fault.reason)
+                log.warning("round %d, silo %d: %s", round_, fault.silo, fault.reason)
             compute_s = (time.perf_counter() - started) / n
             healthy = [s for i, s in enumerate(states) if i not in guard.excluded()]
             row = {

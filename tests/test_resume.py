@@ -104,8 +104,8 @@ def test_pretrain_killed_mid_round_resumes_to_the_uninterrupted_run(corpus, unin
 @pytest.mark.slow
 def test_pretrain_killed_mid_checkpoint_write_resumes_from_the_previous_checkpoint(corpus, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RENAME, *pretrain_args(corpus, out)], env=ENV, check=False,
-                            capture_output=True)
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RENAME, *pretrain_args(corpus, out)], env=ENV,
+                            check=False, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     checkpoints = out / "checkpoints"
     assert [p.name for p in checkpoints.glob("round_*.safetensors")] == ["round_00001.safetensors"]

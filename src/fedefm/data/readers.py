@@ -18,6 +18,7 @@ picks one frame and is required for them. Every failure raises
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,10 @@ MAX_SIDE = 16384
 MAX_PIXELS = 2**25  # 32 Mpx per frame (5792 x 5792), 8x a 2048 x 2048 flat panel
 
 _LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What decoders raise on hostile bytes (found by tests/test_fuzz_readers.py): each becomes a DataError.
+_DECODER_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, struct.error, MemoryError)
+_PIL_ERRORS = (UnidentifiedImageError, SyntaxError, Image.DecompressionBombError, *_DECODER_ERRORS)
+_TIFF_ERRORS = (tifffile.TiffFileError, *_DECODER_ERRORS)
 _DICOM_ERRORS = (
     pydicom.errors.InvalidDicomError,
     OSError,
@@ -100,18 +104,22 @@ def count_frames(path: Path) -> int:
     Only headers are read, never the pixel data of a DICOM or NPY file.
 
     Raises:
-        DataError: the file is missing, unreadable or of an unsupported kind.
+        DataError: the file is missing, unreadable, of an unsupported kind, or holds no frame.
     """
     path = Path(path)
     suffix = _suffix(path)
     if suffix == ".dcm":
-        return int(_read_dicom_header(path).get("NumberOfFrames", 1) or 1)
-    if suffix == ".npy":
-        return _npy_frame_count(_open_npy(path).shape)
-    if suffix in (".tif", ".tiff"):
-        return _tiff_page_count(path)
-    _check_exists(path)
-    return 1
+        n_frames = int(_read_dicom_header(path).get("NumberOfFrames", 1) or 1)
+    elif suffix == ".npy":
+        n_frames = _npy_frame_count(_open_npy(path).shape)
+    elif suffix in (".tif", ".tiff"):
+        n_frames = _tiff_page_count(path)
+    else:
+        _check_exists(path)
+        n_frames = 1
+    if n_frames < 1:
+        raise DataError(f"{path}: holds no image (0 frames)")
+    return n_frames
 
 
 def _suffix(path: Path) -> str:
@@ -182,7 +190,7 @@ def _read_tifffile(path: Path, frame: int | None) -> np.ndarray:
             array = page.asarray()
     except DataError:
         raise
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+    except _TIFF_ERRORS as exc:
         raise DataError(f"{path}: unreadable or truncated TIFF ({exc})") from exc
     return _check_numeric(array, path)
 
@@ -197,7 +205,7 @@ def _tiff_page_count(path: Path) -> int:
     try:
         with tifffile.TiffFile(path) as tif:
             return len(tif.pages)
-    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+    except _TIFF_ERRORS as exc:
         raise DataError(f"{path}: unreadable or truncated TIFF ({exc})") from exc
 
 

@@ -29,7 +29,7 @@ from fedefm.data.synth import write_pretrain_corpus
 from fedefm.federated import topology
 from fedefm.federated.algorithms import dpsgd, fedefm
 from fedefm.federated.algorithms.base import SiloState
-from fedefm.federated.simulator import SiloData, load_items
+from fedefm.federated.simulator import ImageSource, SiloData
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
 
@@ -42,8 +42,8 @@ def build_silos(corpus: Path, n_silos: int, size: int, batch_size: int) -> tuple
     silos = []
     for k in range(n_silos):
         items = [item for item in splits["train"] if item.label == k % len(classes)]
-        images, labels = load_items(items, size)
-        silos.append(SiloData(images, labels, batch_size, torch.Generator().manual_seed(k)))
+        source = ImageSource(items, size, in_memory=True, device=torch.device("cpu"))
+        silos.append(SiloData(source, batch_size, torch.Generator().manual_seed(k)))
     return silos, len(classes)
 
 

@@ -9,7 +9,7 @@ from fedefm.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
 from fedefm.errors import ConfigError
 from fedefm.federated.algorithms import ALGORITHMS
-from fedefm.federated.algorithms.base import NonFiniteLoss
+from fedefm.federated.health import TooFewHealthySilos
 from fedefm.federated.simulator import run
 from fedefm.models.weights import load_weights
 
@@ -59,7 +59,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(corpus, tmp_
     run(config(corpus, whole, rounds=4), progress=False)
     run(config(corpus, parts, rounds=2), progress=False)
     run(config(corpus, parts, rounds=4), resume=True, progress=False)
-    drop = ("wall_s", "cycle_time_s")
+    drop = ("wall_s", "cycle_time_s", "peak_rss_mb")  # measured, not computed
     strip = [{k: v for k, v in r.items() if k not in drop} for r in rows(whole)]
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in rows(parts)]
     a, _ = load_weights(whole / "global.safetensors")
@@ -106,12 +106,14 @@ def test_global_accuracy_after_20_rounds_beats_chance(larger_corpus, tmp_path, a
     assert summary["final_val_acc"] > 1 / 6 + 0.15
 
 
-def test_a_nan_loss_stops_the_run_naming_round_and_silo_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch):
+def test_a_nan_loss_at_too_many_silos_stops_the_run_naming_round_and_silo_and_keeps_the_last_checkpoint(
+        corpus, tmp_path, monkeypatch):
     run(config(corpus, tmp_path, "fedavg", topology="star", rounds=1), progress=False)
     checkpoint = tmp_path / "checkpoints" / "round_00001.safetensors"
     before = checkpoint.read_bytes()
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *args, **kwargs: torch.tensor(float("nan")))
-    with pytest.raises(NonFiniteLoss, match=r"round 2, silo 0: local loss is nan"):
+    with pytest.raises(TooFewHealthySilos, match=r"round 2: 0 of 3 silos healthy.*silo 0: raised NonFiniteLoss: "
+                                                 r"local loss is nan.*last good checkpoint"):
         run(config(corpus, tmp_path, "fedavg", topology="star", rounds=3), resume=True, progress=False)
     assert checkpoint.read_bytes() == before
     assert not (tmp_path / "checkpoints" / "round_00002.safetensors").exists()
@@ -128,3 +130,31 @@ def test_only_the_newest_two_checkpoints_stay_on_disk(corpus, tmp_path):
     run(config(corpus, tmp_path, "fedavg", topology="star", rounds=4), progress=False)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_00003.safetensors",
                                                                            "round_00004.safetensors"]
+
+
+def test_streamed_images_match_the_decoded_ones_and_nothing_is_read_up_front(corpus, monkeypatch):
+    from fedefm.data.datasets import ClassificationDataset, find_classification_splits
+    from fedefm.federated.simulator import ImageSource
+
+    items = find_classification_splits(corpus)[0]["train"]
+    reads = []
+    real_getitem = ClassificationDataset.__getitem__
+    monkeypatch.setattr(ClassificationDataset, "__getitem__", lambda self, i: reads.append(i) or real_getitem(self, i))
+    streamed = ImageSource(items, 32, in_memory=False, device=torch.device("cpu"))
+    assert reads == []
+    decoded = ImageSource(items, 32, in_memory=True, device=torch.device("cpu"))
+    index = torch.tensor([5, 0, 7])
+    assert torch.equal(streamed.images(index), decoded.images(index))
+
+
+def test_a_run_streaming_from_disk_gives_the_numbers_of_a_run_in_memory(corpus, tmp_path):
+    memory, disk = tmp_path / "memory", tmp_path / "disk"
+    run(config(corpus, memory, "fedavg", topology="star"), progress=False)
+    summary = run(config(corpus, disk, "fedavg", topology="star", data_memory_mb=0), progress=False)
+    drop = ("wall_s", "cycle_time_s", "peak_rss_mb")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows(memory)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows(disk)]
+    a, _ = load_weights(memory / "global.safetensors")
+    b, _ = load_weights(disk / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["peak_rss_mb"] > 0 and all(r["peak_rss_mb"] > 0 for r in rows(disk))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
+
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedefm import __version__
 from fedefm.errors import ConfigError, WeightsError
@@ -211,3 +216,61 @@ def test_build_from_weights_refuses_an_unknown_arch(tmp_path):
     with pytest.raises(WeightsError, match="odd.safetensors: unknown arch 'resnet'"):
         build_from_weights(path)
 
+
+
+def test_build_from_weights_refuses_a_tensor_of_another_dtype(tmp_path):
+    model = build_classifier(get_preset("tiny"), 6)
+    state = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "double.safetensors"
+    save_weights(path, state, model_metadata(model))
+    with pytest.raises(WeightsError, match=r"double.safetensors: tensor .* is torch.float64 in the file but torch.float32"):
+        build_from_weights(path)
+
+
+def test_encoder_transfer_refuses_a_tensor_of_another_dtype(tmp_path):
+    path = tmp_path / "half.safetensors"
+    save_weights(path, {"encoder.patch_embed.bias": torch.zeros(96, dtype=torch.float16)}, {"preset": "tiny"})
+    with pytest.raises(WeightsError, match="half.safetensors: tensor encoder.patch_embed.bias is torch.float16"):
+        load_encoder(build_segmenter("transunet", get_preset("tiny")), path)
+
+
+def test_header_declaring_a_tensor_larger_than_the_file_is_refused(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}}).encode()
+    path = tmp_path / "liar.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 64)
+    with pytest.raises(WeightsError, match="liar.safetensors: truncated or corrupt"):
+        load_weights(path)
+
+
+FUZZ_CASES = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_fuzz_cases():
+    yield
+    print(f"\nfuzzed weights files: {len(FUZZ_CASES)} cases")
+
+
+@settings(max_examples=150, deadline=timedelta(seconds=5), derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255), st.booleans()), min_size=1, max_size=4))
+def test_fuzzed_weights_files_load_or_raise_weights_error(tmp_path, edits):
+    FUZZ_CASES.append(1)
+    data = bytearray(safetensors.torch.save({"a": torch.arange(8.0), "b": torch.ones(2, 2, dtype=torch.int64)},
+                                           metadata={"preset": '"tiny"'}))
+    for where, value, cut in edits:
+        at = int(where * (len(data) - 1))
+        if cut:
+            del data[at:]
+        else:
+            data[at] = value
+        if not data:
+            break
+    path = tmp_path / "fuzzed.safetensors"
+    path.write_bytes(bytes(data))
+    try:
+        tensors, _ = load_weights(path)
+    except WeightsError as exc:
+        assert str(exc).startswith(str(path))
+    else:
+        assert set(tensors) <= {"a", "b"}

@@ -140,16 +140,20 @@ def finetune(
     epochs: Annotated[int, typer.Option(help="Epochs of max(K, 64) augmented samples each.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-2,
+    samples_per_epoch: Annotated[int, typer.Option(help="Augmented samples per epoch (at least K).")] = 64,
+    image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, shots, init and augmentation.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last intact checkpoint.")] = False,
 ) -> None:
     """Fine-tune a catheter/guidewire segmenter on K images; selects the epoch on validation Dice."""
     from fedefm.config import FinetuneConfig
     from fedefm.finetune.train import run
 
     cfg = FinetuneConfig(data=data, out=out, init=init, arch=arch, preset=preset, shots=shots,
-                         epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed)
-    result = run(cfg)
+                         epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
+                         image_size=image_size, device=device, seed=seed)
+    result = run(cfg, resume=resume)
     if result["transfer"]:
         console.print(f"foundation encoder: {result['transfer']}")
     console.print(f"selected epoch {result['best_epoch']} (val Dice {result['best_val']:.4f}); "
@@ -177,7 +181,10 @@ def pretrain(
     option: Annotated[list[str], typer.Option(help="Algorithm setting NAME=VALUE (e.g. beta=0.9); repeatable.")] = [],
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of partition, init, batches and topology draws.")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last intact checkpoint.")] = False,
+    min_healthy_silos: Annotated[int, typer.Option(help="Stop when fewer silos come through a round.")] = 2,
+    silo_timeout: Annotated[Optional[float], typer.Option(help="Seconds after which a silo's update is late and left out.")] = None,
+    data_memory_mb: Annotated[float, typer.Option(help="Decoded images above this read each batch from disk.")] = 4096.0,
 ) -> None:
     """Federated pre-training of the foundation model; writes metrics.jsonl, global.safetensors, silos/."""
     from fedefm.config import PretrainConfig, parse_settings
@@ -186,7 +193,8 @@ def pretrain(
     cfg = PretrainConfig(data=data, out=out, algorithm=algorithm, topology=topology, underlay=underlay, silos=silos,
                          unseen=unseen, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
                          preset=preset, image_size=image_size, eval_every=eval_every,
-                         checkpoint_every=checkpoint_every, options=parse_settings(option), device=device, seed=seed)
+                         checkpoint_every=checkpoint_every, options=parse_settings(option), device=device, seed=seed,
+                         min_healthy_silos=min_healthy_silos, silo_timeout_s=silo_timeout, data_memory_mb=data_memory_mb)
     summary = run(cfg, resume=resume)
     console.print(f"test accuracy of the global model {summary['test_acc']:.4f} "
                   f"(validation, last evaluations: {summary['final_val_acc']:.4f}); weights in {out / 'global.safetensors'}")

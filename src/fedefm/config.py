@@ -127,6 +127,17 @@ def read_run_config(run: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def check_resume(cfg: Any, run: Path, may_change: tuple[str, ...] = ("out",)) -> None:
+    """Refuse to resume a run folder written by a different configuration; settings in ``may_change`` may differ."""
+    saved = read_run_config(run)["config"]
+    current = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds it: tuples become lists
+    differing = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
+    if differing:
+        key = differing[0]
+        raise ConfigError(f"--resume {run}: the run was started with {key}={saved.get(key)!r}, not {current[key]!r}; "
+                          "resume with the same settings or choose a new --out")
+
+
 TOPOLOGY_BY_EXCHANGE = {"none": "star", "client_server": "star", "gossip": "ring", "overseas": "ring"}
 
 
@@ -136,6 +147,12 @@ class PretrainConfig:
 
     ``options`` holds the algorithm's own settings by name (``beta``, ``mu``, ``update``, ...); every
     field of the algorithm's Config not given there keeps its documented default.
+
+    Fault tolerance (federated/health.py): a round goes on without the silos whose update fails, comes
+    back later than ``silo_timeout_s`` (None: no limit) or returns unusable weights, as long as at least
+    ``min_healthy_silos`` silos are healthy (2, Flower's default minimum of training nodes; capped at the
+    number of silos). Images are decoded into memory when the training and validation images take at
+    most ``data_memory_mb`` decoded, else every batch is read from disk (same numbers either way).
     """
 
     data: Path
@@ -159,6 +176,9 @@ class PretrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    min_healthy_silos: int = 2
+    silo_timeout_s: float | None = None
+    data_memory_mb: float = 4096.0
     device: str = "cpu"
     seed: int = 0
 
@@ -203,6 +223,12 @@ class PretrainConfig:
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.min_healthy_silos < 1:
+            raise ConfigError(f"--min-healthy-silos {self.min_healthy_silos}: must be at least 1")
+        if self.silo_timeout_s is not None and self.silo_timeout_s <= 0:
+            raise ConfigError(f"--silo-timeout {self.silo_timeout_s}: must be positive (omit it for no limit)")
+        if self.data_memory_mb < 0:
+            raise ConfigError(f"--data-memory-mb {self.data_memory_mb}: must be >= 0 (0 reads every batch from disk)")
         if exchange == "overseas" and self.topology == "star" and not 1 <= self.shots < self.silos:
             raise ConfigError(f"--shots {self.shots}: must be between 1 and silos - 1 = {self.silos - 1}")
         if not Path(self.data).is_dir():

@@ -42,3 +42,22 @@ def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_rows_after(path: str | Path, key: str, last: int) -> None:
+    """Rewrite a JSON-lines file atomically keeping the rows whose ``key`` is at most ``last``.
+
+    A resumed run calls this so the rows written after its checkpoint are not there twice; a last
+    line cut off by a crash is dropped too.
+    """
+    path = Path(path)
+    kept = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row[key] <= last:
+            kept.append(line)
+    with atomic_write(path, "w") as f:
+        f.writelines(line + "\n" for line in kept)

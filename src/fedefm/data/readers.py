@@ -18,6 +18,7 @@ picks one frame and is required for them. Every failure raises
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,16 @@ from fedefm.errors import DataError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm")
 
-# Larger than any detector panel; beyond it a header is corrupt or a file is a decompression bomb.
+# Larger than any detector panel; beyond them a header is corrupt or a file is a decompression bomb.
+# Both are checked on the header, before any pixel is decoded.
 MAX_SIDE = 16384
+MAX_PIXELS = 2**25  # 32 Mpx per frame (5792 x 5792), 8x a 2048 x 2048 flat panel
 
 _LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What decoders raise on hostile bytes (found by tests/test_fuzz_readers.py): each becomes a DataError.
+_DECODER_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, struct.error, MemoryError)
+_PIL_ERRORS = (UnidentifiedImageError, SyntaxError, Image.DecompressionBombError, *_DECODER_ERRORS)
+_TIFF_ERRORS = (tifffile.TiffFileError, *_DECODER_ERRORS)
 _DICOM_ERRORS = (
     pydicom.errors.InvalidDicomError,
     OSError,
@@ -98,18 +104,22 @@ def count_frames(path: Path) -> int:
     Only headers are read, never the pixel data of a DICOM or NPY file.
 
     Raises:
-        DataError: the file is missing, unreadable or of an unsupported kind.
+        DataError: the file is missing, unreadable, of an unsupported kind, or holds no frame.
     """
     path = Path(path)
     suffix = _suffix(path)
     if suffix == ".dcm":
-        return int(_read_dicom_header(path).get("NumberOfFrames", 1) or 1)
-    if suffix == ".npy":
-        return _npy_frame_count(_open_npy(path).shape)
-    if suffix in (".tif", ".tiff"):
-        return _tiff_page_count(path)
-    _check_exists(path)
-    return 1
+        n_frames = int(_read_dicom_header(path).get("NumberOfFrames", 1) or 1)
+    elif suffix == ".npy":
+        n_frames = _npy_frame_count(_open_npy(path).shape)
+    elif suffix in (".tif", ".tiff"):
+        n_frames = _tiff_page_count(path)
+    else:
+        _check_exists(path)
+        n_frames = 1
+    if n_frames < 1:
+        raise DataError(f"{path}: holds no image (0 frames)")
+    return n_frames
 
 
 def _suffix(path: Path) -> str:
@@ -136,6 +146,8 @@ def _check_shape(path: Path, shape: tuple[int, ...]) -> None:
         raise DataError(f"{path}: the image is empty (shape {shape})")
     if max(shape[:2]) > MAX_SIDE:
         raise DataError(f"{path}: image of {shape[0]}x{shape[1]} pixels exceeds the {MAX_SIDE} px limit per side")
+    if shape[0] * shape[1] > MAX_PIXELS:
+        raise DataError(f"{path}: image of {shape[0]}x{shape[1]} pixels exceeds the {MAX_PIXELS} pixel limit")
 
 
 def _read_array(path: Path, frame: int | None, palette_indices: bool) -> np.ndarray:
@@ -178,7 +190,7 @@ def _read_tifffile(path: Path, frame: int | None) -> np.ndarray:
             array = page.asarray()
     except DataError:
         raise
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+    except _TIFF_ERRORS as exc:
         raise DataError(f"{path}: unreadable or truncated TIFF ({exc})") from exc
     return _check_numeric(array, path)
 
@@ -193,7 +205,7 @@ def _tiff_page_count(path: Path) -> int:
     try:
         with tifffile.TiffFile(path) as tif:
             return len(tif.pages)
-    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+    except _TIFF_ERRORS as exc:
         raise DataError(f"{path}: unreadable or truncated TIFF ({exc})") from exc
 
 
@@ -202,7 +214,7 @@ def _open_npy(path: Path) -> np.ndarray:
     _check_exists(path)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, OverflowError, MemoryError) as exc:  # Overflow: a header's shape too large to map
         raise DataError(f"{path}: unreadable or truncated NPY file ({exc}); save it with numpy.save") from exc
 
 
@@ -228,7 +240,7 @@ def _read_npy(path: Path, frame: int | None) -> np.ndarray:
 
 
 def _check_numeric(array: np.ndarray, path: Path) -> np.ndarray:
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+    if array.dtype.kind not in "biuf":  # not "m": numpy counts timedelta64 among the integers
         raise DataError(f"{path}: pixel type {array.dtype} is not numeric; store integers or floats")
     if array.size == 0:
         raise DataError(f"{path}: the image is empty (shape {array.shape})")

@@ -20,45 +20,75 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedefm.config import PretrainConfig, resolve_device, run_record
+from fedefm.checkpoints import CheckpointStore
+from fedefm.config import PretrainConfig, check_resume, resolve_device, run_record
 from fedefm.data.datasets import ClassificationDataset, ClassificationItem, find_classification_splits
 from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table
 from fedefm.errors import ConfigError, DataError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
-from fedefm.federated.algorithms.base import Batch, NonFiniteLoss, SiloState, mean_weights
-from fedefm.files import append_jsonl, atomic_write, write_json
+from fedefm.federated.algorithms.base import Batch, SiloState, mean_weights
+from fedefm.federated.health import RoundGuard, TooFewHealthySilos
+from fedefm.files import append_jsonl, atomic_write, drop_rows_after, write_json
+from fedefm.memory import peak_rss_mb
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
-from fedefm.models.weights import load_weights, model_metadata, save_weights
+from fedefm.models.weights import model_metadata, save_weights
 
 log = logging.getLogger(__name__)
 
 
+class ImageSource:
+    """Images and labels of a list of items, decoded once into memory or, to bound memory, read from disk per batch.
+
+    Both modes decode and resize each image the same way, so a batch holds the same numbers either way.
+
+    Args:
+        items: the images and their labels.
+        size: side every image is resized to.
+        in_memory: decode everything now (fast) or read the images of each requested batch (bounded memory).
+        device: where the returned images live.
+    """
+
+    def __init__(self, items: list[ClassificationItem], size: int, in_memory: bool, device: torch.device) -> None:
+        self.dataset = ClassificationDataset(items, size)
+        self.labels = torch.tensor([item.label for item in items], dtype=torch.long)
+        self.device = device
+        self.decoded = self.read(torch.arange(len(items))) if in_memory else None
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """Decode the images at ``index`` from disk: (B, 1, size, size) on the source's device."""
+        if index.numel() == 0:
+            return torch.empty(0, 1, self.dataset.size, self.dataset.size, device=self.device)
+        return torch.stack([self.dataset[int(k)]["image"] for k in index]).to(self.device)
+
+    def images(self, index: torch.Tensor) -> torch.Tensor:
+        """Images at ``index`` (B,): (B, 1, size, size) in [0, 1]."""
+        return self.read(index) if self.decoded is None else self.decoded[index.to(self.decoded.device)]
+
+
+def decoded_bytes(n_images: int, size: int) -> int:
+    """Memory the decoded float32 images take: n x 1 x size x size x 4 bytes."""
+    return n_images * size * size * 4
+
+
 @dataclass
 class SiloData:
-    """A silo's training images, decoded once, and the seeded generator its batches are drawn from."""
+    """A silo's training images and the seeded generator its batches are drawn from."""
 
-    images: torch.Tensor  # (N, 1, H, W) in [0, 1]
-    labels: torch.Tensor  # (N,) int64
+    source: ImageSource
     batch_size: int
     generator: torch.Generator
 
     def batches(self) -> Iterator[Batch]:
         """Endless random batches (without replacement within a batch); the generator holds all the state."""
-        n = self.labels.shape[0]
+        n = len(self.source)
         while True:
-            index = torch.randperm(n, generator=self.generator)[: self.batch_size]
-            yield self.images[index], self.labels[index]
-
-
-def load_items(items: list[ClassificationItem], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and resize items: images (N, 1, size, size), labels (N,)."""
-    if not items:
-        return torch.empty(0, 1, size, size), torch.empty(0, dtype=torch.long)
-    dataset = ClassificationDataset(items, size)
-    samples = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([s["image"] for s in samples]), torch.tensor([s["label"] for s in samples])
+            index = torch.randperm(n, generator=self.generator, device=self.generator.device)[: self.batch_size].cpu()
+            yield self.source.images(index), self.source.labels[index].to(self.source.device)
 
 
 def partition(cfg: PretrainConfig, labels: list[int]) -> list[np.ndarray]:
@@ -73,16 +103,16 @@ def partition(cfg: PretrainConfig, labels: list[int]) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 64) -> float:
-    """Top-1 accuracy of ``weights`` on images (N, 1, H, W) with labels (N,)."""
+def accuracy(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: ImageSource, batch_size: int = 64) -> float:
+    """Top-1 accuracy of ``weights`` on every image of ``source``, ``batch_size`` images at a time."""
     model.load_state_dict(weights)
     model.eval()
     correct = 0
-    for start in range(0, labels.shape[0], batch_size):
-        logits = model(images[start : start + batch_size])
-        correct += (logits.argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
-    return correct / max(1, labels.shape[0])
+    for start in range(0, len(source), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(source)))
+        logits = model(source.images(index))
+        correct += (logits.argmax(1).cpu() == source.labels[index]).sum().item()
+    return correct / max(1, len(source))
 
 
 def transfers_per_link(cfg: PretrainConfig, algo_cfg) -> int:
@@ -130,17 +160,17 @@ def round_bytes(cfg: PretrainConfig, algo_cfg, neighbours: list[list[int]], W: n
 class Checkpoint:
     """RUN/checkpoints/round_NNNNN.safetensors: every silo's weights and memory, plus the RNG states in metadata.
 
-    The newest ``keep`` checkpoints stay on disk (a paper-size federation is S x 178 MB per checkpoint).
+    Written and verified by checkpoints.CheckpointStore (atomic, checksummed, newest two kept: a
+    paper-size federation is S x 178 MB per checkpoint).
     """
 
-    keep = 2
-
     def __init__(self, run: Path) -> None:
-        self.folder = run / "checkpoints"
+        self.store = CheckpointStore(run / "checkpoints", prefix="round")
+        self.folder = self.store.folder
 
     def save(self, round_: int, states: list[SiloState], generators: list[torch.Generator],
              rng: np.random.Generator) -> None:
-        """Write the checkpoint of the end of ``round_`` atomically; older ones stay until this one is complete."""
+        """Write the checkpoint of the end of ``round_``; older ones stay until this one is complete."""
         tensors = {}
         for i, state in enumerate(states):
             tensors.update({f"silo{i}.weights.{k}": v for k, v in state.weights.items()})
@@ -154,19 +184,14 @@ class Checkpoint:
             "rng": rng.bit_generator.state,
             "torch_rng": torch.random.get_rng_state().tolist(),  # dropout draws from the global generator
         }
-        save_weights(self.folder / f"round_{round_:05d}.safetensors", tensors, {"checkpoint": metadata})
-        for old in sorted(self.folder.glob("round_*.safetensors"))[: -self.keep]:
-            old.unlink()
+        self.store.save(round_, tensors, metadata)
 
-    def latest(self) -> Path | None:
-        """The newest checkpoint file, or None."""
-        found = sorted(self.folder.glob("round_*.safetensors"))
-        return found[-1] if found else None
-
-    def load(self, path: Path, generators: list[torch.Generator], rng: np.random.Generator) -> tuple[int, list[SiloState]]:
-        """Restore silo states and RNG states from ``path``; returns (round, states)."""
-        tensors, metadata = load_weights(path)
-        info = metadata["checkpoint"]
+    def load_latest(self, generators: list[torch.Generator], rng: np.random.Generator) -> tuple[int, list[SiloState]] | None:
+        """Restore silo states and RNG states from the newest intact checkpoint; returns (round, states) or None."""
+        found = self.store.load_latest()
+        if found is None:
+            return None
+        tensors, info = found
         states = []
         for i, scalars in enumerate(info["silos"]):
             prefix = f"silo{i}."
@@ -184,29 +209,26 @@ class Checkpoint:
         return info["round"], states
 
 
-def check_resume(cfg: PretrainConfig, run: Path) -> None:
-    """Refuse to resume a run folder written by a different configuration (rounds may grow)."""
-    saved = json.loads((run / "config.json").read_text())["config"]
-    current = cfg.to_dict()
-    differing = sorted(k for k in current if k not in ("rounds", "out") and saved.get(k) != current[k])
-    if differing:
-        key = differing[0]
-        raise ConfigError(f"--resume {run}: the run was started with {key}={saved.get(key)!r}, not {current[key]!r}; "
-                          "resume with the same settings or choose a new --out")
+# Settings that may change on --resume: they do not change the numbers of a round that goes well.
+RESUMABLE_CHANGES = ("rounds", "out", "min_healthy_silos", "silo_timeout_s", "data_memory_mb")
 
 
 def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Pre-train the foundation classifier federatedly; writes the run folder of DESIGN.md §6.
 
     Returns:
-        {"test_acc", "final_val_acc", "rounds", "grad_steps", "bytes_sent"} of the finished run.
+        {"test_acc", "final_val_acc", "rounds", "grad_steps", "bytes_sent", "peak_rss_mb"} of the finished run.
+
+    Raises:
+        TooFewHealthySilos: fewer than ``cfg.min_healthy_silos`` silos came through a round; the last good
+            checkpoint is left as it was.
     """
     cfg.validate()
     out = Path(cfg.out)
     if resume and not (out / "config.json").is_file():
         raise ConfigError(f"--resume {out}: no config.json there; start without --resume")
     if resume:
-        check_resume(cfg, out)
+        check_resume(cfg, out, RESUMABLE_CHANGES)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     algorithm = get_algorithm(cfg.algorithm)
@@ -218,13 +240,13 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     labels = [item.label for item in splits["train"]]
     silo_indices = partition(cfg, labels)
     log.info("silo x class partition:\n%s", silo_class_table(labels, silo_indices, class_names))
-    silos = []
-    for i, indices in enumerate(silo_indices):
-        images, silo_labels = load_items([splits["train"][k] for k in indices], cfg.image_size)
-        silos.append(SiloData(images.to(device), silo_labels.to(device), cfg.batch_size,
-                              torch.Generator(device=device).manual_seed(cfg.seed * 1000 + i)))
-    val = load_items(splits["val"], cfg.image_size)
-    val = (val[0].to(device), val[1])
+    in_memory = decoded_bytes(len(labels) + len(splits["val"]), cfg.image_size) <= cfg.data_memory_mb * 2**20
+    if not in_memory:
+        log.info("decoded images exceed --data-memory-mb %g: reading each batch from disk", cfg.data_memory_mb)
+    silos = [SiloData(ImageSource([splits["train"][k] for k in indices], cfg.image_size, in_memory, device),
+                      cfg.batch_size, torch.Generator(device=device).manual_seed(cfg.seed * 1000 + i))
+             for i, indices in enumerate(silo_indices)]
+    val = ImageSource(splits["val"], cfg.image_size, in_memory, device)
 
     torch.manual_seed(cfg.seed)
     model = Classifier(get_preset(cfg.preset), n_classes=len(class_names)).to(device)
@@ -240,13 +262,12 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     checkpoint = Checkpoint(out)
 
     first_round = 1
-    if resume and checkpoint.latest() is not None:
-        done, states = checkpoint.load(checkpoint.latest(), generators, rng)
+    restored = checkpoint.load_latest(generators, rng) if resume else None
+    if restored is not None:
+        done, states = restored
         states = [replace(s, weights={k: v.to(device) for k, v in s.weights.items()}) for s in states]
         first_round = done + 1
-        kept = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["round"] <= done]
-        with atomic_write(out / "metrics.jsonl", "w") as f:
-            f.writelines(line + "\n" for line in kept)
+        drop_rows_after(out / "metrics.jsonl", "round", done)
         log.info("resuming %s after round %d", out, done)
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -265,35 +286,38 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             started = time.perf_counter()
             neighbours, W, graph = round_links(cfg, algo_cfg, overlay, matchings, rng, [s.num_examples for s in states])
             batches = [silo.batches() for silo in silos]
+            guard = RoundGuard(round_, n, cfg.min_healthy_silos, cfg.silo_timeout_s)
             try:
-                states = algorithm.run_round(model, states, batches, neighbours, W, algo_cfg)
-            except NonFiniteLoss as exc:
-                raise NonFiniteLoss(f"round {round_}, {exc}. The last good checkpoint is in {checkpoint.folder}") from exc
+                states = algorithm.run_round(model, states, batches, neighbours, W, algo_cfg, guard=guard)
+            except TooFewHealthySilos as exc:
+                raise TooFewHealthySilos(f"{exc}. The last good checkpoint is in {checkpoint.folder}") from exc
+            for fault in guard.faults:
+                log.warning("round %d, silo %d: %s", round_, fault.silo, fault.reason)
             compute_s = (time.perf_counter() - started) / n
-            for i, state in enumerate(states):
-                if not all(torch.isfinite(t).all() for t in state.weights.values() if t.is_floating_point()):
-                    raise NonFiniteLoss(f"round {round_}, silo {i}: non-finite weights; lower --lr. "
-                                        f"The last good checkpoint is in {checkpoint.folder}")
+            healthy = [s for i, s in enumerate(states) if i not in guard.excluded()]
             row = {
                 "round": round_,
-                "train_loss": float(np.mean([s.train_loss for s in states])),
+                "train_loss": float(np.mean([s.train_loss for s in healthy])),
                 "grad_steps": int(sum(s.grad_steps for s in states)),
                 "bytes_sent": round_bytes(cfg, algo_cfg, neighbours, W, model_size),
                 "cycle_time_s": cycle_time(graph, underlay, compute_s, transfers_per_link(cfg, algo_cfg) * model_size),
+                "excluded": [f.to_dict() for f in guard.faults if f.host is None],
+                "dropped_experts": [f.to_dict() for f in guard.faults if f.host is not None],
                 "val_acc": None,
                 "silo_val_acc": None,
             }
             if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
-                val_acc = accuracy(model, mean_weights(states), *val)
+                val_acc = accuracy(model, mean_weights(states), val)
                 row["val_acc"] = val_acc
-                row["silo_val_acc"] = [accuracy(model, s.weights, *val) for s in states] if n > 1 else [val_acc]
+                row["silo_val_acc"] = [accuracy(model, s.weights, val) for s in states] if n > 1 else [val_acc]
             row["wall_s"] = time.perf_counter() - started
+            row["peak_rss_mb"] = peak_rss_mb()
             append_jsonl(out / "metrics.jsonl", row)
             if round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds:
                 checkpoint.save(round_, states, generators, rng)
             bar.update(task, completed=round_, status=f"val acc {val_acc:.3f}")
 
-    return finish(cfg, out, model, states, splits["test"], class_names)
+    return finish(cfg, out, model, states, ImageSource(splits["test"], cfg.image_size, in_memory, device), class_names)
 
 
 def cycle_time(graph, underlay, compute_s: float, transfer_bytes: int) -> float | None:
@@ -304,12 +328,11 @@ def cycle_time(graph, underlay, compute_s: float, transfer_bytes: int) -> float 
     return topology.cycle_time(topology.delay_graph(graph, underlay, compute_s, transfer_bytes, server=server))
 
 
-def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState],
-           test_items: list[ClassificationItem], class_names: list[str]) -> dict:
+def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState], test: ImageSource,
+           class_names: list[str]) -> dict:
     """Score the global model on the test split once; write global and per-silo weights and summary.json."""
     global_weights = mean_weights(states)
-    test = load_items(test_items, cfg.image_size)
-    test_acc = accuracy(model, global_weights, test[0].to(next(model.parameters()).device), test[1])
+    test_acc = accuracy(model, global_weights, test)
     metadata = model_metadata(model) | {"classes": class_names, "image_size": cfg.image_size,
                                         "algorithm": cfg.algorithm, "seed": cfg.seed}
     save_weights(out / "global.safetensors", {k: v.cpu() for k, v in global_weights.items()}, metadata)
@@ -324,6 +347,7 @@ def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[
         "rounds": rows[-1]["round"] if rows else 0,
         "grad_steps": int(sum(r["grad_steps"] for r in rows)),
         "bytes_sent": int(sum(r["bytes_sent"] for r in rows)),
+        "peak_rss_mb": peak_rss_mb(),
     }
     write_json(out / "summary.json", summary)
     return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +13,14 @@ import torch
 from monai.losses import DiceCELoss
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedefm.config import FinetuneConfig, resolve_device, run_record
-from fedefm.data.augment import train_transforms
+from fedefm.checkpoints import CheckpointStore
+from fedefm.config import FinetuneConfig, check_resume, resolve_device, run_record
+from fedefm.data.augment import TrainTransforms, train_transforms
 from fedefm.data.datasets import SegmentationDataset, SegmentationItem, find_segmentation_splits
 from fedefm.errors import ConfigError, DataError
-from fedefm.files import append_jsonl, write_json
+from fedefm.files import append_jsonl, drop_rows_after, write_json
 from fedefm.finetune.metrics import SEGMENTATION_CLASSES, SegmentationScores
+from fedefm.memory import peak_rss_mb
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
 from fedefm.models.weights import TransferReport, load_encoder, model_metadata, save_weights
@@ -58,21 +60,27 @@ def load_samples(items: list[SegmentationItem], size: int) -> dict[str, torch.Te
 
 
 def training_batches(
-    samples: dict[str, torch.Tensor], batch_size: int, augment: Callable[[dict], dict], generator: torch.Generator
+    samples: dict[str, torch.Tensor], batch_size: int, augment: TrainTransforms, seed: int, first_step: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless augmented batches drawn without replacement within each pass over the samples."""
+    """Endless augmented batches drawn without replacement within each pass over the samples, from ``first_step`` on.
+
+    Batch k is a function of (seed, k) alone: pass p shuffles with a generator seeded by (seed, p) and
+    the augmentation is reseeded by (seed, k), so a resumed run draws the batches the interrupted one would.
+    """
     n = samples["image"].shape[0]
+    per_pass = n // batch_size if n >= batch_size else 1  # full batches only; the next pass reshuffles
+    step = first_step
     while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            chosen = order[start : start + batch_size]
-            if start + batch_size > n and n >= batch_size:
-                break  # keep batches full; the next pass reshuffles
-            views = [augment({"image": samples["image"][i], "mask": samples["mask"][i]}) for i in chosen]
-            yield {
-                "image": torch.stack([torch.as_tensor(v["image"]) for v in views]).float(),
-                "mask": torch.stack([torch.as_tensor(v["mask"]) for v in views]).long(),
-            }
+        pass_index, position = divmod(step, per_pass)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + pass_index))
+        chosen = order[position * batch_size : (position + 1) * batch_size]
+        augment.set_random_state(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+        views = [augment({"image": samples["image"][i], "mask": samples["mask"][i]}) for i in chosen]
+        yield {
+            "image": torch.stack([torch.as_tensor(v["image"]) for v in views]).float(),
+            "mask": torch.stack([torch.as_tensor(v["mask"]) for v in views]).long(),
+        }
+        step += 1
 
 
 @torch.no_grad()
@@ -109,32 +117,65 @@ def build_model(cfg: FinetuneConfig) -> tuple[torch.nn.Module, TransferReport | 
     return model, load_encoder(model, Path(cfg.init))
 
 
-def run(cfg: FinetuneConfig, progress: bool = True) -> dict:
-    """Fine-tune a segmenter; writes OUT/{config.json, metrics.jsonl, model.safetensors, log.txt}.
+def save_checkpoint(store: CheckpointStore, epoch: int, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, best: dict) -> None:
+    """RUN/checkpoints/epoch_NNNNN.safetensors: model, optimizer moments, global RNG, step and best so far."""
+    optim = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for index, slots in optim["state"].items():
+        tensors.update({f"optimizer.{index}.{name}": value for name, value in slots.items()})
+    metadata = {"epoch": epoch, "step": step, "best": best, "param_groups": optim["param_groups"],
+                "torch_rng": torch.random.get_rng_state().tolist()}
+    store.save(epoch, tensors, metadata)
+
+
+def load_checkpoint(store: CheckpointStore, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore model, optimizer and global RNG from the newest intact checkpoint; returns its metadata or None."""
+    found = store.load_latest()
+    if found is None:
+        return None
+    tensors, info = found
+    device = next(model.parameters()).device
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            index, name = key.removeprefix("optimizer.").split(".", 1)
+            state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    torch.random.set_rng_state(torch.tensor(info["torch_rng"], dtype=torch.uint8))
+    return info
+
+
+def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune a segmenter; writes OUT/{config.json, metrics.jsonl, model.safetensors, log.txt, checkpoints/}.
+
+    With ``resume``, continues from the newest intact checkpoint in OUT (every epoch writes one) and
+    refuses a folder written with other settings.
 
     Returns:
         {"best_epoch", "best_val", "val": evaluate JSON of the selected model, "transfer": summary or None}.
     """
     cfg.validate()
     out = Path(cfg.out)
+    if resume:
+        check_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    file_log = logging.FileHandler(out / "log.txt", mode="w")
+    file_log = logging.FileHandler(out / "log.txt", mode="a" if resume else "w")
     logging.getLogger("fedefm").addHandler(file_log)
     try:
-        return _train(cfg, out, progress)
+        return _train(cfg, out, resume, progress)
     finally:
         logging.getLogger("fedefm").removeHandler(file_log)
         file_log.close()
 
 
-def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
+def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)
     splits = find_segmentation_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
     if not splits["val"]:
         raise DataError(f"{cfg.data}: no validation images after splitting; add a val/ split or raise --val-fraction")
     train_items = select_shots(splits["train"], cfg.shots, cfg.seed)
-    write_json(out / "config.json", run_record(cfg, "finetune") | {"train_images": [i.name for i in train_items]})
     train = load_samples(train_items, cfg.image_size)
     val = load_samples(splits["val"], cfg.image_size)
     log.info("training on %d images, validating on %d (%s)", len(train_items), len(splits["val"]), cfg.data)
@@ -146,19 +187,28 @@ def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = segmentation_loss(cfg, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed), generator)
     steps_per_epoch = math.ceil(max(len(train_items), cfg.samples_per_epoch) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
+    store = CheckpointStore(out / "checkpoints", prefix="epoch")
     best = {"best_epoch": 0, "best_val": -math.inf, "val": None}
-    step = 0
+    first_epoch, step = 1, 0
+    restored = load_checkpoint(store, model, optimizer) if resume else None
+    if restored is not None:
+        first_epoch, step, best = restored["epoch"] + 1, restored["step"], restored["best"]
+        drop_rows_after(out / "metrics.jsonl", "epoch", restored["epoch"])
+        log.info("resuming %s after epoch %d", out, restored["epoch"])
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        write_json(out / "config.json", run_record(cfg, "finetune") | {"train_images": [i.name for i in train_items]})
+    batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed), cfg.seed, first_step=step)
+
     with Progress(
         TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
         TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress,
     ) as bar:
-        task = bar.add_task("epochs", total=cfg.epochs, status="")
-        for epoch in range(1, cfg.epochs + 1):
+        task = bar.add_task("epochs", total=cfg.epochs, completed=first_epoch - 1, status="")
+        for epoch in range(first_epoch, cfg.epochs + 1):
             started, losses, seen = time.perf_counter(), [], 0
             for _ in range(steps_per_epoch):
                 for group in optimizer.param_groups:
@@ -187,9 +237,10 @@ def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
                 "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
                 "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,
                 "val_dice": result["mean"]["dice"], "val_cldice": result["mean"]["cldice"],
-                "selected": improved, "wall_s": time.perf_counter() - started,
+                "selected": improved, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
             }
             append_jsonl(out / "metrics.jsonl", row)
+            save_checkpoint(store, epoch, step, model, optimizer, best)
             log.info("epoch %d: loss %.4f, val dice %.4f%s", epoch, row["train_loss"], score, " (selected)" if improved else "")
-            bar.update(task, advance=1, status=f"loss {row['train_loss']:.3f} val dice {score:.3f}")
+            bar.update(task, completed=epoch, status=f"loss {row['train_loss']:.3f} val dice {score:.3f}")
     return best | {"transfer": transfer.summary() if transfer else None}

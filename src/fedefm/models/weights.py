@@ -73,20 +73,24 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found; check the path (fedefm writes RUN/*.safetensors)")
-    data = path.read_bytes()
-    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
-        raise WeightsError(
-            f"{path}: is a pickle/torch.save file; fedefm only reads safetensors (never unpickles); "
-            "convert it with safetensors.torch.save_file"
-        )
-    if len(data) < 8:
-        raise WeightsError(f"{path}: {len(data)} bytes is too short for a safetensors file; the file is truncated")
-    header_bytes = int.from_bytes(data[:8], "little")
-    if header_bytes > MAX_HEADER_BYTES or header_bytes > len(data) - 8:
-        raise WeightsError(
-            f"{path}: header claims {header_bytes} bytes but the file has {len(data)}; "
-            "the file is truncated or not a safetensors file"
-        )
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+            raise WeightsError(
+                f"{path}: is a pickle/torch.save file; fedefm only reads safetensors (never unpickles); "
+                "convert it with safetensors.torch.save_file"
+            )
+        if len(head) < 8:
+            raise WeightsError(f"{path}: {size} bytes is too short for a safetensors file; the file is truncated")
+        header_bytes = int.from_bytes(head, "little")
+        # Checked before anything else is read: a hostile header length must not make us allocate it.
+        if header_bytes > MAX_HEADER_BYTES or header_bytes > size - 8:
+            raise WeightsError(
+                f"{path}: header claims {header_bytes} bytes but the file has {size}; "
+                "the file is truncated or not a safetensors file"
+            )
+        data = head + f.read()
     try:
         header = json.loads(data[8 : 8 + header_bytes])
         tensors = parse_safetensors(data)
@@ -147,11 +151,7 @@ def load_encoder(model: nn.Module, path: Path) -> TransferReport:
     model_state = model.state_dict()
     loaded = [key for key in model_state if key.startswith(ENCODER_PREFIX) and key in tensors]
     for key in loaded:
-        if tensors[key].shape != model_state[key].shape:
-            raise WeightsError(
-                f"{path}: tensor {key} has shape {tuple(tensors[key].shape)} in the file but "
-                f"{tuple(model_state[key].shape)} in the model; the weights come from another architecture"
-            )
+        check_tensor(path, key, tensors[key], model_state[key], "the model")
     if not loaded:
         raise WeightsError(
             f"{path}: holds no encoder.* tensor the model uses ({describe_keys(list(tensors))}); "
@@ -164,6 +164,18 @@ def load_encoder(model: nn.Module, path: Path) -> TransferReport:
         new=[key for key in model_state if key not in loaded_set],
         ignored=sorted(key for key in tensors if key not in loaded_set),
     )
+
+
+def check_tensor(path: Path, key: str, tensor: Tensor, expected: Tensor, where: str) -> None:
+    """Raise WeightsError naming the file and tensor when its shape or dtype differs from the model's."""
+    if tensor.shape != expected.shape:
+        raise WeightsError(
+            f"{path}: tensor {key} has shape {tuple(tensor.shape)} in the file but {tuple(expected.shape)} in "
+            f"{where}; the weights come from another architecture"
+        )
+    if tensor.dtype != expected.dtype:
+        raise WeightsError(f"{path}: tensor {key} is {tensor.dtype} in the file but {expected.dtype} in {where}; "
+                           "save the weights in the model's dtype")
 
 
 def list_keys(keys: list[str], most: int = 8) -> str:
@@ -202,10 +214,6 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"unexpected {list_keys(unexpected) or 'none'}"
         )
     for key, tensor in tensors.items():
-        if tensor.shape != model_state[key].shape:
-            raise WeightsError(
-                f"{path}: tensor {key} has shape {tuple(tensor.shape)} in the file but "
-                f"{tuple(model_state[key].shape)} in a {arch} ({preset_name}) model"
-            )
+        check_tensor(path, key, tensor, model_state[key], f"a {arch} ({preset_name}) model")
     model.load_state_dict(tensors)
     return model, metadata

@@ -7,6 +7,8 @@ functions over silo states, as DESIGN.md §2 and STYLE.md §4 describe:
   data in a round. ``model`` is a scratch module of the right architecture: the function loads the
   state's weights into it, trains, and returns new weights; nothing else survives the call.
 * ``mix(states, W, cfg) -> list[SiloState]``: the exchange, W the (S, S) row-stochastic mixing matrix.
+* ``run_round(model, states, batches, neighbours, W, cfg, guard=None)``: a whole round; ``guard``
+  (federated/health.py) runs each silo's work and leaves failed silos out of the mixing.
 
 Nothing here knows whether it runs in-process or over Flower, chooses a device, logs or touches files.
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedefm.errors import ConfigError, FedefmError
+from fedefm.federated.health import RoundGuard
 
 Weights = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]  # images (B, 1, H, W) in [0, 1], labels (B,) int64
@@ -152,23 +155,22 @@ def mean_weights(states: Sequence[SiloState]) -> Weights:
     return average_weights([s.weights for s in states], [1.0 / len(states)] * len(states))
 
 
-def at_silo(silo: int, fn: Callable, *args, **kwargs):
-    """Call ``fn``; a NonFiniteLoss it raises is re-raised naming ``silo``."""
-    try:
-        return fn(*args, **kwargs)
-    except NonFiniteLoss as exc:
-        raise NonFiniteLoss(f"silo {silo}: {exc}") from exc
-
-
 def local_then_mix(local_update, mix):
     """The round of every algorithm without overseas experts: local_update at each silo, then mix."""
 
     def run_round(
         model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
-        neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: LocalTraining,
+        neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: LocalTraining, guard: RoundGuard | None = None,
     ) -> list[SiloState]:
-        """One round: local_update at every silo (neighbours unused), then mix with W."""
-        updated = [at_silo(i, local_update, model, state, batches[i], cfg) for i, state in enumerate(states)]
-        return mix(updated, W, cfg)
+        """One round: local_update at every silo (neighbours unused), then mix with W over the healthy silos.
+
+        A silo the guard excludes keeps its previous state (with no gradient steps counted this round).
+        """
+        guard = guard or RoundGuard.strict(len(states))
+        updated = []
+        for i, state in enumerate(states):
+            new = guard.call(i, state.weights, local_update, model, state, batches[i], cfg)
+            updated.append(replace(state, grad_steps=0) if new is None else new)
+        return mix(updated, guard.mixing_matrix(W), cfg)
 
     return run_round

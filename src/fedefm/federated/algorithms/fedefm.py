@@ -46,13 +46,13 @@ from fedefm.federated.algorithms.base import (
     LocalTraining,
     SiloState,
     Weights,
-    at_silo,
     average_weights,
     mix_weights,
     sgd_steps,
 )
 from fedefm.federated.distill import DistillConfig, multishot_distillation_loss, neighbour_weights
 from fedefm.federated.emd import emd_score_batch
+from fedefm.federated.health import RoundGuard
 
 EXCHANGE = "overseas"
 UPDATES = ("ours", "literal", "released")
@@ -182,13 +182,19 @@ def local_update(
     """
     if cfg.update == "released":
         own, own_loss = sgd_steps(model, state.weights, batches, cfg)
-        half = 0.5 / len(visitors)
-        weights = average_weights([own, *(v.weights for v in visitors)], [0.5, *([half] * len(visitors))])
+        weights = own
+        if visitors:
+            half = 0.5 / len(visitors)
+            weights = average_weights([own, *(v.weights for v in visitors)], [0.5, *([half] * len(visitors))])
         return replace(state, weights=weights, train_loss=own_loss, grad_steps=cfg.local_steps)
 
+    steps = cfg.steps("distill_steps")
+    if not experts:
+        # Every expert was dropped this round (federated/health.py): the home model learns from its own labels.
+        weights, loss = sgd_steps(model, state.weights, batches, cfg, steps=steps)
+        return replace(state, weights=weights, train_loss=loss, grad_steps=steps)
     batch = next(batches)
     w = expert_weights(model, state, experts, batch, cfg)
-    steps = cfg.steps("distill_steps")
     loss_fn = distillation_loss(frozen_logits(model, experts), w, cfg)
     # chain, not a generator with `yield from`: closing that would close the silo's own batch stream.
     weights, loss = sgd_steps(model, state.weights, itertools.chain([batch], batches), cfg, loss_fn, steps=steps)
@@ -207,24 +213,32 @@ def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloSta
 
 def run_round(
     model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
-    neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: Config,
+    neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: Config, guard: RoundGuard | None = None,
 ) -> list[SiloState]:
     """One FedEFM round for every silo (Algorithm 1).
 
     Silos are visited one at a time; each reads only round-k states, so the result is the parallel
     round's. Silo i's experts live only while i updates: memory holds the S states, their updates and
-    |N(i)| experts, never every expert of the round.
+    |N(i)| experts, never every expert of the round. ``guard`` (federated/health.py) drops an expert
+    whose host fails and excludes a silo whose own update fails; that silo keeps its previous state.
     """
+    guard = guard or RoundGuard.strict(len(states))
     updated = []
     for i, state in enumerate(states):
         if cfg.update == "released":
             experts = []
-            visitors = [at_silo(i, overseas_expert, model, states[j], batches[i], cfg)
+            visitors = [guard.call(j, states[j].weights, overseas_expert, model, states[j], batches[i], cfg, host=i)
                         for j in range(len(states)) if i in neighbours[j]]
         else:
-            experts = [at_silo(j, overseas_expert, model, state, batches[j], cfg) for j in neighbours[i]]
+            experts = [guard.call(i, state.weights, overseas_expert, model, state, batches[j], cfg, host=j)
+                       for j in neighbours[i]]
             visitors = []
-        new = at_silo(i, local_update, model, state, batches[i], cfg, experts=experts, visitors=visitors)
+        experts = [e for e in experts if e is not None]
+        visitors = [v for v in visitors if v is not None]
+        new = guard.call(i, state.weights, local_update, model, state, batches[i], cfg, experts=experts, visitors=visitors)
+        if new is None:
+            updated.append(replace(state, grad_steps=0))
+            continue
         travelled = sum(e.grad_steps for e in experts + visitors)
         updated.append(replace(new, grad_steps=new.grad_steps + travelled))
-    return mix(updated, W, cfg)
+    return mix(updated, guard.mixing_matrix(W), cfg)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +27,8 @@ from fedefm.models.weights import TransferReport, load_encoder, model_metadata, 
 
 log = logging.getLogger(__name__)
 
+Item = TypeVar("Item")
+
 
 def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
     """Learning rate at ``step``: linear warm-up, then cosine decay to 1% of ``cfg.lr``."""
@@ -34,12 +38,13 @@ def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def select_shots(items: list[SegmentationItem], shots: int | None, seed: int) -> list[SegmentationItem]:
+def select_shots(items: list[Item], shots: int | None, seed: int | Sequence[int], what: str = "the training split"
+                 ) -> list[Item]:
     """The K training images of a few-shot run, drawn by the seed (all of them when K is None)."""
     if shots is None:
         return items
     if shots > len(items):
-        raise ConfigError(f"--shots {shots}: the training split has only {len(items)} images; lower K")
+        raise ConfigError(f"--shots {shots}: {what} has only {len(items)} images; lower K")
     order = np.random.default_rng(seed).permutation(len(items))[:shots]
     return [items[i] for i in sorted(order)]
 
@@ -60,7 +65,11 @@ def load_samples(items: list[SegmentationItem], size: int) -> dict[str, torch.Te
 def training_batches(
     samples: dict[str, torch.Tensor], batch_size: int, augment: Callable[[dict], dict], generator: torch.Generator
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless augmented batches drawn without replacement within each pass over the samples."""
+    """Endless augmented batches drawn without replacement within each pass over the samples.
+
+    ``samples`` holds "image" (N, 1, S, S) and per-sample targets ("mask" (N, S, S), or "label" (N,) or
+    (N, L)); the augmentation moves a mask with its image and passes labels through.
+    """
     n = samples["image"].shape[0]
     while True:
         order = torch.randperm(n, generator=generator)
@@ -68,11 +77,50 @@ def training_batches(
             chosen = order[start : start + batch_size]
             if start + batch_size > n and n >= batch_size:
                 break  # keep batches full; the next pass reshuffles
-            views = [augment({"image": samples["image"][i], "mask": samples["mask"][i]}) for i in chosen]
-            yield {
-                "image": torch.stack([torch.as_tensor(v["image"]) for v in views]).float(),
-                "mask": torch.stack([torch.as_tensor(v["mask"]) for v in views]).long(),
-            }
+            views = [augment({key: value[i] for key, value in samples.items()}) for i in chosen]
+            yield {key: torch.stack([torch.as_tensor(v[key]) for v in views]).to(value.dtype)
+                   for key, value in samples.items()}
+
+
+@contextlib.contextmanager
+def run_folder(out: Path) -> Iterator[Path]:
+    """Create the run folder, start a fresh metrics.jsonl and copy the fedefm log into OUT/log.txt meanwhile.
+
+    The log file gets INFO messages however the caller set up logging (the CLI, a script, a test);
+    the fedefm logger's level is restored afterwards.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    logger = logging.getLogger("fedefm")
+    file_log = logging.FileHandler(out / "log.txt", mode="w")
+    level = logger.level
+    logger.addHandler(file_log)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    try:
+        yield out
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(file_log)
+        file_log.close()
+
+
+def epoch_bar(progress: bool) -> Progress:
+    """The rich progress bar of a fine-tuning run (hidden when ``progress`` is False)."""
+    return Progress(TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress)
+
+
+def optimisation_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                      where: str) -> float:
+    """Backward, clip, step and clear the gradients; returns the loss. A non-finite loss stops the run."""
+    if not torch.isfinite(loss):
+        raise ConfigError(f"loss became {loss.item()} at {where}; lower --lr")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 @torch.no_grad()
@@ -116,16 +164,8 @@ def run(cfg: FinetuneConfig, progress: bool = True) -> dict:
         {"best_epoch", "best_val", "val": evaluate JSON of the selected model, "transfer": summary or None}.
     """
     cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    file_log = logging.FileHandler(out / "log.txt", mode="w")
-    logging.getLogger("fedefm").addHandler(file_log)
-    try:
+    with run_folder(cfg.out) as out:
         return _train(cfg, out, progress)
-    finally:
-        logging.getLogger("fedefm").removeHandler(file_log)
-        file_log.close()
 
 
 def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
@@ -153,10 +193,7 @@ def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
 
     best = {"best_epoch": 0, "best_val": -math.inf, "val": None}
     step = 0
-    with Progress(
-        TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress,
-    ) as bar:
+    with epoch_bar(progress) as bar:
         task = bar.add_task("epochs", total=cfg.epochs, status="")
         for epoch in range(1, cfg.epochs + 1):
             started, losses, seen = time.perf_counter(), [], 0
@@ -165,13 +202,7 @@ def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
                     group["lr"] = lr_at(step, total_steps, cfg)
                 batch = {key: value.to(device) for key, value in next(batches).items()}
                 loss = loss_fn(model(batch["image"]), batch["mask"].unsqueeze(1))
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(optimisation_step(loss, model, optimizer, cfg.grad_clip, f"epoch {epoch}, step {step}"))
                 seen += batch["image"].shape[0]
                 step += 1
             train_s = time.perf_counter() - started
@@ -180,7 +211,8 @@ def _train(cfg: FinetuneConfig, out: Path, progress: bool) -> dict:
             improved = score > best["best_val"]
             if improved:
                 best = {"best_epoch": epoch, "best_val": score, "val": result}
-                save_weights(out / "model.safetensors", model, model_metadata(model) | {"classes": list(SEGMENTATION_CLASSES)})
+                save_weights(out / "model.safetensors", model, model_metadata(model) | {
+                    "classes": list(SEGMENTATION_CLASSES), "image_size": cfg.image_size})
             row = {
                 "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
                 "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,

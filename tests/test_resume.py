@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace as replace_config
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ import torch
 import fedefm
 from fedefm.checkpoints import CheckpointStore
 from fedefm.config import FinetuneConfig
-from fedefm.data.synth import write_pretrain_corpus, write_seg_dataset
+from fedefm.data.synth import write_position_dataset, write_pretrain_corpus, write_seg_dataset
 from fedefm.errors import WeightsError
-from fedefm.finetune import train
+from fedefm.finetune import classify, train
 from fedefm.models.weights import load_weights
 
 MEASURED = ("wall_s", "cycle_time_s", "peak_rss_mb", "train_images_per_s")  # timings, not results
@@ -148,22 +149,36 @@ def test_finetune_killed_with_sigkill_resumes_to_the_uninterrupted_run(seg_data,
     assert same_tensors(out / "model.safetensors", whole / "model.safetensors")
 
 
-def test_finetune_interrupted_after_an_epoch_resumes_to_the_uninterrupted_run(seg_data, tmp_path, monkeypatch):
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train.run(finetune_config(seg_data, whole, epochs=2), progress=False)
-    real_evaluate, calls = train.evaluate, []
+@pytest.fixture(scope="module")
+def position_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("positions")
+    write_position_dataset(root, 24, size=32, seed=1)
+    return root
 
-    def crash_in_epoch_2(model, samples):
+
+@pytest.mark.parametrize("task", ["segment", "classify"])
+def test_finetune_interrupted_after_an_epoch_resumes_to_the_uninterrupted_run(task, seg_data, position_data, tmp_path,
+                                                                                monkeypatch):
+    module, data = (train, seg_data) if task == "segment" else (classify, position_data)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+
+    def config(out):
+        return replace_config(finetune_config(data, out, epochs=2), task=task)
+
+    module.run(config(whole), progress=False)
+    real_evaluate, calls = module.evaluate, []
+
+    def crash_in_epoch_2(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process dies in epoch 2, after epoch 1's checkpoint
-        return real_evaluate(model, samples)
+        return real_evaluate(*args)
 
-    monkeypatch.setattr(train, "evaluate", crash_in_epoch_2)
+    monkeypatch.setattr(module, "evaluate", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train.run(finetune_config(seg_data, parts, epochs=2), progress=False)
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
-    train.run(finetune_config(seg_data, parts, epochs=2), resume=True, progress=False)
+        module.run(config(parts), progress=False)
+    monkeypatch.setattr(module, "evaluate", real_evaluate)
+    module.run(config(parts), resume=True, progress=False)
     assert results(parts) == results(whole)
     assert same_tensors(parts / "model.safetensors", whole / "model.safetensors")
     last = Path("checkpoints") / "epoch_00002.safetensors"  # weights, optimizer moments and RNG state

@@ -13,10 +13,14 @@ from fedefm.data import synth
 from fedefm.data.synth import (
     DOMAINS,
     GENERATOR_VERSION,
+    POSITION_CLASSES,
     PRETRAIN_CLASSES,
+    catheter_position,
     render_fluoro,
+    render_position,
     render_pretrain,
     write_pretrain_corpus,
+    write_position_dataset,
     write_seg_dataset,
 )
 from fedefm.errors import ConfigError
@@ -224,6 +228,59 @@ def test_mean_brightness_alone_does_not_tell_the_pretrain_classes_apart():
     centres = np.array([m[::2].mean() for m in means.values()])
     hits = [np.argmin(np.abs(centres - value)) == label for label, m in enumerate(means.values()) for value in m[1::2]]
     assert np.mean(hits) < 0.5
+
+
+# --------------------------------------------------------------------------- catheter position task
+
+
+@pytest.mark.parametrize("cls", POSITION_CLASSES)
+def test_position_frames_put_the_catheter_tip_where_their_class_says(cls):
+    for k in range(3):
+        image, mask, info = render_position(cls, 64, np.random.default_rng([5, k]))
+        assert info["position"] == cls == catheter_position(info)
+        assert info["anatomy"] == "thorax" and not info["guidewire"]["present"]
+        row, col = np.round(info["catheter"]["tip"]).astype(int)
+        # The tip is drawn and labelled: the catheter mask reaches it (not hidden behind a collimator blade).
+        assert mask[max(row - 2, 0) : row + 3, max(col - 2, 0) : col + 3].max() == 1
+        assert image.dtype == np.uint8 and image.shape == (64, 64)
+
+
+def test_catheter_position_follows_the_tip_segment_and_a_loop_overrides_it():
+    def info(segment, looped=False, present=True):
+        return {"catheter": {"present": present}, "tip_segment": segment, "looped": looped}
+
+    assert catheter_position(info("aortic_arch")) == "aortic_arch"
+    assert catheter_position(info("descending_aorta")) == "descending_aorta"
+    assert catheter_position(info("left_common_carotid")) == "supra_aortic"
+    assert catheter_position(info("descending_aorta", looped=True)) == "looped"
+    assert catheter_position(info("ascending_aorta")) is None
+    assert catheter_position(info("aortic_arch", present=False)) is None
+
+
+def test_position_dataset_is_balanced_over_class_folders_and_reproducible(tmp_path):
+    manifest = write_position_dataset(tmp_path / "a", 9, size=32, seed=4)
+    write_position_dataset(tmp_path / "b", 9, size=32, seed=4)
+    assert manifest["counts"] == {"aortic_arch": 3, "descending_aorta": 2, "looped": 2, "supra_aortic": 2}
+    for cls, count in manifest["counts"].items():
+        assert len(list((tmp_path / "a" / cls).glob("*.png"))) == count
+    assert all(image["info"]["position"] == image["class"] for image in manifest["images"])
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_mean_brightness_alone_does_not_tell_the_position_classes_apart():
+    # Nearest-class-mean on each image's mean grey level, classes fitted on even draws, scored on odd ones.
+    means = {cls: np.array([render_position(cls, 48, np.random.default_rng([13, i, k]))[0].mean()
+                            for k in range(12)])
+             for i, cls in enumerate(POSITION_CLASSES)}
+    centres = np.array([m[::2].mean() for m in means.values()])
+    hits = [np.argmin(np.abs(centres - value)) == label for label, m in enumerate(means.values()) for value in m[1::2]]
+    assert np.mean(hits) < 0.45
+
+
+def test_position_dataset_needs_an_image_per_class(tmp_path):
+    with pytest.raises(ConfigError, match="--n 3: the position task has 4 classes"):
+        write_position_dataset(tmp_path / "p", 3, size=32)
+    assert not (tmp_path / "p").exists()
 
 
 # --------------------------------------------------------------------------- bad input

@@ -90,6 +90,22 @@ def synth_pretrain(
     console.print(f"wrote {per_class} images for each of {', '.join(manifest['classes'])} to {out}")
 
 
+@synth_app.command("position")
+@user_errors
+def synth_position(
+    out: Annotated[Path, typer.Argument(help="New folder for OUT/CLASS/*.png and OUT/manifest.json.")],
+    n: Annotated[int, typer.Option(help="Number of images, balanced over the 4 classes.")] = 400,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+) -> None:
+    """Write the catheter position task: chest frames whose catheter tip lies in one of 4 positions."""
+    from fedefm.data.synth import write_position_dataset
+
+    manifest = write_position_dataset(out, n, size=size, seed=seed)
+    counts = ", ".join(f"{cls} {count}" for cls, count in manifest["counts"].items())
+    console.print(f"wrote {n} frames ({counts}) to {out}")
+
+
 @data_app.command("check")
 @user_errors
 def data_check(
@@ -131,33 +147,36 @@ def data_partition(
 @app.command()
 @user_errors
 def finetune(
-    data: Annotated[Path, typer.Option(help="Segmentation dataset root (DESIGN §4 layout).")],
+    data: Annotated[Path, typer.Option(help="Dataset root: segmentation layout, class folders, or a multi-label CSV.")],
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
+    task: Annotated[str, typer.Option(help="segment (masks) or classify (one class per image).")] = "segment",
+    multilabel: Annotated[bool, typer.Option(help="classify: --data is a CSV image,LABEL_1,... of 0/1 columns.")] = False,
     init: Annotated[str, typer.Option(help="'scratch' or a foundation .safetensors file.")] = "scratch",
-    arch: Annotated[str, typer.Option(help="transunet, unet or swinunetr.")] = "transunet",
+    arch: Annotated[str, typer.Option(help="segment: transunet, unet or swinunetr.")] = "transunet",
     preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
-    shots: Annotated[Optional[int], typer.Option(help="K labelled training images (default: all).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs of max(K, 64) augmented samples each.")] = 30,
+    shots: Annotated[Optional[int], typer.Option(help="K labelled training images; per class for classify (default: all).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of max(training images, --samples-per-epoch) augmented samples each.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-2,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-2 segment, 1e-3 classify).")] = None,
     samples_per_epoch: Annotated[int, typer.Option(help="Augmented samples per epoch (at least K).")] = 64,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, shots, init and augmentation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last intact checkpoint.")] = False,
 ) -> None:
-    """Fine-tune a catheter/guidewire segmenter on K images; selects the epoch on validation Dice."""
+    """Fine-tune a segmenter (selected on validation Dice) or a classifier (validation balanced accuracy) on K images."""
     from fedefm.config import FinetuneConfig
-    from fedefm.finetune.train import run
+    from fedefm.finetune import classify, train
 
-    cfg = FinetuneConfig(data=data, out=out, init=init, arch=arch, preset=preset, shots=shots,
-                         epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
+    cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, init=init, arch=arch, preset=preset,
+                         shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
                          image_size=image_size, device=device, seed=seed)
-    result = run(cfg, resume=resume)
+    result = train.run(cfg, resume=resume) if task == "segment" else classify.run(cfg, resume=resume)
     if result["transfer"]:
         console.print(f"foundation encoder: {result['transfer']}")
-    console.print(f"selected epoch {result['best_epoch']} (val Dice {result['best_val']:.4f}); "
-                  f"weights in {out / 'model.safetensors'}")
+    score = (f"val {'macro AUROC' if multilabel else 'balanced accuracy'} {result['best_val'][0]:.4f}"
+             if task == "classify" else f"val Dice {result['best_val']:.4f}")
+    console.print(f"selected epoch {result['best_epoch']} ({score}); weights in {out / 'model.safetensors'}")
 
 
 @app.command()
@@ -248,14 +267,31 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON object only.")] = False,
 ) -> None:
-    """Per-class Dice, IoU, clDice and HD95 of a segmenter on a split (background excluded)."""
+    """Segmenter: Dice, IoU, clDice and HD95 per class. Classifier: accuracy, balanced accuracy, F1, confusion."""
     from fedefm.finetune.evaluate import evaluate_model
 
     result = evaluate_model(model, data, split)
+    title = f"{split} split, {result['n_images']} images"
     if as_json:
         typer.echo(json.dumps(result))
+    elif "accuracy" in result:
+        console.print(classification_table(result, title))
     else:
-        console.print(metrics_table({str(model): result}, f"{split} split, {result['n_images']} images"))
+        console.print(metrics_table({str(model): result}, title))
+
+
+def classification_table(result: dict, title: str) -> Table:
+    """Per-class precision, recall, F1 (and AUROC for multi-label) under the overall scores."""
+    multilabel = "macro_auroc" in result
+    summary = ", ".join(f"{key.replace('_', ' ')} {result[key]:.3f}" for key in
+                        ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc") if result.get(key) is not None)
+    table = Table(title=f"{title}: {summary}")
+    metrics = ("precision", "recall", "f1", "auroc") if multilabel else ("precision", "recall", "f1")
+    for column in ("class", *metrics):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, scores in result["per_class"].items():
+        table.add_row(name, *["-" if scores[m] is None else f"{scores[m]:.3f}" for m in metrics])
+    return table
 
 
 @app.command()
@@ -263,14 +299,26 @@ def evaluate(
 def predict(
     model: Annotated[Path, typer.Option(help="Finetune run folder or .safetensors file.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, NPY, DICOM).")],
-    out: Annotated[Path, typer.Option(help="Folder for NAME_mask.png and NAME_overlay.png.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for NAME_mask.png and NAME_overlay.png "
+                                                     "(classifier: predictions.jsonl, optional).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs (listed in OUT/skipped.txt).")] = False,
 ) -> None:
-    """Write a label mask and a colour overlay (catheter orange, guidewire cyan) for every input."""
+    """Segmenter: a label mask and colour overlay per input. Classifier: one JSON line per input (class, probabilities)."""
+    from fedefm.errors import ConfigError
+    from fedefm.finetune.evaluate import holds_classifier
+    from fedefm.finetune.predict import classify_images
     from fedefm.finetune.predict import predict as run_predict
 
-    report = run_predict(model, inputs, out, skip_bad=skip_bad)
-    console.print(f"{len(report.outputs)} images in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s) → {out}")
+    if holds_classifier(model):
+        rows, report = classify_images(model, inputs, out, skip_bad=skip_bad)
+        for row in rows:
+            typer.echo(json.dumps(row))
+        err_console.print(f"{len(rows)} images in {report.seconds:.2f} s")
+    elif out is None:
+        raise ConfigError(f"--out: {model} is a segmenter; name a folder for its masks and overlays")
+    else:
+        report = run_predict(model, inputs, out, skip_bad=skip_bad)
+        console.print(f"{len(report.outputs)} images in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s) → {out}")
     for path, reason in report.skipped:
         err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
 
@@ -285,7 +333,13 @@ def demo(
     from fedefm.demo import run_demo
 
     results = run_demo(out, seed=seed, console=console)
-    console.print(metrics_table(results, "demo: test split of the synthetic clinical domain"))
+    console.print(metrics_table(results["segment"], "demo: segmentation, test split of the synthetic clinical domain"))
+    table = Table(title="demo: catheter tip position (4 classes), test split")
+    for column in ("run", "accuracy", "balanced accuracy", "macro F1"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for run, result in results["classify"].items():
+        table.add_row(run, *[f"{result[key]:.3f}" for key in ("accuracy", "balanced_accuracy", "macro_f1")])
+    console.print(table)
     console.print(f"everything the demo wrote is in {out}/")
 
 

@@ -41,6 +41,9 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: not a device name; use auto, cpu or cuda") from exc
 
 
+FINETUNE_TASKS = ("segment", "classify")
+
+
 @dataclass
 class FinetuneConfig:
     """Few-shot fine-tuning of a segmenter (``fedefm finetune``).
@@ -50,17 +53,24 @@ class FinetuneConfig:
     ``class_weights`` weigh background, catheter and guidewire in the Dice-CE loss: devices cover about
     1% of the pixels (0.9% catheter, 0.2% guidewire in the synthetic clinical domain), and without
     weights few-shot runs often settle on predicting background everywhere.
+
+    ``task="classify"`` fine-tunes an image classifier instead (folder-per-class data, ``shots`` images
+    per class; with ``multilabel`` a CSV ``image,LABEL_1,LABEL_2,...`` of 0/1 columns and ``shots``
+    images in all); ``arch`` and ``class_weights`` then do not apply. ``lr`` defaults to 1e-2 for
+    segmentation and 1e-3 for classification.
     """
 
     data: Path
     out: Path
     init: str = "scratch"
+    task: str = "segment"
+    multilabel: bool = False
     arch: str = "transunet"
     preset: str = "tiny"
     shots: int | None = None
     epochs: int = 30
     batch_size: int = 8
-    lr: float = 1e-2
+    lr: float | None = None
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     class_weights: tuple[float, float, float] = (1.0, 10.0, 20.0)
@@ -77,12 +87,19 @@ class FinetuneConfig:
         from fedefm.models.presets import get_preset
         from fedefm.models.segmenters import ARCHS
 
+        choose("--task", self.task, FINETUNE_TASKS)
         choose("--arch", self.arch, ARCHS)
+        if self.multilabel and self.task != "classify":
+            raise ConfigError("--multilabel belongs to --task classify")
         preset = get_preset(self.preset)
         if self.image_size is None:
             self.image_size = preset.image_size
-        if self.image_size % 32:
-            raise ConfigError(f"--image-size {self.image_size}: must be a multiple of 32")
+        # The segmenter's decoder needs stride 32; the classifier only the encoder's patch stride of 16.
+        stride = 32 if self.task == "segment" else 16
+        if self.image_size % stride:
+            raise ConfigError(f"--image-size {self.image_size}: must be a multiple of {stride}")
+        if self.lr is None:
+            self.lr = 1e-2 if self.task == "segment" else 1e-3
         if self.init != "scratch" and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
         if self.shots is not None and self.shots < 1:
@@ -95,7 +112,10 @@ class FinetuneConfig:
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be positive")
         resolve_device(self.device)
-        if not Path(self.data).is_dir():
+        if self.multilabel:
+            if not Path(self.data).exists():
+                raise ConfigError(f"--data {self.data}: no such CSV file or folder")
+        elif not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data}: no such folder")
         return self
 

@@ -1,7 +1,8 @@
 """The end-to-end demo behind ``fedefm demo`` and ``make demo``: small, seeded, minutes on a CPU.
 
 synthetic corpus → FedEFM pre-training over 6 silos with 100% unseen data types (ring on Gaia) →
-few-shot fine-tuning from the federated weights and from scratch → evaluation of both on test.
+few-shot fine-tuning from the federated weights and from scratch → evaluation of both on test, for
+catheter/guidewire segmentation and for catheter tip position classification.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 from rich.console import Console
 
 from fedefm.config import FinetuneConfig, PretrainConfig
-from fedefm.data.synth import GENERATOR_VERSION, write_pretrain_corpus, write_seg_dataset
+from fedefm.data.synth import GENERATOR_VERSION, write_position_dataset, write_pretrain_corpus, write_seg_dataset
 from fedefm.federated.simulator import run as pretrain
+from fedefm.finetune.classify import run as finetune_classifier
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.train import run as finetune
 
@@ -26,10 +28,13 @@ CORPUS_PER_CLASS = 120
 CORPUS_SIZE = 64
 PRETRAIN_SILOS = 6
 PRETRAIN_ROUNDS = 40
+POSITION_IMAGES = 200
+POSITION_SHOTS = 16
+POSITION_EPOCHS = 20
 
 
 def synthetic_data(root: Path, kind: str, seed: int, **params) -> Path:
-    """Write (or reuse, when its manifest matches) a synthetic dataset: kind "seg" or "pretrain"."""
+    """Write (or reuse, when its manifest matches) a synthetic dataset: kind "seg", "pretrain" or "position"."""
     manifest = root / "manifest.json"
     if manifest.is_file():
         found = json.loads(manifest.read_text())
@@ -38,20 +43,24 @@ def synthetic_data(root: Path, kind: str, seed: int, **params) -> Path:
             return root
     if kind == "seg":
         write_seg_dataset(root, params["domain"], params["n"], size=params["size"], seed=seed)
+    elif kind == "position":
+        write_position_dataset(root, params["n"], size=params["size"], seed=seed)
     else:
         write_pretrain_corpus(root, params["per_class"], size=params["size"], seed=seed)
     return root
 
 
-def run_demo(out: Path, seed: int = 0, console: Console | None = None) -> dict[str, dict]:
-    """Run the whole pipeline; returns {run name: evaluate JSON on the test split}."""
+def run_demo(out: Path, seed: int = 0, console: Console | None = None) -> dict[str, dict[str, dict]]:
+    """Run the whole pipeline; returns {"segment": {run name: evaluate JSON}, "classify": {...}}, on the test splits."""
     console = console or Console()
     out = Path(out)
     console.rule("1. synthetic data")
     corpus = synthetic_data(out / "data" / "pretrain", "pretrain", seed, per_class=CORPUS_PER_CLASS, size=CORPUS_SIZE)
     data = synthetic_data(out / "data" / f"seg_{DEMO_DOMAIN}", "seg", seed, domain=DEMO_DOMAIN, n=DEMO_IMAGES,
                           size=DEMO_SIZE)
-    console.print(f"pre-training corpus (6 data types) in {corpus}; {DEMO_DOMAIN} segmentation set in {data}")
+    positions = synthetic_data(out / "data" / "position", "position", seed, n=POSITION_IMAGES, size=CORPUS_SIZE)
+    console.print(f"pre-training corpus (6 data types) in {corpus}; {DEMO_DOMAIN} segmentation set in {data}; "
+                  f"catheter position set in {positions}")
 
     console.rule(f"2. FedEFM pre-training: {PRETRAIN_SILOS} silos, one data type each, ring over Gaia")
     foundation = out / "pretrain_fedefm"
@@ -60,10 +69,17 @@ def run_demo(out: Path, seed: int = 0, console: Console | None = None) -> dict[s
     console.print(f"foundation model: test accuracy {summary['test_acc']:.3f} on the 6 data types "
                   f"(partition in {foundation / 'partition.txt'})")
 
-    results = {}
-    for name, init in (("scratch", "scratch"), ("fedefm", str(foundation / "global.safetensors"))):
-        console.rule(f"3. few-shot fine-tuning from {name}, K = {DEMO_SHOTS}")
+    results: dict[str, dict[str, dict]] = {"segment": {}, "classify": {}}
+    inits = (("scratch", "scratch"), ("fedefm", str(foundation / "global.safetensors")))
+    for name, init in inits:
+        console.rule(f"3. few-shot segmentation from {name}, K = {DEMO_SHOTS}")
         run = out / f"finetune_{name}"
         finetune(FinetuneConfig(data=data, out=run, init=init, shots=DEMO_SHOTS, epochs=DEMO_EPOCHS, seed=seed))
-        results[name] = evaluate_model(run, data, "test")
+        results["segment"][name] = evaluate_model(run, data, "test")
+    for name, init in inits:
+        console.rule(f"4. few-shot catheter position from {name}, K = {POSITION_SHOTS} per class")
+        run = out / f"classify_{name}"
+        finetune_classifier(FinetuneConfig(data=positions, out=run, init=init, task="classify", shots=POSITION_SHOTS,
+                                           epochs=POSITION_EPOCHS, image_size=CORPUS_SIZE, seed=seed))
+        results["classify"][name] = evaluate_model(run, positions, "test")
     return results

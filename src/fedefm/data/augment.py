@@ -39,11 +39,15 @@ class TrainTransforms:
     [0, 1]; square samples keep their shape (rot90 swaps H and W of others).
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, keep_orientation: bool = False):
+        # A label that depends on up and down (where a catheter tip lies in the chest) must not be
+        # flipped upside down or turned by 90 degrees; left-right flips keep it.
+        upside_down = RandFlipd(_KEYS, prob=0.5, spatial_axis=0, allow_missing_keys=True)
+        quarter_turns = RandRotate90d(_KEYS, prob=0.5, max_k=3, allow_missing_keys=True)
         self.transforms = Compose([
-            RandFlipd(_KEYS, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+            *([] if keep_orientation else [upside_down]),
             RandFlipd(_KEYS, prob=0.5, spatial_axis=1, allow_missing_keys=True),
-            RandRotate90d(_KEYS, prob=0.5, max_k=3, allow_missing_keys=True),
+            *([] if keep_orientation else [quarter_turns]),
             RandAffined(
                 _KEYS,
                 prob=0.5,
@@ -75,9 +79,9 @@ class TrainTransforms:
         return result
 
 
-def train_transforms(seed: int) -> TrainTransforms:
-    """Seeded training augmentation for ``{"image": (1, H, W), "mask": (H, W)}`` samples."""
-    return TrainTransforms(seed)
+def train_transforms(seed: int, keep_orientation: bool = False) -> TrainTransforms:
+    """Seeded training augmentation for ``{"image": (1, H, W), "mask": (H, W)}`` samples (no up-down turns if asked)."""
+    return TrainTransforms(seed, keep_orientation)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ classification), and train keeps at least one. Files are read lazily, one item a
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,11 +54,11 @@ class SegmentationItem:
 
 @dataclass(frozen=True)
 class ClassificationItem:
-    """One image (or one frame of a multi-frame image) and the index of its class."""
+    """One image (or one frame of a multi-frame image) and the index of its class (multi-label: 0/1 per label)."""
 
     name: str
     image: Path
-    label: int
+    label: int | tuple[int, ...]
     frame: int | None = None
 
 
@@ -102,6 +103,62 @@ def find_classification_splits(
     splits, class_names, problems = _discover_classification(Path(root), seed, val_fraction, test_fraction)
     _raise_problems(problems)
     return splits, class_names
+
+
+def find_multilabel_splits(
+    path: Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+) -> tuple[dict[str, list[ClassificationItem]], list[str]]:
+    """Read a multi-label CSV ``image,LABEL_1,LABEL_2,...`` (a file, or ``labels.csv`` in a folder).
+
+    Image paths are relative to the CSV's folder; each label column holds 0 or 1. Val and test are
+    carved from the rows by the seed. Returns the splits and the label names in column order.
+
+    Raises:
+        DataError: the CSV is missing or has no label column, a row names a missing image or holds a
+            value other than 0/1, or too few rows remain to carve the splits; every problem found is listed.
+        ConfigError: a fraction is outside [0, 1) or val_fraction + test_fraction >= 1.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    path = Path(path)
+    csv_path = path / "labels.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: multi-label CSV not found; write image,LABEL_1,LABEL_2,... rows there")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    header = [cell.strip() for cell in rows[0]] if rows else []
+    if len(header) < 2 or header[0] != "image":
+        raise DataError(f"{csv_path}: header must be image,LABEL_1,LABEL_2,... (found {','.join(header) or 'nothing'})")
+    labels = header[1:]
+    repeated = sorted({name for name in labels if labels.count(name) > 1})
+    if repeated:
+        raise DataError(f"{csv_path}: label column '{repeated[0]}' appears twice; name each label once")
+    problems: Problems = []
+    items: list[ClassificationItem] = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{csv_path}, line {line}"
+        if len(row) != len(header):
+            problems.append((Path(where), f"has {len(row)} cells but the header has {len(header)}"))
+            continue
+        image = csv_path.parent / row[0].strip()
+        values = [cell.strip() for cell in row[1:]]
+        unknown = [(name, value) for name, value in zip(labels, values) if value not in ("0", "1")]
+        if unknown:
+            problems.append((Path(where), f"label '{unknown[0][0]}' is '{unknown[0][1]}'; label cells hold 0 or 1"))
+        elif not image.is_file():
+            problems.append((Path(where), f"image {image} not found; fix the path (relative to {csv_path.parent})"))
+        else:
+            items.append(ClassificationItem(row[0].strip(), image, tuple(int(v) for v in values)))
+    if not items and not problems:
+        problems.append((csv_path, "no image rows; add one row per image"))
+    n_test, n_val = _carve_count(len(items), test_fraction), _carve_count(len(items), val_fraction)
+    if items and len(items) <= n_test + n_val:
+        problems.append((csv_path, f"only {len(items)} image rows; carving val and test needs at least "
+                                   f"{n_test + n_val + 1}; add rows or set the val/test fractions to 0"))
+    _raise_problems(problems)
+    train, val, test = _carve([[item] for item in items], n_val, n_test, np.random.default_rng(seed))
+    return _sorted_by_name({"train": train, "val": val, "test": test}), labels
 
 
 class _ItemDataset(Dataset):

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,13 @@ GENERATOR_VERSION = "1.0.0"
 DOMAINS: tuple[str, ...] = ("clinical", "animal", "phantom", "simulation")
 PRETRAIN_CLASSES: tuple[str, ...] = DOMAINS + ("fundus", "ct_slice")
 LABEL_NAMES: tuple[str, ...] = ("background", "catheter", "guidewire")
+# Catheter tip positions of the downstream position task (sorted, as class folders are read back).
+POSITION_CLASSES: tuple[str, ...] = ("aortic_arch", "descending_aorta", "looped", "supra_aortic")
+_SUPRA_AORTIC = ("brachiocephalic", "right_common_carotid", "right_subclavian", "left_common_carotid",
+                 "left_subclavian")
+_POSITION_SEGMENTS = {"aortic_arch": ("aortic_arch",), "descending_aorta": ("descending_aorta",),
+                      "supra_aortic": _SUPRA_AORTIC}
+_POSITION_TRIES = 50
 
 logger = logging.getLogger(__name__)
 
@@ -703,11 +710,12 @@ def _route(tree: Sequence[_Vessel], vessel: int, index: int) -> tuple[np.ndarray
                  for k in range(3))
 
 
-def _pick_tip(tree: Sequence[_Vessel], size: int, rng: np.random.Generator) -> tuple[int, int]:
-    """A named vessel and point index inside the image where a device tip stops.
+def _tip_candidates(tree: Sequence[_Vessel], size: int, segments: Collection[str] | None = None
+                    ) -> list[tuple[int, np.ndarray]]:
+    """(vessel index, point indices) per named segment where a device tip may stop, at least 10% inside the image.
 
-    Each segment of the trunk (descending aorta, arch, ...) is as likely as all branches together,
-    so that tip positions are spread over the classes a tip-position task would ask about.
+    A trunk vessel contributes one candidate per named segment, a branch one under its own name;
+    ``segments`` keeps only those names.
     """
     margin = 0.1 * size
     candidates = []
@@ -718,8 +726,19 @@ def _pick_tip(tree: Sequence[_Vessel], size: int, rng: np.random.Generator) -> t
         inside = inside[inside >= 3]
         for name in np.unique(vessel.segment[inside]) if v == 0 else [vessel.name]:
             where = inside[vessel.segment[inside] == name] if v == 0 else inside
-            if len(where):
+            if len(where) and (segments is None or name in segments):
                 candidates.append((v, where))
+    return candidates
+
+
+def _pick_tip(tree: Sequence[_Vessel], size: int, rng: np.random.Generator,
+              segments: Collection[str] | None = None) -> tuple[int, int]:
+    """A named vessel and point index inside the image where a device tip stops (in ``segments`` when given).
+
+    Each segment of the trunk (descending aorta, arch, ...) is as likely as all branches together,
+    so that tip positions are spread over the classes a tip-position task would ask about.
+    """
+    candidates = _tip_candidates(tree, size, segments)
     if not candidates:
         return 0, int(rng.integers(3, len(tree[0].points)))
     n_branches = sum(v != 0 for v, _ in candidates)
@@ -729,17 +748,21 @@ def _pick_tip(tree: Sequence[_Vessel], size: int, rng: np.random.Generator) -> t
 
 
 def _devices(tree: Sequence[_Vessel], view: _View, rng: np.random.Generator, guidewire_only: float,
-             catheter_only: float) -> tuple[list[DiscSplats], np.ndarray, dict]:
+             catheter_only: float, tip_segments: Collection[str] | None = None, loop: bool | None = None,
+             wall_mu: tuple[float, float] = (0.3, 0.7)) -> tuple[list[DiscSplats], np.ndarray, dict]:
     """Catheter and guidewire inside the vessel tree: splats, label mask (H, W) in {0, 1, 2}, and their info.
 
     Both devices enter at the tree's entry and share one centreline; the guidewire runs through the
     catheter and leads beyond its tip. The mask is painted from those centrelines (pixel centre
-    within the device radius), catheter over guidewire where both lie.
+    within the device radius), catheter over guidewire where both lie. ``tip_segments`` restricts
+    where the tip may stop; ``loop`` forces a buckled catheter (True) or a plain one without loop
+    or pigtail (False) instead of drawing that by chance (None). ``wall_mu`` bounds the catheter wall's
+    excess attenuation per mm (higher for barium-striped, radiopaque lines).
     """
     size, mm = view.size, view.mm_per_px
     draw = rng.random()
     has_catheter, has_guidewire = draw >= guidewire_only, draw < 1 - catheter_only
-    vessel, tip = _pick_tip(tree, size, rng)
+    vessel, tip = _pick_tip(tree, size, rng, tip_segments)
     # Operators keep the guidewire tip on screen: its lead over the catheter stops at the image edge.
     ahead = tree[vessel].points[tip : tip + int(rng.uniform(0.06, 0.3) * size * has_catheter) + 1]
     in_view = ((ahead > 2) & (ahead < size - 2)).all(axis=1)
@@ -755,11 +778,18 @@ def _devices(tree: Sequence[_Vessel], view: _View, rng: np.random.Generator, gui
     centreline = ndimage.gaussian_filter1d(points + _normals(points) * (lateral * room)[:, None],
                                            max(0.3 * float(np.median(radius)), 2.0), axis=0, mode="nearest")
     catheter = centreline[: n_tip + 1]
-    looped = has_catheter and rng.random() < 0.07
-    if looped:
+    looped = has_catheter and (rng.random() < 0.07 if loop is None else loop)
+    loop_info = {}
+    if looped and loop is None:
         catheter = _loop_at(catheter, int(rng.integers(len(catheter) // 3, len(catheter))),
                             rng.uniform(5, 12) / mm, rng.choice([-1.0, 1.0]))
-    pigtail = has_catheter and rng.random() < 0.06
+    elif looped:
+        # A forced buckle lies in view and is about as wide as the aortic lumen it forms in.
+        in_view = np.flatnonzero(((catheter > 0.1 * size) & (catheter < 0.9 * size)).all(axis=1))
+        at = int(rng.choice(in_view)) if len(in_view) else len(catheter) - 1
+        catheter = _loop_at(catheter, at, rng.uniform(8, 14) / mm, rng.choice([-1.0, 1.0]))
+        loop_info = {"loop_at": [round(float(catheter[at, 0]), 2), round(float(catheter[at, 1]), 2)]}
+    pigtail = has_catheter and loop is None and rng.random() < 0.06
     if pigtail:
         # A pigtail catheter curls once its guidewire is pulled back behind the curl.
         wire = catheter
@@ -777,7 +807,7 @@ def _devices(tree: Sequence[_Vessel], view: _View, rng: np.random.Generator, gui
             wire = _curl(wire, rng.uniform(*curl[:2]) / mm, rng.uniform(*curl[2:]), rng.choice([-1.0, 1.0]))
     splats: list[DiscSplats] = []
     mask = np.zeros((size, size), np.uint8)
-    info: dict = {"tip_segment": str(segment[n_tip]), "looped": bool(looped or pigtail)}
+    info: dict = {"tip_segment": str(segment[n_tip]), "looped": bool(looped or pigtail), **loop_info}
     if has_guidewire:
         splats.append(_tube(wire, wire_r, rng.uniform(1.5, 3.0) * mm))
         mask[_paint_tube(mask.shape, wire, max(wire_r, 0.7))] = 2
@@ -785,7 +815,7 @@ def _devices(tree: Sequence[_Vessel], view: _View, rng: np.random.Generator, gui
     else:
         info["guidewire"] = {"present": False}
     if has_catheter:
-        wall, lumen = rng.uniform(0.3, 0.7) * mm, (rng.uniform(0.0, 0.05) * mm if rng.random() < 0.3 else 0.0)
+        wall, lumen = rng.uniform(*wall_mu) * mm, (rng.uniform(0.0, 0.05) * mm if rng.random() < 0.3 else 0.0)
         splats += _hollow_tube(catheter, cath_r, cath_inner, wall, lumen)
         if rng.random() < 0.35:
             # Radiopaque marker band at the tip.
@@ -1049,9 +1079,12 @@ def _contrast_mu(rng: np.random.Generator, p_none: float, high: float) -> float:
     return 0.0 if rng.random() < p_none else float(rng.uniform(0.03, high))
 
 
-def _clinical_scene(size: int, rng: np.random.Generator) -> _Scene:
-    """Human chest (aortic arch) or abdomen, at low dose, with leads, wires, clips, shutters and burnt-in text."""
-    anatomy = "thorax" if rng.random() < 0.65 else "abdomen"
+def _clinical_scene(size: int, rng: np.random.Generator, anatomy: str | None = None) -> _Scene:
+    """Human chest (aortic arch) or abdomen, at low dose, with leads, wires, clips, shutters and burnt-in text.
+
+    ``anatomy`` ("thorax" or "abdomen") fixes the body part instead of drawing it.
+    """
+    anatomy = anatomy or ("thorax" if rng.random() < 0.65 else "abdomen")
     view = _random_view(size, rng, (0.85, 1.5), (-0.2, 0.15) if anatomy == "thorax" else (-0.15, 0.3), 12)
     mm = view.mm_per_px
     distractors = []
@@ -1193,6 +1226,15 @@ def render_fluoro(domain: str, size: int, rng: np.random.Generator) -> tuple[np.
     _check_size(size)
     scene = _SCENES[domain](size, rng)
     device_splats, mask, device_info = _devices(scene.tree, scene.view, rng, *scene.device_odds)
+    image = _film(scene, device_splats, rng)
+    # Devices behind a collimator blade are invisible, so they are not labelled there.
+    mask[~scene.exposed] = 0
+    return image, mask, _frame_info(domain, size, scene, device_info)
+
+
+def _film(scene: _Scene, device_splats: list[DiscSplats], rng: np.random.Generator) -> np.ndarray:
+    """Project the scene and its devices, expose the detector and display the frame: (H, W) uint8."""
+    size = scene.view.size
     vessel_splats = _tree_splats(scene.tree, scene.vessel_mu_px)
     if scene.vessel_cap_px is None:
         p = _project(scene.splats + vessel_splats + device_splats, size)
@@ -1202,17 +1244,18 @@ def render_fluoro(domain: str, size: int, rng: np.random.Generator) -> tuple[np.
     p += scene.tissue + scene.collimator
     log_image = _process(_expose(p, scene.detector, rng), scene.detector)
     image = _to_display(log_image, rng, ndimage.binary_erosion(scene.exposed, iterations=2))
-    if scene.text:
-        image = _burn_in_text(image, rng)
-    # Devices behind a collimator blade are invisible, so they are not labelled there.
-    mask[~scene.exposed] = 0
+    return _burn_in_text(image, rng) if scene.text else image
+
+
+def _frame_info(domain: str, size: int, scene: _Scene, device_info: dict) -> dict:
+    """JSON facts of a rendered frame: acquisition, view, the scene's own facts and the devices'."""
     info = {"domain": domain, "size": size, "dose": round(scene.detector.dose, 1),
             "psf_sigma_px": round(scene.detector.psf_px, 3), "zoom": round(scene.view.scale / size, 4),
             "view_angle_deg": round(float(np.rad2deg(scene.view.angle)), 2),
             "mm_per_px": round(scene.view.mm_per_px, 4), "exposed_fraction": round(float(scene.exposed.mean()), 4),
             **scene.info, **device_info}
     info["contrast_mu_per_mm"] = round(float(info["contrast_mu_per_mm"]), 5)
-    return image, mask, info
+    return info
 
 
 @functools.lru_cache(maxsize=1)
@@ -1386,8 +1429,62 @@ def render_pretrain(cls: str, size: int, rng: np.random.Generator) -> np.ndarray
     return _render_ct_slice(size, rng)
 
 
+def catheter_position(info: dict) -> str | None:
+    """The position class of a frame's catheter from its geometry (render_fluoro's info), None if it has none.
+
+    A catheter that buckles into a loop is malpositioned ("looped") wherever its tip lies; otherwise
+    the named vessel segment at the tip decides: aortic arch, descending aorta or a supra-aortic branch.
+    """
+    if not info["catheter"]["present"]:
+        return None
+    if info["looped"]:
+        return "looped"
+    return next((cls for cls, names in _POSITION_SEGMENTS.items() if info["tip_segment"] in names), None)
+
+
+def _is_exposed(exposed: np.ndarray, point: Sequence[float]) -> bool:
+    """Whether pixel (row, col) lies in the image and outside the collimator blades."""
+    row, col = (int(round(v)) for v in point)
+    return 0 <= row < exposed.shape[0] and 0 <= col < exposed.shape[1] and bool(exposed[row, col])
+
+
+def render_position(cls: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Render a clinical chest frame whose catheter tip lies in position ``cls`` (one of POSITION_CLASSES).
+
+    The tip is steered into the class's vessel segments (looped: any of them, with a buckle in the
+    catheter), and a frame is kept only when :func:`catheter_position` of its geometry gives ``cls``
+    and the tip (and the loop) lie in the exposed field, not behind a collimator blade. A catheter
+    alone, radiopaque, without guidewire, and no or faint contrast, as on a check film after placement.
+
+    Returns:
+        image (size, size) uint8, mask (size, size) uint8 labels as render_fluoro, info with ``position``.
+
+    Raises:
+        ConfigError: unknown class or size below 32.
+    """
+    choose("class", cls, POSITION_CLASSES)
+    _check_size(size)
+    segments = sum(_POSITION_SEGMENTS.values(), ()) if cls == "looped" else _POSITION_SEGMENTS[cls]
+    for _ in range(_POSITION_TRIES):
+        scene = _clinical_scene(size, rng, anatomy="thorax")
+        if not _tip_candidates(scene.tree, size, segments):
+            continue
+        # Check films are plain or taken with a faint test injection: the catheter must show against the aorta.
+        mu = _contrast_mu(rng, 0.5, 0.03)
+        scene.vessel_mu_px, scene.info["contrast_mu_per_mm"] = mu * scene.view.mm_per_px, mu
+        device_splats, mask, device_info = _devices(scene.tree, scene.view, rng, 0.0, 1.0, segments,
+                                                    loop=cls == "looped", wall_mu=(0.8, 1.6))
+        seen = [device_info["catheter"]["tip"], *([device_info["loop_at"]] if "loop_at" in device_info else [])]
+        if all(_is_exposed(scene.exposed, point) for point in seen) and catheter_position(device_info) == cls:
+            image = _film(scene, device_splats, rng)
+            mask[~scene.exposed] = 0
+            info = _frame_info("clinical", size, scene, device_info)
+            return image, mask, info | {"position": cls}
+    raise AssertionError(f"no frame with the catheter tip in {cls} after {_POSITION_TRIES} scenes")
+
+
 def _image_rng(seed: int, kind: int, group: int, index: int) -> np.random.Generator:
-    """The generator of one image: independent of the order and number of images. kind 0 seg, 1 pretrain."""
+    """The generator of one image: independent of the order and number of images. kind 0 seg, 1 pretrain, 2 position."""
     return np.random.default_rng([seed, kind, group, index])
 
 
@@ -1497,4 +1594,43 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
 
     manifest = _write_atomically(out, fill)
     logger.info("wrote %d images per class for %d classes to %s", per_class, len(classes), out)
+    return manifest
+
+
+def write_position_dataset(out: Path, n: int, size: int = 256, seed: int = 0) -> dict:
+    """Write ``n`` chest frames, balanced over POSITION_CLASSES, to OUT/CLASS/img_NNNNN.png plus OUT/manifest.json.
+
+    Class k gets ``n // 4`` images, one more for the first ``n % 4`` classes.
+
+    Returns:
+        The manifest: generator_version, kind "position", classes, n, size, seed, counts per class, and
+        per image its class, name and info (see render_position).
+
+    Raises:
+        ConfigError: n below the number of classes, size < 32, negative seed, or OUT exists and is not empty.
+    """
+    out = Path(out)
+    _check_counts(n, "--n", seed)
+    if n < len(POSITION_CLASSES):
+        raise ConfigError(f"--n {n}: the position task has {len(POSITION_CLASSES)} classes; "
+                          f"pass --n {len(POSITION_CLASSES)} or more")
+    _check_size(size)
+    _check_out(out)
+    counts = {cls: n // len(POSITION_CLASSES) + (k < n % len(POSITION_CLASSES))
+              for k, cls in enumerate(POSITION_CLASSES)}
+
+    def fill(tmp: Path) -> dict:
+        images = []
+        for group, (cls, count) in enumerate(counts.items()):
+            (tmp / cls).mkdir()
+            for i in range(count):
+                image, _, info = render_position(cls, size, _image_rng(seed, 2, group, i))
+                name = f"img_{i:05d}.png"
+                _save_png(tmp / cls / name, image)
+                images.append({"class": cls, "name": name, "info": info})
+        return {"generator_version": GENERATOR_VERSION, "kind": "position", "classes": list(POSITION_CLASSES),
+                "n": n, "size": size, "seed": seed, "counts": counts, "images": images}
+
+    manifest = _write_atomically(out, fill)
+    logger.info("wrote %d position frames (%s) to %s", n, ", ".join(POSITION_CLASSES), out)
     return manifest

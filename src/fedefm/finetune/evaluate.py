@@ -1,14 +1,17 @@
-"""Score a fine-tuned segmenter on a split of a dataset (``fedefm evaluate``)."""
+"""Score a fine-tuned segmenter or classifier on a split of a dataset (``fedefm evaluate``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from fedefm.data.datasets import find_segmentation_splits
+import torch
+
+from fedefm.data.datasets import find_classification_splits, find_multilabel_splits, find_segmentation_splits
 from fedefm.errors import ConfigError, DataError
+from fedefm.finetune import classify
 from fedefm.finetune.train import evaluate, load_samples
-from fedefm.models.weights import build_from_weights
+from fedefm.models.weights import build_from_weights, load_weights
 
 
 def weights_path(model: Path) -> Path:
@@ -29,12 +32,43 @@ def split_settings(model: Path) -> dict:
     return {key: cfg[key] for key in ("seed", "val_fraction", "test_fraction")}
 
 
+def is_classifier(metadata: dict) -> bool:
+    """Whether a weights file's metadata describes an image classifier (fine-tuned or pre-trained), not a segmenter."""
+    return metadata.get("arch") == "classifier"
+
+
+def holds_classifier(model: Path) -> bool:
+    """Whether the weights of ``model`` (run folder or .safetensors file) are a classifier's."""
+    return is_classifier(load_weights(weights_path(model))[1])
+
+
 def evaluate_model(model: Path, data: Path, split: str = "test") -> dict:
-    """Evaluate JSON (DESIGN.md §6) of the segmenter at ``model`` on ``split`` of ``data``."""
+    """Evaluate JSON (DESIGN.md §6) of the segmenter or classifier at ``model`` on ``split`` of ``data``.
+
+    The weights' metadata decides which: a classifier is scored on the class folders (or the multi-label
+    CSV) of ``data``, whose class names must be the model's.
+    """
     if split not in ("train", "val", "test"):
         raise ConfigError(f"--split {split}: choose train, val or test")
     network, metadata = build_from_weights(weights_path(model))
+    if is_classifier(metadata):
+        return _evaluate_classifier(network, metadata, model, data, split)
     items = find_segmentation_splits(Path(data), **split_settings(model))[split]
     if not items:
         raise DataError(f"{data}: the {split} split has no images")
     return evaluate(network, load_samples(items, int(metadata["image_size"])))
+
+
+def _evaluate_classifier(network: torch.nn.Module, metadata: dict, model: Path, data: Path, split: str) -> dict:
+    multilabel = bool(metadata.get("multilabel", False))
+    find = find_multilabel_splits if multilabel else find_classification_splits
+    splits, class_names = find(Path(data), **split_settings(model))
+    if class_names != list(metadata.get("classes", [])):
+        raise DataError(f"{data}: classes {', '.join(class_names)} differ from the model's "
+                        f"({', '.join(metadata.get('classes', [])) or 'none recorded'}); evaluate on the task it learned")
+    if not splits[split]:
+        raise DataError(f"{data}: the {split} split has no images")
+    samples = classify.load_samples(splits[split], int(metadata["image_size"]), multilabel)
+    result = classify.evaluate(network, samples, class_names)
+    del result["loss"]
+    return result

@@ -1,9 +1,11 @@
-"""Label masks and colour overlays for new images (``fedefm predict``)."""
+"""Label masks and colour overlays for new images, or class probabilities under a classifier (``fedefm predict``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from PIL import Image
 
 from fedefm.data.datasets import resize_image
 from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image
-from fedefm.errors import DataError
+from fedefm.errors import ConfigError, DataError
 from fedefm.files import atomic_write
-from fedefm.finetune.evaluate import weights_path
+from fedefm.finetune.classify import predict_probabilities
+from fedefm.finetune.evaluate import is_classifier, weights_path
 from fedefm.models.weights import build_from_weights
 
 log = logging.getLogger(__name__)
@@ -77,19 +80,8 @@ def write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(f, format="PNG")
 
 
-def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False) -> PredictReport:
-    """Write NAME_mask.png (labels 0/1/2) and NAME_overlay.png for every input image or DICOM frame.
-
-    An unreadable input raises DataError naming it, unless ``skip_bad``: then it is listed in the
-    report and in ``OUT/skipped.txt``.
-    """
-    network, metadata = build_from_weights(weights_path(model))
-    network.eval()
-    size = int(metadata["image_size"])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = PredictReport()
-    started = time.perf_counter()
+def read_inputs(inputs: list[Path], report: PredictReport, skip_bad: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, image (H, W) in [0, 1]) of every input image and DICOM frame; unreadable ones raise or are skipped."""
     for path in collect_inputs(inputs):
         try:
             frames = count_frames(path)
@@ -102,14 +94,70 @@ def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False) 
             log.warning("skipping %s", exc)
             report.skipped.append((path, str(exc)))
             continue
-        for name, image in images:
-            labels = segment(network, image, size)
-            mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
-            write_png(mask_path, labels)
-            write_png(overlay_path, overlay(image, labels))
-            report.outputs.append((mask_path, overlay_path))
-    report.seconds = time.perf_counter() - started
+        yield from images
+
+
+def write_skipped(out: Path, report: PredictReport) -> None:
+    """List the skipped inputs in OUT/skipped.txt (nothing when none were skipped)."""
     if report.skipped:
         with atomic_write(out / "skipped.txt", "w") as f:
             f.writelines(f"{path}\t{reason}\n" for path, reason in report.skipped)
+
+
+def classify_images(model: Path, inputs: list[Path], out: Path | None = None, skip_bad: bool = False
+                    ) -> tuple[list[dict], PredictReport]:
+    """Class probabilities of every input image or DICOM frame under a fine-tuned classifier.
+
+    With ``out``, the rows also go to OUT/predictions.jsonl (and skipped inputs to OUT/skipped.txt).
+
+    Returns:
+        One {"image": name, "class": most likely class (multi-label: the labels at p >= 0.5, as a list),
+        "probabilities": {CLASS: p}} per image, and the report of skipped inputs and timing.
+
+    Raises:
+        ConfigError: the weights are a segmenter's (use :func:`predict`).
+    """
+    network, metadata = build_from_weights(weights_path(model))
+    if not is_classifier(metadata):
+        raise ConfigError(f"--model {model}: holds a {metadata['arch']} segmenter, which predicts masks; use predict")
+    multilabel, classes = bool(metadata.get("multilabel", False)), list(metadata["classes"])
+    size = int(metadata["image_size"])
+    report, rows = PredictReport(), []
+    started = time.perf_counter()
+    for name, image in read_inputs(inputs, report, skip_bad):
+        probabilities = predict_probabilities(network, resize_image(image, size)[None], multilabel)[0].tolist()
+        chosen = ([c for c, p in zip(classes, probabilities) if p >= 0.5] if multilabel
+                  else classes[int(np.argmax(probabilities))])
+        rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
+    report.seconds = time.perf_counter() - started
+    if out is not None:
+        with atomic_write(Path(out) / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        write_skipped(Path(out), report)
+    return rows, report
+
+
+def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False) -> PredictReport:
+    """Write NAME_mask.png (labels 0/1/2) and NAME_overlay.png for every input image or DICOM frame.
+
+    An unreadable input raises DataError naming it, unless ``skip_bad``: then it is listed in the
+    report and in ``OUT/skipped.txt``.
+    """
+    network, metadata = build_from_weights(weights_path(model))
+    if is_classifier(metadata):
+        raise ConfigError(f"--model {model}: holds a classifier, which predicts classes, not masks; use classify_images")
+    network.eval()
+    size = int(metadata["image_size"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = PredictReport()
+    started = time.perf_counter()
+    for name, image in read_inputs(inputs, report, skip_bad):
+        labels = segment(network, image, size)
+        mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
+        write_png(mask_path, labels)
+        write_png(overlay_path, overlay(image, labels))
+        report.outputs.append((mask_path, overlay_path))
+    report.seconds = time.perf_counter() - started
+    write_skipped(out, report)
     return report

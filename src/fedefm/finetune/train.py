@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ from fedefm.models.weights import TransferReport, load_encoder, model_metadata, 
 
 log = logging.getLogger(__name__)
 
+Item = TypeVar("Item")
+
 
 def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
     """Learning rate at ``step``: linear warm-up, then cosine decay to 1% of ``cfg.lr``."""
@@ -36,12 +40,13 @@ def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def select_shots(items: list[SegmentationItem], shots: int | None, seed: int) -> list[SegmentationItem]:
+def select_shots(items: list[Item], shots: int | None, seed: int | Sequence[int], what: str = "the training split"
+                 ) -> list[Item]:
     """The K training images of a few-shot run, drawn by the seed (all of them when K is None)."""
     if shots is None:
         return items
     if shots > len(items):
-        raise ConfigError(f"--shots {shots}: the training split has only {len(items)} images; lower K")
+        raise ConfigError(f"--shots {shots}: {what} has only {len(items)} images; lower K")
     order = np.random.default_rng(seed).permutation(len(items))[:shots]
     return [items[i] for i in sorted(order)]
 
@@ -64,8 +69,10 @@ def training_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless augmented batches drawn without replacement within each pass over the samples, from ``first_step`` on.
 
-    Batch k is a function of (seed, k) alone: pass p shuffles with a generator seeded by (seed, p) and
-    the augmentation is reseeded by (seed, k), so a resumed run draws the batches the interrupted one would.
+    ``samples`` holds "image" (N, 1, S, S) and per-sample targets ("mask" (N, S, S), or "label" (N,) or
+    (N, L)); the augmentation moves a mask with its image and passes labels through. Batch k is a function
+    of (seed, k) alone: pass p shuffles with a generator seeded by (seed, p) and the augmentation is
+    reseeded by (seed, k), so a resumed run draws the batches the interrupted one would.
     """
     n = samples["image"].shape[0]
     per_pass = n // batch_size if n >= batch_size else 1  # full batches only; the next pass reshuffles
@@ -75,12 +82,52 @@ def training_batches(
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + pass_index))
         chosen = order[position * batch_size : (position + 1) * batch_size]
         augment.set_random_state(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
-        views = [augment({"image": samples["image"][i], "mask": samples["mask"][i]}) for i in chosen]
-        yield {
-            "image": torch.stack([torch.as_tensor(v["image"]) for v in views]).float(),
-            "mask": torch.stack([torch.as_tensor(v["mask"]) for v in views]).long(),
-        }
+        views = [augment({key: value[i] for key, value in samples.items()}) for i in chosen]
+        yield {key: torch.stack([torch.as_tensor(v[key]) for v in views]).to(value.dtype)
+               for key, value in samples.items()}
         step += 1
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, resume: bool = False) -> Iterator[Path]:
+    """Create the run folder, start a fresh metrics.jsonl (kept on resume) and copy the fedefm log into OUT/log.txt.
+
+    The log file gets INFO messages however the caller set up logging (the CLI, a script, a test);
+    the fedefm logger's level is restored afterwards.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    logger = logging.getLogger("fedefm")
+    file_log = logging.FileHandler(out / "log.txt", mode="a" if resume else "w")
+    level = logger.level
+    logger.addHandler(file_log)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    try:
+        yield out
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(file_log)
+        file_log.close()
+
+
+def epoch_bar(progress: bool) -> Progress:
+    """The rich progress bar of a fine-tuning run (hidden when ``progress`` is False)."""
+    return Progress(TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress)
+
+
+def optimisation_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                      where: str) -> float:
+    """Backward, clip, step and clear the gradients; returns the loss. A non-finite loss stops the run."""
+    if not torch.isfinite(loss):
+        raise ConfigError(f"loss became {loss.item()} at {where}; lower --lr")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 @torch.no_grad()
@@ -157,17 +204,10 @@ def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dic
         {"best_epoch", "best_val", "val": evaluate JSON of the selected model, "transfer": summary or None}.
     """
     cfg.validate()
-    out = Path(cfg.out)
     if resume:
-        check_resume(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    file_log = logging.FileHandler(out / "log.txt", mode="a" if resume else "w")
-    logging.getLogger("fedefm").addHandler(file_log)
-    try:
+        check_resume(cfg, Path(cfg.out))
+    with run_folder(cfg.out, resume) as out:
         return _train(cfg, out, resume, progress)
-    finally:
-        logging.getLogger("fedefm").removeHandler(file_log)
-        file_log.close()
 
 
 def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict:
@@ -199,14 +239,10 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
         drop_rows_after(out / "metrics.jsonl", "epoch", restored["epoch"])
         log.info("resuming %s after epoch %d", out, restored["epoch"])
     else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
         write_json(out / "config.json", run_record(cfg, "finetune") | {"train_images": [i.name for i in train_items]})
     batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed), cfg.seed, first_step=step)
 
-    with Progress(
-        TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress,
-    ) as bar:
+    with epoch_bar(progress) as bar:
         task = bar.add_task("epochs", total=cfg.epochs, completed=first_epoch - 1, status="")
         for epoch in range(first_epoch, cfg.epochs + 1):
             started, losses, seen = time.perf_counter(), [], 0
@@ -215,13 +251,7 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
                     group["lr"] = lr_at(step, total_steps, cfg)
                 batch = {key: value.to(device) for key, value in next(batches).items()}
                 loss = loss_fn(model(batch["image"]), batch["mask"].unsqueeze(1))
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(optimisation_step(loss, model, optimizer, cfg.grad_clip, f"epoch {epoch}, step {step}"))
                 seen += batch["image"].shape[0]
                 step += 1
             train_s = time.perf_counter() - started

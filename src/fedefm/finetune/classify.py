@@ -1,0 +1,213 @@
+"""Few-shot fine-tuning of an image classifier (catheter position), with model selection on validation only.
+
+The encoder comes from a foundation checkpoint (or starts from scratch) and gets a new LayerNorm→Linear
+head over the downstream classes. Multi-class runs train on K images per class with cross-entropy and
+select the epoch of best validation balanced accuracy; multi-label runs train on K images in all with
+per-label binary cross-entropy and select on validation macro AUROC. Ties go to the lower validation loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedefm.checkpoints import CheckpointStore
+from fedefm.config import FinetuneConfig, check_resume, resolve_device, run_record
+from fedefm.data.augment import train_transforms
+from fedefm.data.datasets import (
+    ClassificationDataset,
+    ClassificationItem,
+    find_classification_splits,
+    find_multilabel_splits,
+)
+from fedefm.errors import DataError
+from fedefm.files import append_jsonl, drop_rows_after, write_json
+from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
+from fedefm.finetune.train import (
+    epoch_bar,
+    load_checkpoint,
+    lr_at,
+    optimisation_step,
+    run_folder,
+    save_checkpoint,
+    select_shots,
+    training_batches,
+)
+from fedefm.memory import peak_rss_mb
+from fedefm.models.heads import Classifier
+from fedefm.models.presets import get_preset
+from fedefm.models.weights import TransferReport, load_encoder, model_metadata, save_weights
+
+log = logging.getLogger(__name__)
+
+
+def find_splits(cfg: FinetuneConfig) -> tuple[dict[str, list[ClassificationItem]], list[str]]:
+    """The train/val/test items and class (or label) names of the run's dataset: class folders or a multi-label CSV."""
+    find = find_multilabel_splits if cfg.multilabel else find_classification_splits
+    return find(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
+
+
+def select_class_shots(items: list[ClassificationItem], shots: int | None, seed: int, class_names: list[str]
+                       ) -> list[ClassificationItem]:
+    """K training images of every class, drawn per class by the seed (all of them when K is None)."""
+    chosen = []
+    for label, name in enumerate(class_names):
+        of_class = [item for item in items if item.label == label]
+        chosen += select_shots(of_class, shots, [seed, label], f"class '{name}' of the training split")
+    return sorted(chosen, key=lambda item: item.name)
+
+
+def load_samples(items: list[ClassificationItem], size: int, multilabel: bool) -> dict[str, torch.Tensor]:
+    """Read and resize every item once: {"image": (N, 1, S, S), "label": (N,) long or (N, L) float 0/1}."""
+    dataset = ClassificationDataset(items, size=size)
+    samples = [dataset[i] for i in range(len(dataset))]
+    labels = torch.tensor([s["label"] for s in samples])
+    return {"image": torch.stack([s["image"] for s in samples]), "label": labels.float() if multilabel else labels}
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for labels (B,) class indices, per-label binary cross-entropy for labels (B, L) 0/1."""
+    if labels.ndim == 2:
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, multilabel: bool, batch_size: int = 32
+                          ) -> torch.Tensor:
+    """Class probabilities (N, C) of images (N, 1, S, S): softmax over classes, or a sigmoid per label."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits = torch.cat([model(images[start : start + batch_size].to(device)).cpu()
+                        for start in range(0, images.shape[0], batch_size)])
+    model.train(was_training)
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+
+
+def evaluate(model: torch.nn.Module, samples: dict[str, torch.Tensor], class_names: list[str]) -> dict:
+    """Score ``model`` on decoded samples: the classification evaluate JSON, plus "loss" (mean on these samples)."""
+    multilabel = samples["label"].ndim == 2
+    probabilities = predict_probabilities(model, samples["image"], multilabel)
+    if multilabel:
+        result = multilabel_scores(probabilities.numpy(), samples["label"].numpy(), class_names)
+        loss = F.binary_cross_entropy(probabilities.clamp(1e-7, 1 - 1e-7), samples["label"])
+    else:
+        pred = probabilities.argmax(1).numpy()
+        result = class_scores(confusion_matrix(pred, samples["label"].numpy(), len(class_names)), class_names)
+        loss = F.nll_loss(probabilities.clamp_min(1e-7).log(), samples["label"])
+    return result | {"loss": float(loss)}
+
+
+def selection_score(result: dict) -> tuple[float, float]:
+    """What a run is selected on, higher is better: (balanced accuracy or macro AUROC, minus the loss)."""
+    main = result["macro_auroc"] if "macro_auroc" in result else result["balanced_accuracy"]
+    return (-1.0 if main is None else main, -result["loss"])
+
+
+def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[Classifier, TransferReport | None]:
+    """A classifier with a new head over ``n_classes``; its encoder from scratch or a foundation checkpoint."""
+    model = Classifier(get_preset(cfg.preset), n_classes)
+    if cfg.init == "scratch":
+        return model, None
+    return model, load_encoder(model, Path(cfg.init))
+
+
+def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune a classifier; writes OUT/{config.json, metrics.jsonl, model.safetensors, log.txt, checkpoints/}.
+
+    With ``resume``, continues from the newest intact checkpoint in OUT (every epoch writes one) and
+    refuses a folder written with other settings.
+
+    Returns:
+        {"best_epoch", "best_val": selection score, "val": evaluate JSON of the selected model,
+        "transfer": summary or None}.
+    """
+    cfg.validate()
+    if resume:
+        check_resume(cfg, Path(cfg.out))
+    with run_folder(cfg.out, resume) as out:
+        return _train(cfg, out, resume, progress)
+
+
+def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict:
+    torch.manual_seed(cfg.seed)
+    splits, class_names = find_splits(cfg)
+    if not splits["val"]:
+        raise DataError(f"{cfg.data}: no validation images after splitting; add a val/ split or raise --val-fraction")
+    train_items = (select_shots(splits["train"], cfg.shots, cfg.seed) if cfg.multilabel
+                   else select_class_shots(splits["train"], cfg.shots, cfg.seed, class_names))
+    train = load_samples(train_items, cfg.image_size, cfg.multilabel)
+    val = load_samples(splits["val"], cfg.image_size, cfg.multilabel)
+    log.info("training on %d images, validating on %d (%s; classes %s)", len(train_items), len(splits["val"]),
+             cfg.data, ", ".join(class_names))
+
+    device = resolve_device(cfg.device)
+    model, transfer = build_model(cfg, len(class_names))
+    if transfer is not None:
+        log.info("foundation weights from %s: %s", cfg.init, transfer.summary())
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(max(len(train_items), cfg.samples_per_epoch) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    metadata = model_metadata(model) | {"task": "classify", "classes": class_names, "multilabel": cfg.multilabel,
+                                        "image_size": cfg.image_size}
+
+    store = CheckpointStore(out / "checkpoints", prefix="epoch")
+    best = {"best_epoch": 0, "best_val": (-math.inf, -math.inf), "val": None}
+    first_epoch, step = 1, 0
+    restored = load_checkpoint(store, model, optimizer) if resume else None
+    if restored is not None:
+        first_epoch, step = restored["epoch"] + 1, restored["step"]
+        best = restored["best"] | {"best_val": tuple(restored["best"]["best_val"])}  # JSON turned the tuple into a list
+        drop_rows_after(out / "metrics.jsonl", "epoch", restored["epoch"])
+        log.info("resuming %s after epoch %d", out, restored["epoch"])
+    else:
+        write_json(out / "config.json", run_record(cfg, "finetune") | {
+            "classes": class_names, "train_images": [i.name for i in train_items]})
+    batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed, keep_orientation=True), cfg.seed,
+                               first_step=step)
+
+    with epoch_bar(progress) as bar:
+        task = bar.add_task("epochs", total=cfg.epochs, completed=first_epoch - 1, status="")
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            started, losses, seen = time.perf_counter(), [], 0
+            for _ in range(steps_per_epoch):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total_steps, cfg)
+                batch = {key: value.to(device) for key, value in next(batches).items()}
+                loss = classification_loss(model(batch["image"]), batch["label"])
+                losses.append(optimisation_step(loss, model, optimizer, cfg.grad_clip, f"epoch {epoch}, step {step}"))
+                seen += batch["image"].shape[0]
+                step += 1
+            train_s = time.perf_counter() - started
+            result = evaluate(model, val, class_names)
+            score = selection_score(result)
+            improved = score > best["best_val"]
+            if improved:
+                best = {"best_epoch": epoch, "best_val": score, "val": result}
+                save_weights(out / "model.safetensors", model, metadata)
+            row = {
+                "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
+                "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,
+                "val_loss": result["loss"], "val_accuracy": result["accuracy"],
+                "val_balanced_accuracy": result["balanced_accuracy"], "val_macro_f1": result["macro_f1"],
+                "val_macro_auroc": result.get("macro_auroc"), "selected": improved,
+                "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+            }
+            append_jsonl(out / "metrics.jsonl", row)
+            save_checkpoint(store, epoch, step, model, optimizer, best)
+            log.info("epoch %d: loss %.4f, val %s %.4f%s", epoch, row["train_loss"], _score_name(cfg), score[0],
+                     " (selected)" if improved else "")
+            bar.update(task, completed=epoch, status=f"loss {row['train_loss']:.3f} val {_score_name(cfg)} {score[0]:.3f}")
+    return best | {"transfer": transfer.summary() if transfer else None}
+
+
+def _score_name(cfg: FinetuneConfig) -> str:
+    return "macro AUROC" if cfg.multilabel else "balanced accuracy"

@@ -45,6 +45,7 @@ from fedefm.federated.algorithms.base import (
     Batch,
     LocalTraining,
     SiloState,
+    Task,
     Weights,
     at_silo,
     average_weights,
@@ -198,33 +199,61 @@ def local_update(
     return replace(state, weights=weights, train_loss=loss, grad_steps=steps)
 
 
+def mixes_neighbours(cfg: Config) -> bool:
+    """Whether ``mix`` combines neighbours' models ("ours": gossip) or keeps each silo's own (literal, released)."""
+    return cfg.update == "ours"
+
+
 def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:
     """"ours": gossip over the overlay; "literal" and "released" keep each silo's model as updated."""
-    if cfg.update == "ours":
+    if mixes_neighbours(cfg):
         return mix_weights(states, W)
     return list(states)
+
+
+def round_tasks(neighbours: Sequence[Sequence[int]], cfg: Config) -> list[Task]:
+    """The round's tasks in the order one process runs them: for each silo i, its experts, then its home update.
+
+    A deployment may run tasks of different silos at once; each silo must run its own tasks in this
+    order, because they draw from the same batch stream.
+    """
+    tasks = []
+    for i in range(len(neighbours)):
+        if cfg.update == "released":
+            tasks += [Task(silo=i, model=j, kind="expert", user=i) for j in range(len(neighbours)) if i in neighbours[j]]
+        else:
+            tasks += [Task(silo=j, model=i, kind="expert", user=i) for j in neighbours[i]]
+        tasks.append(Task(silo=i, model=i, kind="home", user=i))
+    return tasks
+
+
+def home_update(
+    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, trained: Sequence[SiloState]
+) -> SiloState:
+    """local_update with the experts trained for this silo this round; grad_steps counts theirs too."""
+    if cfg.update == "released":
+        new = local_update(model, state, batches, cfg, visitors=trained)
+    else:
+        new = local_update(model, state, batches, cfg, experts=trained)
+    return replace(new, grad_steps=new.grad_steps + sum(e.grad_steps for e in trained))
 
 
 def run_round(
     model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
     neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: Config,
 ) -> list[SiloState]:
-    """One FedEFM round for every silo (Algorithm 1).
+    """One FedEFM round for every silo (Algorithm 1): the tasks of ``round_tasks`` in order, then ``mix``.
 
-    Silos are visited one at a time; each reads only round-k states, so the result is the parallel
-    round's. Silo i's experts live only while i updates: memory holds the S states, their updates and
-    |N(i)| experts, never every expert of the round.
+    Each task reads only round-k states, so the result is the parallel round's. An expert lives only
+    until its user's home update: memory holds the S states, their updates and |N(i)| experts.
     """
-    updated = []
-    for i, state in enumerate(states):
-        if cfg.update == "released":
-            experts = []
-            visitors = [at_silo(i, overseas_expert, model, states[j], batches[i], cfg)
-                        for j in range(len(states)) if i in neighbours[j]]
+    trained: dict[int, list[SiloState]] = {i: [] for i in range(len(states))}
+    updated: list[SiloState] = list(states)
+    for task in round_tasks(neighbours, cfg):
+        if task.kind == "expert":
+            trained[task.user].append(at_silo(task.silo, overseas_expert, model, states[task.model],
+                                              batches[task.silo], cfg))
         else:
-            experts = [at_silo(j, overseas_expert, model, state, batches[j], cfg) for j in neighbours[i]]
-            visitors = []
-        new = at_silo(i, local_update, model, state, batches[i], cfg, experts=experts, visitors=visitors)
-        travelled = sum(e.grad_steps for e in experts + visitors)
-        updated.append(replace(new, grad_steps=new.grad_steps + travelled))
+            updated[task.silo] = at_silo(task.silo, home_update, model, states[task.silo], batches[task.silo], cfg,
+                                         trained.pop(task.silo))
     return mix(updated, W, cfg)

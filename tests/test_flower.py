@@ -220,7 +220,7 @@ def test_a_supernode_killed_mid_run_fails_the_run_naming_its_silo(corpus, tmp_pa
         while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
             time.sleep(0.5)
         federation.kill("silo2")
-        with pytest.raises(deploy.FlowerRunFailed, match="finished:failed"):
+        with pytest.raises(deploy.FlowerRunFailed, match=r"finished:failed.*silo 2 \(node \d+\)"):
             deploy.wait_run(run_id, federation.home, timeout=300)
     finally:
         federation.stop()

@@ -221,6 +221,7 @@ class LoopbackFederation:
         from fedefm.federated.flower.certificates import write_node_key, write_test_certificates
 
         self.folder, self.corpus = Path(folder), Path(corpus)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.home = self.folder / "flwr_home"
         self.address = f"127.0.0.1:{free_port()}"
         self.env = flower_environment(self.home) | (env or {})

@@ -195,6 +195,7 @@ def pretrain(
     lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.05,
     preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Replace the preset's dropout (0: no random masks).")] = None,
     eval_every: Annotated[int, typer.Option(help="Rounds between validation evaluations.")] = 5,
     checkpoint_every: Annotated[int, typer.Option(help="Rounds between checkpoints.")] = 10,
     option: Annotated[list[str], typer.Option(help="Algorithm setting NAME=VALUE (e.g. beta=0.9); repeatable.")] = [],
@@ -211,9 +212,9 @@ def pretrain(
 
     cfg = PretrainConfig(data=data, out=out, algorithm=algorithm, topology=topology, underlay=underlay, silos=silos,
                          unseen=unseen, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
-                         preset=preset, image_size=image_size, eval_every=eval_every,
-                         checkpoint_every=checkpoint_every, options=parse_settings(option), device=device, seed=seed,
-                         min_healthy_silos=min_healthy_silos, silo_timeout_s=silo_timeout, data_memory_mb=data_memory_mb)
+                          preset=preset, image_size=image_size, dropout=dropout, eval_every=eval_every,
+                          checkpoint_every=checkpoint_every, options=parse_settings(option), device=device, seed=seed,
+                          min_healthy_silos=min_healthy_silos, silo_timeout_s=silo_timeout, data_memory_mb=data_memory_mb)
     summary = run(cfg, resume=resume)
     console.print(f"test accuracy of the global model {summary['test_acc']:.4f} "
                   f"(validation, last evaluations: {summary['final_val_acc']:.4f}); weights in {out / 'global.safetensors'}")
@@ -356,3 +357,140 @@ def report(
     missing = [title for title, shown in sections.items() if not shown]
     console.print(f"wrote {out} ({len(sections) - len(missing)} of {len(sections)} sections with content"
                   + (f"; no input for: {', '.join(missing)})" if missing else ")"))
+
+
+flower_app = typer.Typer(help="Run fedefm across machines with Flower: SuperLink, a SuperNode per hospital, runs.",
+                         no_args_is_help=True)
+app.add_typer(flower_app, name="flower")
+
+
+def _run_flower_process(command: list[str]) -> None:
+    """Run a Flower server process in the foreground with fedefm's environment; exit with its code."""
+    import subprocess
+
+    from fedefm.federated.flower.deploy import flower_environment
+
+    console.print(" ".join(command), highlight=False, soft_wrap=True)
+    try:
+        code = subprocess.run(command, env=flower_environment()).returncode
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+@flower_app.command("superlink")
+@user_errors
+def flower_superlink(
+    port: Annotated[int, typer.Option(help="Port of the SuperLink's HTTP API (Fleet, Control, Runtime).")] = 9092,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    certificates: Annotated[Optional[Path], typer.Option(help="Folder with ca.crt, server.pem, server.key (TLS); "
+                                                              "without it the SuperLink runs insecure.")] = None,
+    enable_supernode_auth: Annotated[bool, typer.Option(help="Accept only SuperNodes registered with "
+                                                             "`fedefm flower register-node`.")] = False,
+) -> None:
+    """Start the SuperLink (the coordinator); app dependencies are never installed at run time."""
+    from fedefm.federated.flower.deploy import superlink_command
+
+    tls = None if certificates is None else (certificates / "ca.crt", certificates / "server.pem",
+                                             certificates / "server.key")
+    _run_flower_process(superlink_command(port, tls, enable_supernode_auth, host=host))
+
+
+@flower_app.command("supernode")
+@user_errors
+def flower_supernode(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
+    silo_id: Annotated[int, typer.Option(help="This hospital's silo, 0 … S-1 (its place on the overlay).")],
+    data: Annotated[Path, typer.Option(help="This hospital's images, ROOT/CLASS/*.png (never leave this machine).")],
+    data_layout: Annotated[str, typer.Option(help="silo (DATA is this silo's) or corpus (take partition "
+                                                  "--silo-id of a whole corpus, as fedefm pretrain does).")] = "silo",
+    port: Annotated[int, typer.Option(help="Local port of this SuperNode's Runtime API.")] = 9094,
+    root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate the SuperLink's TLS "
+                                                                   "certificate is checked against.")] = None,
+    auth_key: Annotated[Optional[Path], typer.Option(help="Private key registered with the SuperLink "
+                                                          "(--enable-supernode-auth).")] = None,
+) -> None:
+    """Start a hospital's SuperNode; it runs fedefm's ClientApp on DATA and sends only weights and metrics."""
+    from fedefm.federated.flower.deploy import supernode_command
+
+    _run_flower_process(supernode_command(superlink, silo_id, data, port, data_layout, root_certificates, auth_key))
+
+
+@flower_app.command("certificates")
+@user_errors
+def flower_certificates(
+    out: Annotated[Path, typer.Argument(help="Folder for ca.crt, server.pem, server.key and node keys.")],
+    host: Annotated[list[str], typer.Option(help="Name or address the SuperLink is reached at; repeatable.")] = [],
+    nodes: Annotated[int, typer.Option(help="SuperNode key pairs to write (node_K, node_K.pub).")] = 0,
+) -> None:
+    """Write a self-signed CA, a SuperLink certificate and SuperNode keys for a test (production: a real CA)."""
+    from fedefm.federated.flower.certificates import write_node_key, write_test_certificates
+
+    written = write_test_certificates(out, tuple(host) or ("127.0.0.1", "localhost"))
+    written += tuple(path for k in range(nodes) for path in write_node_key(out, f"node_{k}"))
+    console.print("wrote " + ", ".join(str(path) for path in written), highlight=False, soft_wrap=True)
+
+
+@flower_app.command("register-node")
+@user_errors
+def flower_register_node(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
+    public_key: Annotated[Path, typer.Option(help="The SuperNode's public key (node_K.pub).")],
+    root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
+) -> None:
+    """Allow a SuperNode's key on a SuperLink started with --enable-supernode-auth."""
+    import tempfile
+
+    from fedefm.federated.flower.deploy import register_node, write_connection
+
+    with tempfile.TemporaryDirectory() as home:
+        write_connection(Path(home), superlink, root_certificates)
+        console.print(f"registered {public_key} as node {register_node(Path(home), public_key)}")
+
+
+@flower_app.command("app")
+@user_errors
+def flower_app_folder(
+    out: Annotated[Path, typer.Argument(help="Folder for the Flower App's pyproject.toml.")],
+) -> None:
+    """Write the fedefm Flower App folder, for `flwr run OUT CONNECTION --run-config '...'`."""
+    from fedefm.federated.flower.deploy import write_app
+
+    console.print(f"wrote {write_app(out, {}) / 'pyproject.toml'}")
+
+
+@flower_app.command("run")
+@user_errors
+def flower_run(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
+    data: Annotated[Path, typer.Option(help="Corpus on the SuperLink's machine whose validation and test splits "
+                                            "score the global model.")],
+    out: Annotated[Path, typer.Option(help="Run folder, written on the SuperLink's machine.")],
+    algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, moon, dpsgd, matcha or fedefm.")] = "fedefm",
+    topology: Annotated[Optional[str], typer.Option(help="star, ring, mst, complete or matcha.")] = None,
+    silos: Annotated[int, typer.Option(help="SuperNodes to wait for (silo ids 0 … S-1).")] = 3,
+    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = 50,
+    local_steps: Annotated[int, typer.Option(help="SGD steps per silo per round.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.05,
+    preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
+    image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Replace the preset's dropout (0: no random masks).")] = None,
+    eval_every: Annotated[int, typer.Option(help="Rounds between validation evaluations.")] = 5,
+    option: Annotated[list[str], typer.Option(help="Algorithm setting NAME=VALUE; repeatable.")] = [],
+    seed: Annotated[int, typer.Option(help="Seed of partition, init, batches and topology draws.")] = 0,
+    root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
+    reply_timeout: Annotated[float, typer.Option(help="Seconds to wait for a silo's reply before the run stops.")] = 600,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the whole run.")] = 24 * 3600,
+) -> None:
+    """Launch a pre-training over the SuperNodes and wait; the SuperLink's machine gets the run folder."""
+    from fedefm.federated.flower.deploy import run_federation
+
+    settings = {"algorithm": algorithm, "topology": topology, "silos": silos, "rounds": rounds,
+                "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "preset": preset,
+                "image-size": image_size, "dropout": dropout, "eval-every": eval_every, "options": " ".join(option),
+                "seed": seed, "data": str(data.resolve()), "out": str(out.resolve()), "reply-timeout": reply_timeout}
+    record = run_federation(superlink, {k: v for k, v in settings.items() if v is not None}, root_certificates, timeout)
+    traffic = record["network-traffic"]
+    console.print(f"Flower run {record['run-id']} {record['status']} in {record['elapsed']:.0f} s, "
+                  f"{traffic['total-bytes'] / 1e6:.1f} MB through the SuperLink; run folder {out}")

@@ -173,6 +173,8 @@ class PretrainConfig:
     ``min_healthy_silos`` silos are healthy (2, Flower's default minimum of training nodes; capped at the
     number of silos). Images are decoded into memory when the training and validation images take at
     most ``data_memory_mb`` decoded, else every batch is read from disk (same numbers either way).
+    field of the algorithm's Config not given there keeps its documented default. ``dropout`` replaces
+    the preset's (None keeps it); 0 makes a Flower run draw no random masks, so it can match the simulator.
     """
 
     data: Path
@@ -190,6 +192,7 @@ class PretrainConfig:
     lr: float = 0.05
     preset: str = "tiny"
     image_size: int | None = None
+    dropout: float | None = None
     shots: int = 2
     eval_every: int = 5
     checkpoint_every: int = 10
@@ -212,6 +215,13 @@ class PretrainConfig:
         if unknown:
             raise ConfigError(f"--option {unknown[0]}: not a setting of {self.algorithm}; known: {', '.join(sorted(known))}")
         return config_type(**{"lr": self.lr, "local_steps": self.local_steps, **self.options})
+
+    def model_preset(self):
+        """The preset's sizes, with ``dropout`` replaced when given."""
+        from fedefm.models.presets import get_preset
+
+        preset = get_preset(self.preset)
+        return preset if self.dropout is None else dataclasses.replace(preset, dropout=self.dropout)
 
     def validate(self) -> PretrainConfig:
         """Check every field (and the algorithm's settings); raise ConfigError naming the option."""
@@ -240,6 +250,8 @@ class PretrainConfig:
             raise ConfigError(f"--silos {self.silos}: a federation needs at least 2 silos")
         if not 0 <= self.unseen <= 1:
             raise ConfigError(f"--unseen {self.unseen}: must be in [0, 1]")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
         for name in ("rounds", "local_steps", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")

@@ -161,6 +161,33 @@ def find_multilabel_splits(
     return _sorted_by_name({"train": train, "val": val, "test": test}), labels
 
 
+def list_silo_images(root: Path, class_names: Sequence[str]) -> list[ClassificationItem]:
+    """Every image of one silo's own folder ROOT/CLASS/*.ext, labelled by the federation's ``class_names``.
+
+    A silo may hold a single class (at 100% unseen it does); all its images are training images.
+
+    Raises:
+        DataError: the root is missing, a folder is not one of ``class_names``, or a folder is empty
+            or unreadable; every problem found is listed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: silo data folder not found")
+    problems: Problems = []
+    folders = _list_class_folders(root, problems)
+    if not folders:
+        problems.append((root, "no class folders; a silo's data sits in ROOT/CLASS_NAME/*.png"))
+    items: list[ClassificationItem] = []
+    for name, path in folders.items():
+        if name not in class_names:
+            problems.append((path, f"class '{name}' is not one of the federation's classes {', '.join(class_names)}; "
+                                   "rename the folder or add the class to the run's classes"))
+            continue
+        items += _flatten(_class_groups(path, list(class_names).index(name), problems))
+    _raise_problems(problems)
+    return sorted(items, key=lambda item: item.name)
+
+
 class _ItemDataset(Dataset):
     """Items read lazily, one per index, resized to ``size`` x ``size`` and optionally transformed."""
 

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,12 +27,11 @@ from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_cl
 from fedefm.errors import ConfigError, DataError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
-from fedefm.federated.algorithms.base import Batch, SiloState, mean_weights
+from fedefm.federated.algorithms.base import Batch, NonFiniteLoss, SiloState, mean_weights
 from fedefm.federated.health import RoundGuard, TooFewHealthySilos
 from fedefm.files import append_jsonl, atomic_write, drop_rows_after, write_json
 from fedefm.memory import peak_rss_mb
 from fedefm.models.heads import Classifier
-from fedefm.models.presets import get_preset
 from fedefm.models.weights import model_metadata, save_weights
 
 log = logging.getLogger(__name__)
@@ -213,6 +212,38 @@ class Checkpoint:
 RESUMABLE_CHANGES = ("rounds", "out", "min_healthy_silos", "silo_timeout_s", "data_memory_mb")
 
 
+def silo_partition(cfg: PretrainConfig) -> tuple[dict[str, list[ClassificationItem]], list[str], list[np.ndarray]]:
+    """The corpus's splits, its class names and the silos' indices into the training split, as every driver cuts them."""
+    splits, class_names = find_classification_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    if not splits["val"] or not splits["test"]:
+        raise DataError(f"{cfg.data}: need validation and test images; raise --val-fraction/--test-fraction")
+    return splits, class_names, partition(cfg, [item.label for item in splits["train"]])
+
+
+def silo_data(cfg: PretrainConfig, items: list[ClassificationItem], silo: int, device: torch.device,
+              in_memory: bool = True) -> SiloData:
+    """Silo ``silo``'s training images (decoded, or read per batch) and its batch generator seeded from the run's seed."""
+    return SiloData(ImageSource(items, cfg.image_size, in_memory, device), cfg.batch_size,
+                    torch.Generator(device=device).manual_seed(cfg.seed * 1000 + silo))
+
+
+def initial_model(cfg: PretrainConfig, n_classes: int, device: torch.device) -> Classifier:
+    """The run's classifier, initialised from the run's seed: every driver starts every silo from these weights."""
+    torch.manual_seed(cfg.seed)
+    return Classifier(cfg.model_preset(), n_classes=n_classes).to(device)
+
+
+def start_run_folder(cfg: PretrainConfig, command: str, algo_cfg, class_names: list[str], silo_sizes: list[int],
+                     model_size: int) -> None:
+    """Write RUN/config.json and clear metrics.jsonl for a fresh run."""
+    out = Path(cfg.out)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    write_json(out / "config.json", run_record(cfg, command) | {
+        "classes": class_names, "algorithm_config": dataclasses.asdict(algo_cfg),
+        "silo_sizes": silo_sizes, "model_bytes": model_size,
+    })
+
+
 def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Pre-train the foundation classifier federatedly; writes the run folder of DESIGN.md §6.
 
@@ -234,29 +265,19 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     algorithm = get_algorithm(cfg.algorithm)
     algo_cfg = cfg.algorithm_config()
 
-    splits, class_names = find_classification_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    if not splits["val"] or not splits["test"]:
-        raise DataError(f"{cfg.data}: need validation and test images; raise --val-fraction/--test-fraction")
+    splits, class_names, silo_indices = silo_partition(cfg)
     labels = [item.label for item in splits["train"]]
-    silo_indices = partition(cfg, labels)
     log.info("silo x class partition:\n%s", silo_class_table(labels, silo_indices, class_names))
     in_memory = decoded_bytes(len(labels) + len(splits["val"]), cfg.image_size) <= cfg.data_memory_mb * 2**20
     if not in_memory:
         log.info("decoded images exceed --data-memory-mb %g: reading each batch from disk", cfg.data_memory_mb)
-    silos = [SiloData(ImageSource([splits["train"][k] for k in indices], cfg.image_size, in_memory, device),
-                      cfg.batch_size, torch.Generator(device=device).manual_seed(cfg.seed * 1000 + i))
+    silos = [silo_data(cfg, [splits["train"][k] for k in indices], i, device, in_memory)
              for i, indices in enumerate(silo_indices)]
     val = ImageSource(splits["val"], cfg.image_size, in_memory, device)
 
-    torch.manual_seed(cfg.seed)
-    model = Classifier(get_preset(cfg.preset), n_classes=len(class_names)).to(device)
+    model = initial_model(cfg, len(class_names), device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=len(idx)) for idx in silo_indices]
-    n = len(states)
-    model_size = topology.model_bytes(model)
-    underlay = topology.get_underlay(cfg.underlay)
-    overlay = topology.build_overlay(cfg.topology, underlay, max(n, 2), 0.0, model_size) if n > 1 else None
-    matchings = topology.matcha_matchings(overlay.to_undirected()) if cfg.topology == "matcha" and overlay else None
     rng = np.random.default_rng(cfg.seed)
     generators = [silo.generator for silo in silos]
     checkpoint = Checkpoint(out)
@@ -270,14 +291,50 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         drop_rows_after(out / "metrics.jsonl", "round", done)
         log.info("resuming %s after round %d", out, done)
     else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        write_json(out / "config.json", run_record(cfg, "pretrain") | {
-            "classes": class_names, "algorithm_config": dataclasses.asdict(algo_cfg),
-            "silo_sizes": [len(idx) for idx in silo_indices], "model_bytes": model_size,
-        })
+        start_run_folder(cfg, "pretrain", algo_cfg, class_names, [len(idx) for idx in silo_indices],
+                         topology.model_bytes(model))
         with atomic_write(out / "partition.txt", "w") as f:
             f.write(silo_class_table(labels, silo_indices, class_names) + "\n")
 
+    def step(round_: int, states: list[SiloState], neighbours: list[list[int]], W: np.ndarray):
+        batches = [silo.batches() for silo in silos]
+        guard = RoundGuard(round_, len(states), cfg.min_healthy_silos, cfg.silo_timeout_s)
+        states = algorithm.run_round(model, states, batches, neighbours, W, algo_cfg, guard=guard)
+        for fault in guard.faults:
+            log.warning("round %d, silo %d: %s", round_, fault.silo, fault.reason)
+        return states, {"excluded": [f.to_dict() for f in guard.faults if f.host is None],
+                        "dropped_experts": [f.to_dict() for f in guard.faults if f.host is not None]}
+
+    def save(round_: int, states: list[SiloState]) -> None:
+        checkpoint.save(round_, states, generators, rng)
+
+    states = train_rounds(cfg, algo_cfg, model, states, step, rng, val, first_round=first_round, save=save,
+                          last_good=f"The last good checkpoint is in {checkpoint.folder}", progress=progress)
+    return finish(cfg, out, model, states, ImageSource(splits["test"], cfg.image_size, in_memory, device), class_names)
+
+
+RoundStep = Callable[[int, list[SiloState], list[list[int]], np.ndarray], tuple[list[SiloState], dict]]
+
+
+def train_rounds(cfg: PretrainConfig, algo_cfg, model: torch.nn.Module, states: list[SiloState], step: RoundStep,
+                 rng: np.random.Generator, val: ImageSource | None, first_round: int = 1,
+                 save: Callable[[int, list[SiloState]], None] | None = None, last_good: str = "",
+                 progress: bool = True) -> list[SiloState]:
+    """The round loop every driver shares: this round's links, ``step``, checks, one metrics row, evaluation.
+
+    Args:
+        step: runs one round, (round, states, neighbours, W) → (new states, extra metrics for the row);
+            the simulator calls the algorithm's run_round, the Flower relay sends messages.
+        val: the validation images, or None to leave val_acc null.
+        save: writes a checkpoint after a round (every cfg.checkpoint_every rounds and the last).
+        last_good: where the last good state is, appended to a NonFiniteLoss message.
+    """
+    out = Path(cfg.out)
+    n = len(states)
+    model_size = topology.model_bytes(model)
+    underlay = topology.get_underlay(cfg.underlay)
+    overlay = topology.build_overlay(cfg.topology, underlay, max(n, 2), 0.0, model_size) if n > 1 else None
+    matchings = topology.matcha_matchings(overlay.to_undirected()) if cfg.topology == "matcha" and overlay else None
     val_acc = math.nan
     with Progress(TextColumn(f"pretrain {cfg.algorithm}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress) as bar:
@@ -285,39 +342,40 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         for round_ in range(first_round, cfg.rounds + 1):
             started = time.perf_counter()
             neighbours, W, graph = round_links(cfg, algo_cfg, overlay, matchings, rng, [s.num_examples for s in states])
-            batches = [silo.batches() for silo in silos]
-            guard = RoundGuard(round_, n, cfg.min_healthy_silos, cfg.silo_timeout_s)
             try:
-                states = algorithm.run_round(model, states, batches, neighbours, W, algo_cfg, guard=guard)
+                states, extra = step(round_, states, neighbours, W)
             except TooFewHealthySilos as exc:
-                raise TooFewHealthySilos(f"{exc}. The last good checkpoint is in {checkpoint.folder}") from exc
-            for fault in guard.faults:
-                log.warning("round %d, silo %d: %s", round_, fault.silo, fault.reason)
+                raise TooFewHealthySilos(f"{exc}. {last_good}".rstrip()) from exc
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(f"round {round_}, {exc}. {last_good}".rstrip()) from exc
             compute_s = (time.perf_counter() - started) / n
-            healthy = [s for i, s in enumerate(states) if i not in guard.excluded()]
+            for i, state in enumerate(states):
+                if not all(torch.isfinite(t).all() for t in state.weights.values() if t.is_floating_point()):
+                    raise NonFiniteLoss(f"round {round_}, silo {i}: non-finite weights; lower --lr. {last_good}".rstrip())
+            excluded = {fault["silo"] for fault in extra.get("excluded", [])}
+            healthy = [s for i, s in enumerate(states) if i not in excluded]
             row = {
                 "round": round_,
                 "train_loss": float(np.mean([s.train_loss for s in healthy])),
                 "grad_steps": int(sum(s.grad_steps for s in states)),
                 "bytes_sent": round_bytes(cfg, algo_cfg, neighbours, W, model_size),
                 "cycle_time_s": cycle_time(graph, underlay, compute_s, transfers_per_link(cfg, algo_cfg) * model_size),
-                "excluded": [f.to_dict() for f in guard.faults if f.host is None],
-                "dropped_experts": [f.to_dict() for f in guard.faults if f.host is not None],
+                "excluded": [],
+                "dropped_experts": [],
                 "val_acc": None,
                 "silo_val_acc": None,
-            }
-            if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
+            } | extra
+            if val is not None and (round_ % cfg.eval_every == 0 or round_ == cfg.rounds):
                 val_acc = accuracy(model, mean_weights(states), val)
                 row["val_acc"] = val_acc
                 row["silo_val_acc"] = [accuracy(model, s.weights, val) for s in states] if n > 1 else [val_acc]
             row["wall_s"] = time.perf_counter() - started
             row["peak_rss_mb"] = peak_rss_mb()
             append_jsonl(out / "metrics.jsonl", row)
-            if round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds:
-                checkpoint.save(round_, states, generators, rng)
+            if save is not None and (round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds):
+                save(round_, states)
             bar.update(task, completed=round_, status=f"val acc {val_acc:.3f}")
-
-    return finish(cfg, out, model, states, ImageSource(splits["test"], cfg.image_size, in_memory, device), class_names)
+    return states
 
 
 def cycle_time(graph, underlay, compute_s: float, transfer_bytes: int) -> float | None:
@@ -328,11 +386,11 @@ def cycle_time(graph, underlay, compute_s: float, transfer_bytes: int) -> float 
     return topology.cycle_time(topology.delay_graph(graph, underlay, compute_s, transfer_bytes, server=server))
 
 
-def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState], test: ImageSource,
+def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState], test: ImageSource | None,
            class_names: list[str]) -> dict:
-    """Score the global model on the test split once; write global and per-silo weights and summary.json."""
+    """Score the global model on the test split once (None: no test split here); write weights and summary.json."""
     global_weights = mean_weights(states)
-    test_acc = accuracy(model, global_weights, test)
+    test_acc = accuracy(model, global_weights, test) if test is not None else None
     metadata = model_metadata(model) | {"classes": class_names, "image_size": cfg.image_size,
                                         "algorithm": cfg.algorithm, "seed": cfg.seed}
     save_weights(out / "global.safetensors", {k: v.cpu() for k, v in global_weights.items()}, metadata)

@@ -19,7 +19,6 @@ from fedefm.errors import ConfigError, WeightsError
 from fedefm.files import atomic_write
 from fedefm.models.encoder import HybridEncoder
 from fedefm.models.presets import PRESETS, get_preset
-from fedefm.models.segmenters import ARCHS, build_classifier, build_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +193,9 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         WeightsError: naming the file, when metadata is missing or unknown, or tensors are missing, unexpected
             or of the wrong shape.
     """
+    # Imported here: segmenters pulls in MONAI, which a Flower silo (a new process per message) never needs.
+    from fedefm.models.segmenters import ARCHS, build_classifier, build_segmenter
+
     tensors, metadata = load_weights(path)
     absent = [key for key in ("arch", "preset", "n_classes") if key not in metadata]
     if absent:

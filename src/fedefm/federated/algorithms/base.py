@@ -16,7 +16,7 @@ Nothing here knows whether it runs in-process or over Flower, chooses a device, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -150,9 +150,53 @@ def mix_weights(states: Sequence[SiloState], W: np.ndarray) -> list[SiloState]:
     return mixed
 
 
+def mix_row(mix: Callable, silo: int, received: Mapping[int, SiloState], row: Mapping[int, float], cfg) -> SiloState:
+    """Silo ``silo``'s own result of an algorithm's ``mix``, from the models it received (itself included).
+
+    For drivers where every silo mixes its own row: ``received`` and ``row`` hold the silos j with
+    W_ij > 0. The other rows of the small matrix keep their model, so ``mix`` sums row ``silo`` over
+    the same models in the same order as it does over all S silos.
+    """
+    senders = sorted(received)
+    W = np.eye(len(senders))
+    W[senders.index(silo)] = [row[j] for j in senders]
+    return mix([received[j] for j in senders], W, cfg)[senders.index(silo)]
+
+
 def mean_weights(states: Sequence[SiloState]) -> Weights:
     """The global model Θ = (1/S) Σ_i θ_i of the paper's step 4 (uniform over participating silos)."""
     return average_weights([s.weights for s in states], [1.0 / len(states)] * len(states))
+
+
+def at_silo(silo: int, fn: Callable, *args, **kwargs):
+    """Call ``fn``; a NonFiniteLoss it raises is re-raised naming ``silo``."""
+    try:
+        return fn(*args, **kwargs)
+    except NonFiniteLoss as exc:
+        raise NonFiniteLoss(f"silo {silo}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Task:
+    """One piece of a round's work, done at ``silo`` on its data.
+
+    Attributes:
+        silo: where the task runs (whose batches it draws).
+        model: whose round-start model it trains.
+        kind: "home" (the silo's own update of its own model, ``model == silo``) or "expert" (a copy of
+            ``model``'s weights trained at ``silo``, FedEFM's eq. 1).
+        user: the silo whose home update takes the trained expert: its owner, or the host itself.
+    """
+
+    silo: int
+    model: int
+    kind: str
+    user: int
+
+
+def home_tasks(n_silos: int) -> list[Task]:
+    """The round of an algorithm without overseas experts: every silo updates its own model."""
+    return [Task(silo=i, model=i, kind="home", user=i) for i in range(n_silos)]
 
 
 def local_then_mix(local_update, mix):

@@ -45,6 +45,7 @@ from fedefm.federated.algorithms.base import (
     Batch,
     LocalTraining,
     SiloState,
+    Task,
     Weights,
     average_weights,
     mix_weights,
@@ -204,41 +205,68 @@ def local_update(
     return replace(state, weights=weights, train_loss=loss, grad_steps=steps)
 
 
+def mixes_neighbours(cfg: Config) -> bool:
+    """Whether ``mix`` combines neighbours' models ("ours": gossip) or keeps each silo's own (literal, released)."""
+    return cfg.update == "ours"
+
+
 def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:
     """"ours": gossip over the overlay; "literal" and "released" keep each silo's model as updated."""
-    if cfg.update == "ours":
+    if mixes_neighbours(cfg):
         return mix_weights(states, W)
     return list(states)
+
+
+def round_tasks(neighbours: Sequence[Sequence[int]], cfg: Config) -> list[Task]:
+    """The round's tasks in the order one process runs them: for each silo i, its experts, then its home update.
+
+    A deployment may run tasks of different silos at once; each silo must run its own tasks in this
+    order, because they draw from the same batch stream.
+    """
+    tasks = []
+    for i in range(len(neighbours)):
+        if cfg.update == "released":
+            tasks += [Task(silo=i, model=j, kind="expert", user=i) for j in range(len(neighbours)) if i in neighbours[j]]
+        else:
+            tasks += [Task(silo=j, model=i, kind="expert", user=i) for j in neighbours[i]]
+        tasks.append(Task(silo=i, model=i, kind="home", user=i))
+    return tasks
+
+
+def home_update(
+    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, trained: Sequence[SiloState]
+) -> SiloState:
+    """local_update with the experts trained for this silo this round; grad_steps counts theirs too."""
+    if cfg.update == "released":
+        new = local_update(model, state, batches, cfg, visitors=trained)
+    else:
+        new = local_update(model, state, batches, cfg, experts=trained)
+    return replace(new, grad_steps=new.grad_steps + sum(e.grad_steps for e in trained))
 
 
 def run_round(
     model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
     neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: Config, guard: RoundGuard | None = None,
 ) -> list[SiloState]:
-    """One FedEFM round for every silo (Algorithm 1).
+    """One FedEFM round for every silo (Algorithm 1): the tasks of ``round_tasks`` in order, then ``mix``.
 
-    Silos are visited one at a time; each reads only round-k states, so the result is the parallel
-    round's. Silo i's experts live only while i updates: memory holds the S states, their updates and
-    |N(i)| experts, never every expert of the round. ``guard`` (federated/health.py) drops an expert
-    whose host fails and excludes a silo whose own update fails; that silo keeps its previous state.
+    Each task reads only round-k states, so the result is the parallel round's. An expert lives only
+    until its user's home update: memory holds the S states, their updates and |N(i)| experts. ``guard``
+    (federated/health.py) drops an expert whose host fails and excludes a silo whose own update fails;
+    that silo keeps its previous state.
     """
     guard = guard or RoundGuard.strict(len(states))
-    updated = []
-    for i, state in enumerate(states):
-        if cfg.update == "released":
-            experts = []
-            visitors = [guard.call(j, states[j].weights, overseas_expert, model, states[j], batches[i], cfg, host=i)
-                        for j in range(len(states)) if i in neighbours[j]]
+    trained: dict[int, list[SiloState]] = {i: [] for i in range(len(states))}
+    updated: list[SiloState] = list(states)
+    for task in round_tasks(neighbours, cfg):
+        visitor = states[task.model]
+        if task.kind == "expert":
+            expert = guard.call(task.model, visitor.weights, overseas_expert, model, visitor, batches[task.silo], cfg,
+                                host=task.silo)
+            if expert is not None:
+                trained[task.user].append(expert)
         else:
-            experts = [guard.call(i, state.weights, overseas_expert, model, state, batches[j], cfg, host=j)
-                       for j in neighbours[i]]
-            visitors = []
-        experts = [e for e in experts if e is not None]
-        visitors = [v for v in visitors if v is not None]
-        new = guard.call(i, state.weights, local_update, model, state, batches[i], cfg, experts=experts, visitors=visitors)
-        if new is None:
-            updated.append(replace(state, grad_steps=0))
-            continue
-        travelled = sum(e.grad_steps for e in experts + visitors)
-        updated.append(replace(new, grad_steps=new.grad_steps + travelled))
+            new = guard.call(task.silo, visitor.weights, home_update, model, visitor, batches[task.silo], cfg,
+                             trained.pop(task.silo))
+            updated[task.silo] = replace(visitor, grad_steps=0) if new is None else new
     return mix(updated, guard.mixing_matrix(W), cfg)

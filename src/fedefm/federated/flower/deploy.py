@@ -1,0 +1,272 @@
+"""Start a SuperLink, a SuperNode per silo, and runs of the fedefm Flower App (the ``fedefm flower`` commands).
+
+Every process gets ``flower_environment()``: no telemetry, no update check, and no runtime
+installation of app dependencies. Flower 1.42's SuperLink otherwise runs ``uv sync`` on the app's
+``[project].dependencies`` into a fresh environment, which would fetch another torch build than the
+one installed; the app therefore declares only ``flwr`` (which Flower never reinstalls) and every
+site installs ``fedefm[flower]`` itself, so the apps import the fedefm and torch already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedefm import __version__
+from fedefm.errors import ConfigError, FedefmError
+from fedefm.federated.flower.messages import default_run_config
+
+APP_TOML = """\
+# The fedefm Flower App: `flwr run` sends this folder to the SuperLink; the code is the fedefm package
+# installed at every site (pip install 'fedefm[flower]'). Only flwr is listed as a dependency, so Flower's
+# runtime installation (disabled anyway by `fedefm flower superlink`) has nothing to fetch.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedefm-flower"
+version = "{version}"
+description = "FedEFM federated pre-training across hospitals"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.42,<1.43"]
+
+[tool.flwr.app]
+publisher = "fedefm"
+
+[tool.flwr.app.components]
+serverapp = "fedefm.federated.flower.server_app:app"
+clientapp = "fedefm.federated.flower.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+CONNECTION_TOML = """\
+[superlink]
+default = "fedefm"
+
+[superlink.fedefm]
+address = "{address}"
+{security}
+"""
+
+
+class FlowerRunFailed(FedefmError, RuntimeError):
+    """A Flower run finished without success, or did not finish in time; the message holds Flower's status."""
+
+
+def flower_environment(flwr_home: Path | None = None) -> dict[str, str]:
+    """This process's environment for Flower's processes: no telemetry, update check or dependency installation.
+
+    PATH starts with this Python's own bin folder, where pip put Flower's commands, which start each other by name.
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, PATH=path, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def toml_value(value) -> str:
+    """A run-config value as TOML writes it (str, int, float or bool)."""
+    return json.dumps(value)
+
+
+def write_app(folder: Path, run_config: dict) -> Path:
+    """Write the Flower App folder (its pyproject.toml): every run-config key, ``run_config`` over the defaults."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "\n".join(f"{key} = {toml_value(value)}" for key, value in (default_run_config() | run_config).items())
+    (folder / "pyproject.toml").write_text(APP_TOML.format(version=__version__, config=lines))
+    return folder
+
+
+def superlink_command(port: int, certificates: tuple[Path, Path, Path] | None = None,
+                      enable_supernode_auth: bool = False, host: str = "127.0.0.1") -> list[str]:
+    """``flower-superlink`` arguments: one HTTP API on host:port, TLS from (CA, cert, key) or insecure."""
+    command = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if certificates is None:
+        command.append("--insecure")
+    else:
+        ca, cert, key = certificates
+        command += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    if enable_supernode_auth:
+        command.append("--enable-supernode-auth")
+    return command
+
+
+def supernode_command(superlink: str, silo_id: int, data_path: Path, port: int, data_layout: str = "silo",
+                      root_certificates: Path | None = None, private_key: Path | None = None) -> list[str]:
+    """``flower-supernode`` arguments for one silo: its data and silo id in the node config, its own Runtime API port."""
+    node_config = f'silo-id={silo_id} data-path="{Path(data_path).resolve()}" data-layout="{data_layout}"'
+    command = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+               "--node-config", node_config]
+    command += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    if private_key is not None:
+        command += ["--auth-supernode-private-key", str(private_key)]
+    return command
+
+
+def wait_for_port(address: str, timeout: float = 60) -> None:
+    """Wait until something accepts TCP connections at host:port (a SuperLink whose API is up).
+
+    Raises:
+        FlowerRunFailed: nothing listens there after ``timeout`` seconds.
+    """
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise FlowerRunFailed(f"nothing answers at {address} after {timeout:g} s; is the SuperLink running?")
+            time.sleep(0.2)
+
+
+def write_connection(flwr_home: Path, superlink: str, root_certificates: Path | None = None) -> None:
+    """Write $FLWR_HOME/config.toml with the SuperLink connection "fedefm" that ``flwr run`` and ``flwr ls`` use."""
+    security = ("insecure = true" if root_certificates is None
+                else f"root-certificates = {toml_value(str(Path(root_certificates).resolve()))}")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(CONNECTION_TOML.format(address=superlink, security=security))
+
+
+def flwr(arguments: list[str], flwr_home: Path, timeout: float = 120) -> dict:
+    """Run the ``flwr`` CLI with ``--format json`` and return its JSON answer.
+
+    Raises:
+        FlowerRunFailed: flwr exited non-zero or printed no JSON; the message holds its output.
+    """
+    executable = shutil.which("flwr", path=flower_environment()["PATH"])
+    if executable is None:
+        raise ConfigError("the flwr command is not installed; pip install 'fedefm[flower]'")
+    done = subprocess.run([executable, *arguments, "--format", "json"], capture_output=True, text=True,
+                          env=flower_environment(flwr_home), timeout=timeout)
+    try:
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = None
+    if done.returncode != 0 or answer is None or answer.get("success") is False:
+        raise FlowerRunFailed(f"flwr {' '.join(arguments)} failed: {(done.stdout + done.stderr).strip()[-2000:]}")
+    return answer
+
+
+def start_run(app: Path, flwr_home: Path) -> int:
+    """Submit a run of the app folder to the connection in ``flwr_home``; returns Flower's run id."""
+    return int(flwr(["run", str(Path(app).resolve()), "fedefm"], flwr_home)["run-id"])
+
+
+def wait_run(run_id: int, flwr_home: Path, timeout: float = 3600, poll_s: float = 3.0) -> dict:
+    """Wait until run ``run_id`` finishes; returns Flower's record of it (status, elapsed, network traffic).
+
+    Raises:
+        FlowerRunFailed: the run failed or was stopped (with Flower's details), or ran past ``timeout``
+            seconds (then it is stopped).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = flwr(["ls", "fedefm", "--run-id", str(run_id)], flwr_home)["runs"][0]
+        if record["status"].startswith("finished"):
+            if record["status"] != "finished:completed":
+                raise FlowerRunFailed(f"Flower run {run_id} {record['status']}: {record['status-details']}")
+            return record
+        time.sleep(poll_s)
+    flwr(["stop", str(run_id), "fedefm"], flwr_home)
+    raise FlowerRunFailed(f"Flower run {run_id} did not finish within {timeout:g} s; stopped it")
+
+
+def register_node(flwr_home: Path, public_key: Path) -> int:
+    """Register a SuperNode's public key with the SuperLink (``--enable-supernode-auth``); returns its node id."""
+    return int(flwr(["supernode", "register", str(Path(public_key).resolve()), "fedefm"], flwr_home)["node-id"])
+
+
+def run_federation(superlink: str, run_config: dict, root_certificates: Path | None = None,
+                   timeout: float = 3600) -> dict:
+    """Write the app and a ``flwr`` connection into a temporary folder, run, wait; returns Flower's run record."""
+    with tempfile.TemporaryDirectory(prefix="fedefm-flower-") as folder:
+        home = Path(folder) / "flwr_home"
+        write_connection(home, superlink, root_certificates)
+        return wait_run(start_run(write_app(Path(folder) / "app", run_config), home), home, timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackFederation:
+    """A SuperLink and one SuperNode per silo on 127.0.0.1, for tests and benchmarks; ``stop`` ends them all.
+
+    Every process runs in its own process group (Flower's SuperNodes start SuperExec and ClientApp
+    children), logs to FOLDER/NAME.log, and is killed with its group. SuperNodes read ``corpus`` with
+    data-layout "corpus", so silo k holds partition k, as in ``fedefm pretrain``.
+    """
+
+    def __init__(self, folder: Path, corpus: Path, silos: int = 3, tls: bool = False, auth: bool = False,
+                 env: dict[str, str] | None = None) -> None:
+        from fedefm.federated.flower.certificates import write_node_key, write_test_certificates
+
+        self.folder, self.corpus = Path(folder), Path(corpus)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.home = self.folder / "flwr_home"
+        self.address = f"127.0.0.1:{free_port()}"
+        self.env = flower_environment(self.home) | (env or {})
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.runs = 0
+        try:
+            certificates = write_test_certificates(self.folder / "certificates") if tls else None
+            self.ca = certificates[0] if certificates else None
+            self.start("superlink", superlink_command(int(self.address.rpartition(":")[2]), certificates, auth))
+            wait_for_port(self.address)
+            write_connection(self.home, self.address, self.ca)
+            for k in range(silos):
+                key = None
+                if auth:
+                    key, public = write_node_key(self.folder / "keys", f"node_{k}")
+                    register_node(self.home, public)
+                self.start(f"silo{k}", supernode_command(self.address, k, self.corpus, free_port(), "corpus",
+                                                         self.ca, key))
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, name: str, command: list[str]) -> None:
+        """Start one process in its own group, logging to FOLDER/NAME.log."""
+        with open(self.folder / f"{name}.log", "wb") as log:
+            self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
+
+    def kill(self, name: str) -> None:
+        """Kill process ``name`` and its children (its process group) and reap it."""
+        process = self.processes[name]
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Kill every process this federation started."""
+        for name in list(self.processes):
+            self.kill(name)
+
+    def run(self, run_config: dict, timeout: float = 900) -> dict:
+        """Run the app with ``run_config`` and wait; returns Flower's record of the finished run."""
+        return wait_run(self.start_run(run_config), self.home, timeout)
+
+    def start_run(self, run_config: dict) -> int:
+        """Submit a run of the app with ``run_config`` (its folder FOLDER/app_K); returns the run id."""
+        self.runs += 1
+        return start_run(write_app(self.folder / f"app_{self.runs}", run_config), self.home)

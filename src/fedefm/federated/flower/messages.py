@@ -1,0 +1,83 @@
+"""What travels between the relay and the silos: weights as ArrayRecords, scalars as MetricRecords, the run's settings.
+
+Weights travel as numpy arrays (``np.save`` without pickle) and come back bit for bit. The run's
+settings are Flower's run config (``[tool.flwr.app.config]`` of the app, overridden by
+``flwr run --run-config``); relay and silos read the same ``PretrainConfig`` from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from flwr.app import ArrayRecord, MetricRecord, UserConfig
+
+from fedefm.config import PretrainConfig, parse_settings
+from fedefm.errors import ConfigError
+from fedefm.federated.algorithms.base import SiloState, Weights
+
+# Run-config keys (Flower's spelling) → PretrainConfig fields; "options" holds "NAME=VALUE NAME=VALUE".
+RUN_CONFIG_FIELDS = {
+    "algorithm": "algorithm", "topology": "topology", "underlay": "underlay", "silos": "silos",
+    "partition": "partition", "unseen": "unseen", "alpha": "alpha", "rounds": "rounds",
+    "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "preset": "preset",
+    "image-size": "image_size", "dropout": "dropout", "shots": "shots", "eval-every": "eval_every",
+    "val-fraction": "val_fraction", "test-fraction": "test_fraction", "seed": "seed",
+}
+# Run-config keys the relay reads itself.
+RELAY_KEYS = ("data", "out", "options", "reply-timeout", "connect-timeout")
+
+
+def default_run_config() -> dict:
+    """Every run-config key with its default, as the app declares them ("" where the default is None).
+
+    Flower accepts ``--run-config`` overrides only for keys the app declares.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    settings = {key: "" if defaults[field] is None else defaults[field] for key, field in RUN_CONFIG_FIELDS.items()}
+    return settings | {"data": "", "out": "runs/flower", "options": "", "reply-timeout": 600.0,
+                       "connect-timeout": 120.0}
+
+
+def pretrain_config(run_config: UserConfig, data: str | Path | None = None) -> PretrainConfig:
+    """The run's PretrainConfig from Flower's run config; ``data`` replaces the run config's corpus (a silo's own).
+
+    An empty string leaves a field at its default (``topology = ""``: the algorithm's own, ``dropout = ""``:
+    the preset's).
+
+    Raises:
+        ConfigError: an unknown key, naming the known ones.
+    """
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_FIELDS) - set(RELAY_KEYS))
+    if unknown:
+        raise ConfigError(f"run config {unknown[0]}: not a fedefm setting; known: "
+                          f"{', '.join(sorted([*RUN_CONFIG_FIELDS, *RELAY_KEYS]))}")
+    fields = {field: run_config[key] for key, field in RUN_CONFIG_FIELDS.items()
+              if key in run_config and run_config[key] != ""}
+    options = str(run_config.get("options", "")).split()
+    return PretrainConfig(data=Path(data if data is not None else run_config.get("data", "")),
+                          out=Path(str(run_config.get("out", "flower_run"))), options=parse_settings(options),
+                          **fields)
+
+
+def weights_record(weights: Weights) -> ArrayRecord:
+    """An ArrayRecord holding every tensor of ``weights`` (copied to CPU)."""
+    return ArrayRecord.from_torch_state_dict({name: tensor.detach().cpu() for name, tensor in weights.items()})
+
+
+def record_weights(record: ArrayRecord) -> Weights:
+    """The weights an ArrayRecord holds, as writable tensors."""
+    return {name: tensor.clone() for name, tensor in record.to_torch_state_dict().items()}
+
+
+def scalars_record(state: SiloState) -> MetricRecord:
+    """The scalars that travel with a silo's weights."""
+    return MetricRecord({"num-examples": state.num_examples, "train-loss": state.train_loss,
+                         "grad-steps": state.grad_steps})
+
+
+def record_state(weights: ArrayRecord, scalars: MetricRecord) -> SiloState:
+    """A SiloState from its weights and scalars records (memory stays at the silo)."""
+    return SiloState(weights=record_weights(weights), num_examples=int(scalars["num-examples"]),
+                     train_loss=float(scalars["train-loss"]), grad_steps=int(scalars["grad-steps"]))
+

@@ -181,15 +181,11 @@ def assert_same_run(flower_run: Path, simulator_run: Path):
     a, _ = load_weights(flower_run / "global.safetensors")
     b, _ = load_weights(simulator_run / "global.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((flower_run / "summary.json").read_text()) == json.loads((simulator_run / "summary.json").read_text())
+    def summary(run):  # peak memory is the process's own, not a result
+        return {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k != "peak_rss_mb"}
+
+    assert summary(flower_run) == summary(simulator_run)
     assert json.loads((flower_run / "config.json").read_text())["command"] == "flower"
-
-
-@pytest.mark.slow
-def test_fedavg_over_flower_writes_the_simulators_run_folder_bit_for_bit(federation, corpus, tmp_path):
-    record = federation.run(settings(corpus, tmp_path / "flower", algorithm="fedavg"))
-    assert record["status"] == "finished:completed" and record["network-traffic"]["total-bytes"] > 0
-    assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "fedavg"))
 
 
 @pytest.mark.slow
@@ -199,12 +195,14 @@ def test_fedefm_on_a_ring_over_flower_writes_the_simulators_run_folder_bit_for_b
 
 
 @pytest.mark.slow
-def test_fedavg_over_tls_with_supernode_authentication(corpus, tmp_path):
+def test_fedavg_over_tls_with_supernode_authentication_writes_the_simulators_run_folder(corpus, tmp_path):
+    # fedavg runs only here, over TLS: one federation fewer keeps `make test` within its time
     secure = loopback(tmp_path, corpus, tls=True, auth=True)
     try:
-        secure.run(settings(corpus, tmp_path / "flower", algorithm="fedavg"))
+        record = secure.run(settings(corpus, tmp_path / "flower", algorithm="fedavg"))
     finally:
         secure.stop()
+    assert record["status"] == "finished:completed" and record["network-traffic"]["total-bytes"] > 0
     assert "insecure" not in (tmp_path / "superlink.log").read_text().lower()
     assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "fedavg"))
 
@@ -215,7 +213,7 @@ def test_a_supernode_killed_mid_run_fails_the_run_naming_its_silo(corpus, tmp_pa
     out = tmp_path / "flower"
     try:
         # the timeout must outlast a healthy reply (a new ClientApp process per message, slow on a busy CPU)
-        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=3, **{"reply-timeout": 90}))
+        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=3, **{"reply-timeout": 30}))
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
             time.sleep(0.5)

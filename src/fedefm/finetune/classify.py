@@ -169,6 +169,7 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
         drop_rows_after(out / "metrics.jsonl", "epoch", restored["epoch"])
         log.info("resuming %s after epoch %d", out, restored["epoch"])
     else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before the first checkpoint: start over
         write_json(out / "config.json", run_record(cfg, "finetune") | {
             "classes": class_names, "train_images": [i.name for i in train_items]})
     batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed, keep_orientation=True), cfg.seed,

@@ -106,7 +106,7 @@ def describe(message: Message, context: Context) -> Message:
     """Reply with the silo id and its number of training images."""
     classes = list(message.content["run"]["classes"])
     silo, _, data = load_silo(context, classes)
-    return Message(RecordDict({"silo": ConfigRecord({"silo-id": silo, "num-examples": int(data.labels.shape[0])})}),
+    return Message(RecordDict({"silo": ConfigRecord({"silo-id": silo, "num-examples": len(data.source)})}),
                    reply_to=message)
 
 
@@ -118,7 +118,7 @@ def train(message: Message, context: Context) -> Message:
     silo, cfg, data = load_silo(context, classes)
     algorithm = get_algorithm(cfg.algorithm)
     algo_cfg = cfg.algorithm_config()
-    model = Classifier(cfg.model_preset(), n_classes=len(classes)).to(data.images.device)
+    model = Classifier(cfg.model_preset(), n_classes=len(classes)).to(data.source.device)
     restore_generators(context, silo, cfg, data)
     batches = data.batches()
     tasks = content["tasks"]
@@ -135,7 +135,7 @@ def train(message: Message, context: Context) -> Message:
                 reply[f"expert-{owner}.scalars"] = scalars_record(expert)
             continue
         state = SiloState(weights=record_weights(content[f"model-{silo}"]), memory=memory(context),
-                          num_examples=int(data.labels.shape[0]))
+                          num_examples=len(data.source))
         if algorithm.EXCHANGE == "overseas":
             trained = [record_state(content[f"trained-{k}"], content[f"trained-{k}.scalars"])
                        for k in range(int(tasks["n-trained"]))]

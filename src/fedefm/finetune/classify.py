@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import FinetuneConfig, check_resume, resolve_device, run_record
+from fedefm.config import FinetuneConfig, resolve_device, run_record
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import (
     ClassificationDataset,
@@ -27,13 +27,13 @@ from fedefm.data.datasets import (
     find_multilabel_splits,
 )
 from fedefm.errors import DataError
-from fedefm.files import append_jsonl, drop_rows_after, write_json
+from fedefm.files import append_jsonl
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
 from fedefm.finetune.train import (
     epoch_bar,
-    load_checkpoint,
     lr_at,
     optimisation_step,
+    resume_point,
     run_folder,
     save_checkpoint,
     select_shots,
@@ -129,10 +129,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dic
         {"best_epoch", "best_val": selection score, "val": evaluate JSON of the selected model,
         "transfer": summary or None}.
     """
-    cfg.validate()
-    if resume:
-        check_resume(cfg, Path(cfg.out))
-    with run_folder(cfg.out, resume) as out:
+    with run_folder(cfg, resume) as out:
         return _train(cfg, out, resume, progress)
 
 
@@ -160,18 +157,11 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
                                         "image_size": cfg.image_size}
 
     store = CheckpointStore(out / "checkpoints", prefix="epoch")
+    record = run_record(cfg, "finetune") | {"classes": class_names, "train_images": [i.name for i in train_items]}
+    first_epoch, step, restored_best = resume_point(out, store, model, optimizer, resume, record)
     best = {"best_epoch": 0, "best_val": (-math.inf, -math.inf), "val": None}
-    first_epoch, step = 1, 0
-    restored = load_checkpoint(store, model, optimizer) if resume else None
-    if restored is not None:
-        first_epoch, step = restored["epoch"] + 1, restored["step"]
-        best = restored["best"] | {"best_val": tuple(restored["best"]["best_val"])}  # JSON turned the tuple into a list
-        drop_rows_after(out / "metrics.jsonl", "epoch", restored["epoch"])
-        log.info("resuming %s after epoch %d", out, restored["epoch"])
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before the first checkpoint: start over
-        write_json(out / "config.json", run_record(cfg, "finetune") | {
-            "classes": class_names, "train_images": [i.name for i in train_items]})
+    if restored_best is not None:
+        best = restored_best | {"best_val": tuple(restored_best["best_val"])}  # JSON turned the tuple into a list
     batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed, keep_orientation=True), cfg.seed,
                                first_step=step)
 

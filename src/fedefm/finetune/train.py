@@ -89,16 +89,17 @@ def training_batches(
 
 
 @contextlib.contextmanager
-def run_folder(out: Path, resume: bool = False) -> Iterator[Path]:
-    """Create the run folder, start a fresh metrics.jsonl (kept on resume) and copy the fedefm log into OUT/log.txt.
+def run_folder(cfg: FinetuneConfig, resume: bool = False) -> Iterator[Path]:
+    """Validate ``cfg``, create its run folder (a resumed one must hold the same settings) and log into OUT/log.txt.
 
     The log file gets INFO messages however the caller set up logging (the CLI, a script, a test);
     the fedefm logger's level is restored afterwards.
     """
-    out = Path(out)
+    cfg.validate()
+    out = Path(cfg.out)
+    if resume:
+        check_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
     logger = logging.getLogger("fedefm")
     file_log = logging.FileHandler(out / "log.txt", mode="a" if resume else "w")
     level = logger.level
@@ -194,6 +195,19 @@ def load_checkpoint(store: CheckpointStore, model: torch.nn.Module, optimizer: t
     return info
 
 
+def resume_point(out: Path, store: CheckpointStore, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 resume: bool, record: dict) -> tuple[int, int, dict | None]:
+    """(first epoch, step, best so far) after the newest intact checkpoint; a fresh start writes config.json."""
+    restored = load_checkpoint(store, model, optimizer) if resume else None
+    if restored is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint starts over
+        write_json(out / "config.json", record)
+        return 1, 0, None
+    drop_rows_after(out / "metrics.jsonl", "epoch", restored["epoch"])
+    log.info("resuming %s after epoch %d", out, restored["epoch"])
+    return restored["epoch"] + 1, restored["step"], restored["best"]
+
+
 def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune a segmenter; writes OUT/{config.json, metrics.jsonl, model.safetensors, log.txt, checkpoints/}.
 
@@ -203,10 +217,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dic
     Returns:
         {"best_epoch", "best_val", "val": evaluate JSON of the selected model, "transfer": summary or None}.
     """
-    cfg.validate()
-    if resume:
-        check_resume(cfg, Path(cfg.out))
-    with run_folder(cfg.out, resume) as out:
+    with run_folder(cfg, resume) as out:
         return _train(cfg, out, resume, progress)
 
 
@@ -231,16 +242,9 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
     total_steps = steps_per_epoch * cfg.epochs
 
     store = CheckpointStore(out / "checkpoints", prefix="epoch")
-    best = {"best_epoch": 0, "best_val": -math.inf, "val": None}
-    first_epoch, step = 1, 0
-    restored = load_checkpoint(store, model, optimizer) if resume else None
-    if restored is not None:
-        first_epoch, step, best = restored["epoch"] + 1, restored["step"], restored["best"]
-        drop_rows_after(out / "metrics.jsonl", "epoch", restored["epoch"])
-        log.info("resuming %s after epoch %d", out, restored["epoch"])
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # killed before the first checkpoint: start over
-        write_json(out / "config.json", run_record(cfg, "finetune") | {"train_images": [i.name for i in train_items]})
+    record = run_record(cfg, "finetune") | {"train_images": [i.name for i in train_items]}
+    first_epoch, step, restored_best = resume_point(out, store, model, optimizer, resume, record)
+    best = restored_best or {"best_epoch": 0, "best_val": -math.inf, "val": None}
     batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed), cfg.seed, first_step=step)
 
     with epoch_bar(progress) as bar:

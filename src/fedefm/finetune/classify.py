@@ -32,8 +32,8 @@ from fedefm.finetune.classification_metrics import class_scores, confusion_matri
 from fedefm.finetune.train import (
     epoch_bar,
     lr_at,
-    optimisation_step,
     resume_point,
+    train_epoch,
     run_folder,
     save_checkpoint,
     select_shots,
@@ -168,15 +168,10 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
     with epoch_bar(progress) as bar:
         task = bar.add_task("epochs", total=cfg.epochs, completed=first_epoch - 1, status="")
         for epoch in range(first_epoch, cfg.epochs + 1):
-            started, losses, seen = time.perf_counter(), [], 0
-            for _ in range(steps_per_epoch):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, cfg)
-                batch = {key: value.to(device) for key, value in next(batches).items()}
-                loss = classification_loss(model(batch["image"]), batch["label"])
-                losses.append(optimisation_step(loss, model, optimizer, cfg.grad_clip, f"epoch {epoch}, step {step}"))
-                seen += batch["image"].shape[0]
-                step += 1
+            started = time.perf_counter()
+            losses, seen, step = train_epoch(model, optimizer, batches,
+                                             lambda batch: classification_loss(model(batch["image"]), batch["label"]),
+                                             cfg, epoch, step, steps_per_epoch, total_steps)
             train_s = time.perf_counter() - started
             result = evaluate(model, val, class_names)
             score = selection_score(result)

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -131,6 +131,22 @@ def optimisation_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: tor
     return loss.item()
 
 
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict[str, torch.Tensor]],
+                batch_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor], cfg: FinetuneConfig, epoch: int,
+                step: int, steps: int, total_steps: int) -> tuple[list[float], int, int]:
+    """``steps`` optimiser steps from global ``step`` on, at ``lr_at``'s rate; returns (losses, images seen, next step)."""
+    device = next(model.parameters()).device
+    losses, seen = [], 0
+    for _ in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg)
+        batch = {key: value.to(device) for key, value in next(batches).items()}
+        losses.append(optimisation_step(batch_loss(batch), model, optimizer, cfg.grad_clip, f"epoch {epoch}, step {step}"))
+        seen += batch["image"].shape[0]
+        step += 1
+    return losses, seen, step
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, samples: dict[str, torch.Tensor], batch_size: int = 8) -> dict:
     """Score ``model`` on decoded samples; returns the evaluate JSON of DESIGN.md §6."""
@@ -238,6 +254,10 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = segmentation_loss(cfg, device)
+
+    def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_fn(model(batch["image"]), batch["mask"].unsqueeze(1))
+
     steps_per_epoch = math.ceil(max(len(train_items), cfg.samples_per_epoch) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
@@ -250,15 +270,9 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
     with epoch_bar(progress) as bar:
         task = bar.add_task("epochs", total=cfg.epochs, completed=first_epoch - 1, status="")
         for epoch in range(first_epoch, cfg.epochs + 1):
-            started, losses, seen = time.perf_counter(), [], 0
-            for _ in range(steps_per_epoch):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, cfg)
-                batch = {key: value.to(device) for key, value in next(batches).items()}
-                loss = loss_fn(model(batch["image"]), batch["mask"].unsqueeze(1))
-                losses.append(optimisation_step(loss, model, optimizer, cfg.grad_clip, f"epoch {epoch}, step {step}"))
-                seen += batch["image"].shape[0]
-                step += 1
+            started = time.perf_counter()
+            losses, seen, step = train_epoch(model, optimizer, batches, batch_loss, cfg, epoch, step, steps_per_epoch,
+                                             total_steps)
             train_s = time.perf_counter() - started
             result = evaluate(model, val)
             score = selection_score(result)

@@ -2,7 +2,7 @@
 result row in OUT/results.jsonl.
 
 Each row a script appends holds its own columns (documented in the script) plus:
-``table`` (T1..T5), ``machine`` (platform, CPU, cores, torch and python versions, torch threads),
+``table`` (T1..T6), ``machine`` (platform, CPU, cores, torch and python versions, torch threads),
 ``command`` (the exact command line) and ``wall_s`` (seconds this run took).
 """
 

@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from the benchmark result files only: no number in it is typed by hand.
 
-    python benchmarks/make_benchmarks_md.py --results bench_out --out BENCHMARKS.md
+    python benchmarks/make_benchmarks_md.py                      # benchmarks/results/t1 ... t6 → BENCHMARKS.md
     python benchmarks/make_benchmarks_md.py --results bench_out --file T3=bench_out/t3_long/results.jsonl
 
 Table Tn is read from RESULTS/tn/results.jsonl (or the file given by --file Tn=PATH). A table whose result file
@@ -21,6 +21,7 @@ import t2_unseen
 import t3_downstream
 import t4_backbones
 import t5_fedefm_ablation
+import t6_position
 from common import RESULT_FILE, run_script
 
 from fedefm.errors import DataError
@@ -33,12 +34,13 @@ TABLES: dict[str, tuple[str, str, Callable[[list[dict]], str]]] = {
     "T3": ("Downstream few-shot segmentation", "t3_downstream.py", t3_downstream.tables),
     "T4": ("Backbones", "t4_backbones.py", t4_backbones.tables),
     "T5": ("FedEFM ablations", "t5_fedefm_ablation.py", t5_fedefm_ablation.tables),
+    "T6": ("Downstream few-shot catheter position classification", "t6_position.py", t6_position.tables),
 }
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path("bench_out"), help="folder holding t1/ ... t5/")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder holding t1/ ... t6/")
     parser.add_argument("--file", action="append", default=[], help="Tn=PATH: read table Tn from PATH instead")
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
     parser.add_argument("--claims", type=Path, default=Path("benchmarks/claims.md"), help="hand-written statement")

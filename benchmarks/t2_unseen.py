@@ -1,11 +1,14 @@
 """T2 — the unseen-share ablation: FedAvg, D-PSGD and FedEFM as the share of unseen data grows.
 
-    python benchmarks/t2_unseen.py --out bench_out/t2 --threads 1        # full: 3 algorithms x 5 shares x 3 seeds
+    python benchmarks/t2_unseen.py --out bench_out/t2 --threads 1        # full: 3 algorithms x 5 shares x 3 seeds, 50 rounds
     python benchmarks/t2_unseen.py --quick --out bench_out/t2_quick      # seconds
 
 unseen = u means a share u of each data type lives only at its owner silo and the rest is spread over all
 silos (data/partition.py, the paper's protocol); u = 0 is IID, u = 1 one data type per silo. Every run has the
 same rounds, local steps E, batch and learning rate; FedAvg over a star, D-PSGD and FedEFM over the Gaia ring.
+
+Full mode runs 50 rounds (T1 runs 150) so that its 45 runs fit in about an hour on 2 CPU cores; pass
+--rounds to go longer.
 
 Result rows: the columns of T1 (t1_foundation.py), ``name`` being ALGORITHM_uSHARE (e.g. fedavg_u0.25).
 Table: test accuracy (mean ± std over seeds) per algorithm and unseen share.
@@ -39,7 +42,7 @@ def tables(results: list[dict]) -> str:
 
 def main() -> None:
     parser = common.parser_for(__doc__)
-    common.add_pretrain_args(parser, rounds=100)
+    common.add_pretrain_args(parser, rounds=50)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--shares", nargs="+", type=float, default=SHARES)
     args = parser.parse_args()

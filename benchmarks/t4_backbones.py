@@ -5,7 +5,8 @@
 
 Only TransUNet shares the hybrid encoder that pre-training trains, so it runs from scratch and from the
 fedefm_ring weights of T1 (--foundation); U-Net and SwinUNETR (MONAI) run from scratch. Full: the clinical
-domain, K in {4, 16}, 3 seeds, tiny preset, 128 px; the same epochs, batch and learning rate for every backbone.
+domain, K in {4, 16}, 3 seeds, tiny preset, 64 px, 20 epochs; the same epochs, batch and learning rate for every
+backbone.
 
 Result rows: the columns of T3 (t3_downstream.py), with ``arch`` the backbone.
 Table: per backbone, initialisation and K, test Dice / IoU / clDice / HD95 (px) per class, mean ± std over seeds.

@@ -13,15 +13,18 @@ FOUNDATION = COMMON | {"name", "setting", "algorithm", "topology", "options", "u
                        "local_steps", "batch_size", "image_size", "run", "summary", "rows"}
 DOWNSTREAM = COMMON | {"domain", "shots", "init", "init_weights", "arch", "epochs", "image_size", "run", "transfer",
                        "best_epoch", "val_dice", "test"}
+POSITION = COMMON | {"shots", "init", "init_weights", "epochs", "image_size", "run", "transfer", "best_epoch",
+                     "val_balanced_accuracy", "test"}
 EXPECTED = {
     "t1": (FOUNDATION, {"centralized", "fedavg", "fedprox", "moon", "fedefm_star", "dpsgd", "matcha", "fedefm_ring"}),
     "t2": (FOUNDATION, {f"{a}_u{u}" for a in ("fedavg", "dpsgd", "fedefm") for u in (0, 1)}),
     "t3": (DOWNSTREAM, {"scratch", "centralized", "fedavg", "dpsgd", "fedefm_ring"}),
     "t4": (DOWNSTREAM, {"unet/scratch", "swinunetr/scratch", "transunet/scratch", "transunet/fedefm_ring"}),
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
+    "t6": (POSITION, {"scratch", "centralized", "dpsgd", "fedefm_ring"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
-           "t5": "t5_fedefm_ablation.py"}
+           "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py"}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -29,7 +32,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def run_names(table: str, rows: list[dict]) -> set[str]:
-    if table == "t3":
+    if table in ("t3", "t6"):
         return {r["init"] for r in rows}
     if table == "t4":
         return {f"{r['arch']}/{r['init']}" for r in rows}
@@ -48,8 +51,11 @@ def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmark
         assert row["command"].startswith(f"python benchmarks/{SCRIPTS[table]} --quick") and row["wall_s"] > 0
         if columns is FOUNDATION:
             assert 0 <= row["summary"]["test_acc"] <= 1 and len(row["rows"]) == row["rounds"] == 2
-        else:
+        elif columns is DOWNSTREAM:
             assert set(row["test"]["per_class"]) == {"catheter", "guidewire"} and row["shots"] == 4
+        else:
+            assert set(row["test"]["per_class"]) == {"aortic_arch", "descending_aorta", "looped", "supra_aortic"}
+            assert 0 <= row["test"]["balanced_accuracy"] <= 1 and row["shots"] == 4
 
 
 @pytest.mark.slow
@@ -109,9 +115,9 @@ def test_benchmarks_md_has_every_table_with_its_machine_command_and_seeds(quick_
     for table, script in SCRIPTS.items():
         assert f"## {table.upper()} — " in text
         assert f"python benchmarks/{script} --quick --threads 1 --out {quick_benchmarks / table}" in text
-    assert text.count("Machine: ") == 5 and text.count("Seeds: 0.") == 5
-    assert text.count("Quick mode (CI-sized)") == 5
-    assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text
+    assert text.count("Machine: ") == 6 and text.count("Seeds: 0.") == 6
+    assert text.count("Quick mode (CI-sized)") == 6
+    assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text and "| dpsgd | 4 |" in text
     assert text.rstrip().endswith("FedEFM beats FedAvg here: a hand-written sentence.")
 
 

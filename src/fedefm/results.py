@@ -3,11 +3,12 @@
 A summary is ``(header, rows)``: column names and rows of cell text, mean ± std over seeds. The benchmark
 scripts print it as markdown, ``fedefm report`` as HTML, so both show the same numbers.
 
-Two kinds of result rows exist (the columns each benchmark script documents):
+Three kinds of result rows exist (the columns each benchmark script documents):
 
 * foundation rows (T1, T2, T5): ``name``, ``seed``, ``options``, ``summary`` (the run's summary.json),
   ``rows`` (its metrics.jsonl) and the run's settings (``algorithm``, ``topology``, ``unseen``, ...);
-* downstream rows (T3, T4): ``domain``, ``shots``, ``seed``, ``init``, ``arch``, ``test`` (evaluate JSON).
+* downstream segmentation rows (T3, T4): ``domain``, ``shots``, ``seed``, ``init``, ``arch``, ``test`` (evaluate JSON);
+* position rows (T6): ``shots``, ``seed``, ``init``, ``test`` (classification evaluate JSON), tabled by their script.
 
 Every row also records ``table``, ``machine``, ``command`` and ``wall_s``.
 """
@@ -67,8 +68,8 @@ def is_foundation(row: dict) -> bool:
 
 
 def is_downstream(row: dict) -> bool:
-    """A fine-tuning result (it carries the test split's evaluate JSON)."""
-    return "test" in row
+    """A segmentation fine-tuning result (it carries the test split's evaluate JSON with Dice)."""
+    return "dice" in row.get("test", {}).get("mean", {})
 
 
 def curve(rows: list[dict], key: str = "grad_steps") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,10 +4,11 @@
     python benchmarks/t6_position.py --quick --out bench_out/t6_quick --foundation bench_out/t1_quick
 
 The task is ``fedefm synth position`` (4 classes: the catheter tip in the aortic arch, the descending aorta
-or a supra-aortic branch, or a looped catheter). Full: K in {4, 16, 64} images per class x 4 initialisations
-(scratch and the centralized, dpsgd and fedefm_ring pre-trainings of T1, taken from --foundation as in T3)
-x 3 seeds, tiny preset, 480 images of 64 px (the size T1 pre-trains at). Every run selects its epoch on
-validation balanced accuracy and scores the test split once.
+or a supra-aortic branch, or a looped catheter). Full: K in {4, 16, 64, 256} images per class x 4
+initialisations (scratch and the centralized, dpsgd and fedefm_ring pre-trainings of T1, taken from
+--foundation as in T3) x 3 seeds, tiny preset, 20 epochs, 2400 images of 64 px (the size T1 pre-trains at;
+70% train, 15% validation, 15% test: 360 test images). K = 256 tells whether the task is learnable with
+more labels at all. Every run selects its epoch on validation balanced accuracy and scores the test split once.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s: ``shots`` (K), ``seed``,
 ``init``, ``init_weights``, ``epochs``, ``image_size``, ``run``, ``transfer``, ``best_epoch``,
@@ -56,9 +57,9 @@ def main() -> None:
     parser = common.parser_for(__doc__)
     parser.add_argument("--foundation", type=Path, help="T1 output folder holding runs/NAME_sSEED/global.safetensors")
     parser.add_argument("--inits", nargs="+", default=INITS, help="scratch and/or T1 run names")
-    parser.add_argument("--shots", nargs="+", type=int, default=[4, 16, 64], help="K images per class")
+    parser.add_argument("--shots", nargs="+", type=int, default=[4, 16, 64, 256], help="K images per class")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=480, help="synthetic images in all (split over 4 classes)")
+    parser.add_argument("--images", type=int, default=2400, help="synthetic images in all (split over 4 classes)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()

@@ -81,8 +81,10 @@ def run_finetunings(args: argparse.Namespace, table: str, plan: list[tuple[str, 
 
 
 def tables(results: list[dict]) -> str:
-    """Test scores per domain, K and initialisation."""
-    return markdown(downstream_summary(results, keys=("domain", "shots", "init")))
+    """Test scores per domain, K and initialisation, in the order of DOMAINS and INITS whatever order runs ended in."""
+    rank = {init: k for k, init in enumerate(INITS)}
+    ordered = sorted(results, key=lambda r: (DOMAINS.index(r["domain"]), r["shots"], rank.get(r["init"], len(INITS))))
+    return markdown(downstream_summary(ordered, keys=("domain", "shots", "init")))
 
 
 def main() -> None:

@@ -114,6 +114,13 @@ def test_mean_std_skips_undefined_values_and_says_so_when_none_is_left():
     assert mean_std([None]) == "-"
 
 
+def test_downstream_summary_leaves_out_position_rows():
+    position = {"table": "T6", "shots": 4, "init": "scratch", "seed": 0,
+                "test": {"accuracy": 0.5, "per_class": {"looped": {"precision": 1.0, "recall": 0.5, "f1": 0.67}}}}
+    _, lines = downstream_summary([position, DOWNSTREAM_ROW])
+    assert [line[:3] for line in lines] == [["clinical", "4", "scratch"]]
+
+
 def test_downstream_summary_averages_seeds_per_group():
     rows = [DOWNSTREAM_ROW, DOWNSTREAM_ROW | {"seed": 1, "test": {"per_class": {
         c: {"dice": 0.7, "iou": 0.45, "cldice": 0.6, "hd95": 8.0} for c in ("catheter", "guidewire")}}}]

@@ -6,7 +6,7 @@
 Table Tn is read from RESULTS/tn/results.jsonl (or the file given by --file Tn=PATH). A table whose result file
 is missing is an error (exit 1) naming the file and the script that writes it: the page never silently drops
 a table. Each table comes with the machine(s) it ran on, the exact command(s), the seeds, the number of runs
-and their total wall time. The statement of which paper claims the figures support is written by hand in
+and their wall time summed over the runs. The statement of which paper claims the figures support is written by hand in
 --claims (default benchmarks/claims.md) and copied in; without that file the page says it is not written yet.
 """
 
@@ -74,8 +74,8 @@ def section(table: str, path: Path) -> str:
     commands = sorted({r["command"] for r in rows if "command" in r})
     seeds = sorted({r["seed"] for r in rows})
     wall = sum(r.get("wall_s", 0.0) for r in rows)
-    lines = [f"## {table} — {title}", "", f"Result file: `{path}` ({len(rows)} runs, {wall / 60:.1f} min of wall time "
-             f"in total). Seeds: {', '.join(map(str, seeds))}.", ""]
+    lines = [f"## {table} — {title}", "", f"Result file: `{path}` ({len(rows)} runs, {wall / 60:.1f} min of wall "
+             f"time, summed over the runs). Seeds: {', '.join(map(str, seeds))}.", ""]
     if any("--quick" in command for command in commands):
         lines += ["**Quick mode (CI-sized): these figures check that the script works; they measure nothing.**", ""]
     lines += ["Machine: " + ("; ".join(machines) or "not recorded (rows written before machines were recorded)"), "",

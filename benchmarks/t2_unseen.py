@@ -1,6 +1,6 @@
 """T2 — the unseen-share ablation: FedAvg, D-PSGD and FedEFM as the share of unseen data grows.
 
-    python benchmarks/t2_unseen.py --out bench_out/t2 --threads 1        # full: 3 algorithms x 5 shares x 3 seeds, 50 rounds
+    python benchmarks/t2_unseen.py --out bench_out/t2 --threads 1        # full: 3 algorithms x 5 shares x 3 seeds
     python benchmarks/t2_unseen.py --quick --out bench_out/t2_quick      # seconds
 
 unseen = u means a share u of each data type lives only at its owner silo and the rest is spread over all

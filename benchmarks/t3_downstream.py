@@ -5,7 +5,8 @@
 
 Full: 4 synthetic domains (clinical, animal, phantom, simulation) x K in {4, 16, 64} x 5 initialisations
 (scratch and the centralized, fedavg, dpsgd and fedefm_ring pre-trainings of T1) x 3 seeds, TransUNet, tiny
-preset, 64 px (the size T1 pre-trains at) and 20 epochs, so that the 180 runs take about an hour on 2 CPU cores. The foundation weights are taken from the T1 output folder given by --foundation
+preset, 64 px (the size T1 pre-trains at) and 20 epochs, so that the 180 runs take about an hour on 2 CPU
+cores. The foundation weights are taken from the T1 output folder given by --foundation
 (runs/NAME_sSEED/global.safetensors, the pre-training of the same seed, else seed 0), so pre-training is not
 repeated. Every run selects its epoch on the validation split and scores the test split once.
 
@@ -14,7 +15,9 @@ Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_
 ``image_size``, ``run``, ``transfer`` (which encoder tensors were loaded, or null), ``best_epoch``,
 ``val_dice`` (of the selected epoch) and ``test`` (evaluate JSON: per-class and mean Dice, IoU, clDice, HD95).
 Runs already in the file are skipped, so an interrupted run continues where it stopped.
-Table: per domain, K and initialisation, test Dice / IoU / clDice / HD95 (px) per class, mean ± std over seeds.
+Tables: per domain, K and initialisation, test Dice / IoU / clDice / HD95 (px) per class, mean ± std over seeds;
+then per K and pre-trained initialisation, its Dice minus scratch's on the same domain and seed (mean ± std over
+those pairs), the gain pre-training buys.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from fedefm.config import FinetuneConfig
 from fedefm.data.synth import DOMAINS
 from fedefm.errors import ConfigError
-from fedefm.results import downstream_summary, markdown, read_results
+from fedefm.results import DEVICE_CLASSES, downstream_summary, group, markdown, mean_std, read_results
 
 TABLE = "T3"
 INITS = ["scratch", "centralized", "fedavg", "dpsgd", "fedefm_ring"]
@@ -84,7 +87,20 @@ def tables(results: list[dict]) -> str:
     """Test scores per domain, K and initialisation, in the order of DOMAINS and INITS whatever order runs ended in."""
     rank = {init: k for k, init in enumerate(INITS)}
     ordered = sorted(results, key=lambda r: (DOMAINS.index(r["domain"]), r["shots"], rank.get(r["init"], len(INITS))))
-    return markdown(downstream_summary(ordered, keys=("domain", "shots", "init")))
+    return markdown(downstream_summary(ordered, keys=("domain", "shots", "init"))) + "\n\n" + gain_table(ordered)
+
+
+def gain_table(results: list[dict]) -> str:
+    """Catheter and guidewire Dice minus scratch's on the same domain, K and seed: mean ± std over those pairs."""
+    scratch = {(r["domain"], r["shots"], r["seed"]): r["test"]["per_class"] for r in results if r["init"] == "scratch"}
+    paired = [r for r in results if r["init"] != "scratch" and (r["domain"], r["shots"], r["seed"]) in scratch]
+    lines = [[init, str(shots)] + [mean_std(r["test"]["per_class"][c]["dice"]
+                                            - scratch[r["domain"], r["shots"], r["seed"]][c]["dice"] for r in runs)
+                                   for c in DEVICE_CLASSES] + [str(len(runs))]
+             for (shots, init), runs in group(sorted(paired, key=lambda r: r["shots"]),
+                                              lambda r: (r["shots"], r["init"])).items()]
+    return markdown((["init", "K", "catheter Dice − scratch", "guidewire Dice − scratch", "pairs (domain, seed)"],
+                     lines))
 
 
 def main() -> None:

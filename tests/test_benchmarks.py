@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_benchmark
+from conftest import BENCHMARKS, run_benchmark
 
 COMMON = {"table", "machine", "command", "wall_s", "seed"}
 MACHINE = {"platform", "cpu", "cores", "torch", "python", "fedefm", "threads", "cuda"}
@@ -144,3 +144,9 @@ def test_benchmarks_md_refuses_an_empty_result_file(tmp_path):
     (tmp_path / "t1" / "results.jsonl").write_text("")
     with pytest.raises(SystemExit, match="t1/results.jsonl: holds no results"):
         make_md("--results", str(tmp_path), "--out", str(tmp_path / "BENCHMARKS.md"), "--tables", "T1")
+
+
+def test_the_committed_benchmarks_md_is_what_the_committed_result_files_generate(tmp_path, monkeypatch):
+    monkeypatch.chdir(BENCHMARKS.parent)  # the generator's defaults are paths from the repository root
+    make_md("--out", str(tmp_path / "BENCHMARKS.md"))
+    assert (tmp_path / "BENCHMARKS.md").read_text() == (BENCHMARKS.parent / "BENCHMARKS.md").read_text()

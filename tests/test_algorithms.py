@@ -117,8 +117,8 @@ def test_fedefm_round_runs_every_update_reading(model):
 def test_sgd_steps_stop_at_a_non_finite_loss(model):
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def nan_loss(model, images, labels):
-        return model(images).sum() * float("nan")
+    def nan_loss(model, batch):
+        return model(batch.images).sum() * float("nan")
 
     with pytest.raises(NonFiniteLoss, match="local loss is nan"):
         sgd_steps(model, start, batches(0), fedavg.Config(), nan_loss)

@@ -11,6 +11,10 @@ from fedefm.federated.distill import (
     multishot_distillation_loss,
     neighbour_weights,
 )
+from fedefm.federated.objectives import Batch
+from fedefm.federated.objectives.classify import Classify
+
+CLASSIFY = Classify()
 
 
 def _logits(seed: int, b: int = 4, c: int = 3) -> torch.Tensor:
@@ -20,9 +24,21 @@ def _logits(seed: int, b: int = 4, c: int = 3) -> torch.Tensor:
 LABELS = torch.tensor([0, 1, 2, 0])
 
 
+def classify_terms(student, teacher, labels, beta, temperature):
+    """One expert's term of eq. 11 for the classification objective, through the generic pieces."""
+    soft, scale = CLASSIFY.soft({"logits": student}, {"logits": teacher}, temperature)
+    return distillation_terms(soft, scale, F.cross_entropy(student, labels), beta)
+
+
+def classify_multishot(student, teachers, labels, scores, cfg):
+    """multishot_distillation_loss of classifier logits."""
+    return multishot_distillation_loss({"logits": student}, [{"logits": t} for t in teachers],
+                                       Batch(torch.empty(0), labels), scores, cfg, CLASSIFY)
+
+
 def test_loss_is_plain_cross_entropy_when_beta_is_zero():
     student, teacher = _logits(0), _logits(1)
-    loss = distillation_terms(student, teacher, LABELS, beta=0.0, temperature=4.0)
+    loss = classify_terms(student, teacher, LABELS, beta=0.0, temperature=4.0)
     torch.testing.assert_close(loss, F.cross_entropy(student, LABELS))
 
 
@@ -31,13 +47,13 @@ def test_soft_term_is_t_squared_kl_of_hand_computed_distributions():
     student, teacher = torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 0.0]])
     q = torch.softmax(torch.tensor([0.0, 1.0]), dim=0)
     kl = 0.5 * math.log(0.5 / q[0].item()) + 0.5 * math.log(0.5 / q[1].item())
-    loss = distillation_terms(student, teacher, torch.tensor([1]), beta=1.0, temperature=2.0)
+    loss = classify_terms(student, teacher, torch.tensor([1]), beta=1.0, temperature=2.0)
     assert loss.item() == pytest.approx(4 * kl)
 
 
 def test_teacher_receives_no_gradient():
     student, teacher = _logits(2).requires_grad_(), _logits(3).requires_grad_()
-    distillation_terms(student, teacher, LABELS, beta=0.5, temperature=4.0).backward()
+    classify_terms(student, teacher, LABELS, beta=0.5, temperature=4.0).backward()
     assert teacher.grad is None
     assert student.grad is not None
 
@@ -60,7 +76,7 @@ def test_gradient_steps_move_student_softened_distribution_toward_teacher(beta):
     optimizer = torch.optim.SGD([student], lr=0.5)
     for _ in range(5):
         optimizer.zero_grad(set_to_none=True)
-        distillation_terms(student, teacher, labels, beta=beta, temperature=4.0).backward()
+        classify_terms(student, teacher, labels, beta=beta, temperature=4.0).backward()
         optimizer.step()
     assert softened_kl() < before
 
@@ -110,16 +126,16 @@ def test_multishot_loss_is_score_weighted_sum_of_per_expert_terms():
     student, teachers = _logits(6), [_logits(7), _logits(8)]
     cfg = DistillConfig(beta=0.5, temperature=2.0, weighting="sum")
     # Execute
-    loss = multishot_distillation_loss(student, teachers, LABELS, torch.tensor([0.25, 0.75]), cfg)
+    loss = classify_multishot(student, teachers, LABELS, torch.tensor([0.25, 0.75]), cfg)
     # Assert
-    terms = [distillation_terms(student, t, LABELS, 0.5, 2.0) for t in teachers]
+    terms = [classify_terms(student, t, LABELS, 0.5, 2.0) for t in teachers]
     torch.testing.assert_close(loss, 0.25 * terms[0] + 0.75 * terms[1])
 
 
 def test_multishot_loss_sends_no_gradient_into_scores():
     scores = torch.tensor([0.4, 0.6], requires_grad=True)
     student = _logits(9).requires_grad_()
-    loss = multishot_distillation_loss(student, [_logits(10), _logits(11)], LABELS, scores, DistillConfig())
+    loss = classify_multishot(student, [_logits(10), _logits(11)], LABELS, scores, DistillConfig())
     loss.backward()
     assert scores.grad is None
     assert student.grad is not None
@@ -127,17 +143,17 @@ def test_multishot_loss_sends_no_gradient_into_scores():
 
 def test_multishot_loss_rejects_score_count_different_from_experts():
     with pytest.raises(ValueError, match="scores"):
-        multishot_distillation_loss(_logits(0), [_logits(1)], LABELS, torch.tensor([0.5, 0.5]), DistillConfig())
+        classify_multishot(_logits(0), [_logits(1)], LABELS, torch.tensor([0.5, 0.5]), DistillConfig())
 
 
 def test_multishot_loss_rejects_empty_expert_list():
     with pytest.raises(ValueError, match="no overseas experts"):
-        multishot_distillation_loss(_logits(0), [], LABELS, torch.tensor([]), DistillConfig())
+        classify_multishot(_logits(0), [], LABELS, torch.tensor([]), DistillConfig())
 
 
 def test_teacher_with_other_class_count_is_rejected():
-    with pytest.raises(ValueError, match="teacher_logits"):
-        distillation_terms(_logits(0), _logits(1, c=4), LABELS, beta=0.5, temperature=4.0)
+    with pytest.raises(ValueError, match="teacher logits"):
+        classify_terms(_logits(0), _logits(1, c=4), LABELS, beta=0.5, temperature=4.0)
 
 
 @pytest.mark.parametrize(

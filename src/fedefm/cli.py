@@ -185,6 +185,10 @@ def pretrain(
     data: Annotated[Path, typer.Option(help="Pre-training corpus, ROOT/CLASS/*.ext (the label is the data type).")],
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
     algorithm: Annotated[str, typer.Option(help="centralized, fedavg, fedprox, moon, dpsgd, matcha or fedefm.")] = "fedefm",
+    objective: Annotated[str, typer.Option(help="classify (data type), segment (masks each silo holds), mim, or a sum "
+                                                "such as segment+mim or segment+mim*0.5.")] = "classify",
+    images_only: Annotated[list[str], typer.Option(help="Data-type class whose masks are ignored (a silo with frames "
+                                                        "but no annotations); repeatable.")] = [],
     topology: Annotated[Optional[str], typer.Option(help="star, ring, mst, complete or matcha (default: the algorithm's).")] = None,
     underlay: Annotated[str, typer.Option(help="Where silos sit: gaia (11 sites) or aws_na (22).")] = "gaia",
     silos: Annotated[int, typer.Option(help="Number of silos (hospitals).")] = 6,
@@ -210,14 +214,16 @@ def pretrain(
     from fedefm.config import PretrainConfig, parse_settings
     from fedefm.federated.simulator import run
 
-    cfg = PretrainConfig(data=data, out=out, algorithm=algorithm, topology=topology, underlay=underlay, silos=silos,
+    cfg = PretrainConfig(data=data, out=out, algorithm=algorithm, objective=objective, images_only=tuple(images_only),
+                         topology=topology, underlay=underlay, silos=silos,
                          unseen=unseen, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
                           preset=preset, image_size=image_size, dropout=dropout, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, options=parse_settings(option), device=device, seed=seed,
                           min_healthy_silos=min_healthy_silos, silo_timeout_s=silo_timeout, data_memory_mb=data_memory_mb)
     summary = run(cfg, resume=resume)
-    console.print(f"test accuracy of the global model {summary['test_acc']:.4f} "
-                  f"(validation, last evaluations: {summary['final_val_acc']:.4f}); weights in {out / 'global.safetensors'}")
+    metric = next(key.removeprefix("test_") for key in summary if key.startswith("test_"))
+    console.print(f"test {metric} of the global model {summary[f'test_{metric}']:.4f} (validation, last evaluations: "
+                  f"{summary[f'final_val_{metric}']:.4f}); weights in {out / 'global.safetensors'}")
 
 
 @app.command("topology")

@@ -166,7 +166,10 @@ class PretrainConfig:
     """Federated pre-training of the foundation classifier (``fedefm pretrain``).
 
     ``options`` holds the algorithm's own settings by name (``beta``, ``mu``, ``update``, ...); every
-    field of the algorithm's Config not given there keeps its documented default.
+    field of the algorithm's Config not given there keeps its documented default. ``objective`` names the
+    pre-training objective (federated/objectives/: classify, segment, mim, segment+mim, ...);
+    ``images_only`` lists data-type classes whose masks are ignored, as a silo that holds frames but no
+    annotations.
 
     Fault tolerance (federated/health.py): a round goes on without the silos whose update fails, comes
     back later than ``silo_timeout_s`` (None: no limit) or returns unusable weights, as long as at least
@@ -180,6 +183,8 @@ class PretrainConfig:
     data: Path
     out: Path
     algorithm: str = "fedefm"
+    objective: str = "classify"
+    images_only: tuple[str, ...] = ()
     topology: str | None = None
     underlay: str = "gaia"
     silos: int = 6
@@ -209,12 +214,15 @@ class PretrainConfig:
         """The algorithm's frozen Config with the shared and the per-algorithm settings applied."""
         from fedefm.federated.algorithms import get_algorithm
 
+        from fedefm.federated.objectives import get_objective
+
         config_type = get_algorithm(self.algorithm).Config
-        known = {f.name for f in dataclasses.fields(config_type)}
+        known = {f.name for f in dataclasses.fields(config_type)} - {"objective"}
         unknown = sorted(set(self.options) - known)
         if unknown:
             raise ConfigError(f"--option {unknown[0]}: not a setting of {self.algorithm}; known: {', '.join(sorted(known))}")
-        return config_type(**{"lr": self.lr, "local_steps": self.local_steps, **self.options})
+        return config_type(**{"lr": self.lr, "local_steps": self.local_steps, **self.options,
+                              "objective": get_objective(self.objective)})
 
     def model_preset(self):
         """The preset's sizes, with ``dropout`` replaced when given."""
@@ -266,6 +274,7 @@ class PretrainConfig:
         if not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data}: no such folder")
         resolve_device(self.device)
+        self.images_only = tuple(self.images_only)
         self.algorithm_config()
         return self
 

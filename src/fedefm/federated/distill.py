@@ -5,6 +5,9 @@ weights. We read the two as one loss (reference §2.3 "Ambiguity", §6 row 8): a
 
     l_j = beta T^2 KL(softmax(z_T_j / T) || softmax(z_S / T)) + (1 - beta) CE(z_S, y)
 
+(for a dense objective the KL is per pixel of the class maps, or the soft term is the squared difference
+of two reconstructions; the objective says which, and what the hard term is)
+
 and the student's loss sum_j w_j l_j, w_j the expert's EMD score after normalisation over the
 neighbours. KL differs from eq. (11)'s soft cross-entropy by the teacher's entropy, a constant for the
 student, so the gradients agree.
@@ -17,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fedefm.errors import ConfigError, choose
+from fedefm.federated.objectives import Batch, Objective
+from fedefm.federated.objectives.base import Outputs
 
 NEIGHBOUR_WEIGHTINGS = ("none", "sum", "softmax")
 
@@ -54,32 +58,16 @@ class DistillConfig:
         _check_softmax_temperature(self.softmax_temperature)
 
 
-def distillation_terms(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, beta: float, temperature: float
-) -> Tensor:
-    """One expert's term of eq. (11): beta T^2 KL(expert || student, softened) + (1 - beta) CE(student, y).
+def distillation_terms(soft: Tensor, scale: float, hard: Tensor, beta: float) -> Tensor:
+    """One expert's term of eq. (11): beta · scale · soft + (1 - beta) · hard, all () tensors.
 
     Args:
-        student_logits: (B, C) student scores z_S on silo i's batch.
-        teacher_logits: (B, C) expert scores z_T on the same batch; detached, the expert is frozen.
-        labels: (B,) int64 class indices y of silo i's batch.
+        soft: the expert term (KL of tempered softmax for classify and segment, reconstruction MSE for mim).
+        scale: its factor (T² for a tempered softmax: the soft gradients' scale stays independent of T).
+        hard: the student's own supervised loss on silo i's batch.
         beta: share of the soft term, in [0, 1].
-        temperature: softmax temperature T > 0; T^2 keeps the soft gradients' scale independent of T.
-
-    Returns:
-        () loss, KL averaged over the batch ("batchmean") and CE averaged over the batch.
-
-    Raises:
-        ConfigError: if beta is outside [0, 1] or temperature <= 0.
-        ValueError: if the shapes disagree.
     """
-    _check_beta_temperature(beta, temperature)
-    _check_logits(student_logits, teacher_logits, labels)
-    student_log_soft = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
-    teacher_log_soft = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)  # (B, C)
-    soft = F.kl_div(student_log_soft, teacher_log_soft, reduction="batchmean", log_target=True)
-    hard = F.cross_entropy(student_logits, labels)
-    return beta * temperature**2 * soft + (1.0 - beta) * hard
+    return beta * scale * soft + (1.0 - beta) * hard
 
 
 def neighbour_weights(scores: Tensor, weighting: str, softmax_temperature: float = 0.1) -> Tensor:
@@ -122,20 +110,22 @@ def neighbour_weights(scores: Tensor, weighting: str, softmax_temperature: float
 
 
 def multishot_distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Sequence[Tensor],
-    labels: Tensor,
+    student: Outputs,
+    teachers: Sequence[Outputs],
+    batch: Batch,
     scores: Tensor,
     cfg: DistillConfig,
+    objective: Objective,
 ) -> Tensor:
-    """Student loss sum_j w_j l_j over the overseas experts (eq. 2 with eq. 11).
+    """Student loss sum_j w_j l_j over the overseas experts (eq. 2 with eq. 11), for any objective.
 
     Args:
-        student_logits: (B, C) student scores on silo i's batch.
-        teacher_logits: J tensors (B, C), each expert's scores on the same batch, in the order of scores.
-        labels: (B,) int64 class indices of silo i's batch.
+        student: the student's outputs on silo i's prepared batch (``objective.outputs``).
+        teachers: J experts' outputs on the same batch, in the order of scores; detached.
+        batch: the prepared batch (targets for the hard term).
         scores: (J,) EMD scores of the experts (emd_score_batch); turned into weights by cfg.weighting.
         cfg: beta, temperature and weighting.
+        objective: says what the soft and the hard terms are.
 
     Returns:
         () loss; with weighting "sum" or "softmax" the hard-label term keeps weight 1 - beta.
@@ -143,22 +133,19 @@ def multishot_distillation_loss(
     Raises:
         ValueError: if there are no experts, their count differs from len(scores), or shapes disagree.
     """
-    if len(teacher_logits) == 0:
+    if len(teachers) == 0:
+        raise ValueError("teachers: no overseas experts; a silo without neighbours should train on its own loss instead")
+    if scores.dim() != 1 or scores.shape[0] != len(teachers):
         raise ValueError(
-            "teacher_logits: no overseas experts; a silo without neighbours should train on "
-            "plain cross-entropy instead"
-        )
-    if scores.dim() != 1 or scores.shape[0] != len(teacher_logits):
-        raise ValueError(
-            f"scores: shape {tuple(scores.shape)} does not match the {len(teacher_logits)} experts "
-            f"in teacher_logits; pass one EMD score per expert"
+            f"scores: shape {tuple(scores.shape)} does not match the {len(teachers)} experts "
+            f"in teachers; pass one EMD score per expert"
         )
     weights = neighbour_weights(scores, cfg.weighting, cfg.softmax_temperature)  # (J,)
+    # The hard term is built once per expert, as eq. (11) writes it: one graph node per term keeps the
+    # gradient's summation order (and so the numbers) of the paper's loss.
     terms = torch.stack(
-        [
-            distillation_terms(student_logits, teacher, labels, cfg.beta, cfg.temperature)
-            for teacher in teacher_logits
-        ]
+        [distillation_terms(*objective.soft(student, teacher, cfg.temperature), objective.loss(student, batch), cfg.beta)
+         for teacher in teachers]
     )  # (J,)
     return (weights.to(terms) * terms).sum()
 
@@ -176,19 +163,4 @@ def _check_softmax_temperature(softmax_temperature: float) -> None:
     if not (softmax_temperature > 0 and math.isfinite(softmax_temperature)):
         raise ConfigError(
             f"distillation softmax_temperature {softmax_temperature}: must be a finite number > 0; try 0.1"
-        )
-
-
-def _check_logits(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> None:
-    """Raise ValueError unless student (B, C), teacher (B, C) and labels (B,) agree."""
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits: expected (B, C), got shape {tuple(student_logits.shape)}")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher_logits: shape {tuple(teacher_logits.shape)} differs from student_logits "
-            f"{tuple(student_logits.shape)}; student and expert must share the class list"
-        )
-    if labels.shape != student_logits.shape[:1]:
-        raise ValueError(
-            f"labels: expected shape ({student_logits.shape[0]},) to match student_logits, got {tuple(labels.shape)}"
         )

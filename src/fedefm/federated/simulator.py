@@ -22,38 +22,51 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedefm.checkpoints import CheckpointStore
 from fedefm.config import PretrainConfig, check_resume, resolve_device, run_record
-from fedefm.data.datasets import ClassificationDataset, ClassificationItem, find_classification_splits
-from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table
+from fedefm.data.datasets import (
+    ClassificationDataset,
+    ClassificationItem,
+    LabelSpec,
+    find_classification_splits,
+    read_label_mask,
+    read_label_spec,
+)
+from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table, silo_label_table
 from fedefm.errors import ConfigError, DataError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
-from fedefm.federated.algorithms.base import Batch, NonFiniteLoss, SiloState, mean_weights
+from fedefm.federated.algorithms.base import NonFiniteLoss, SiloState, mean_weights
 from fedefm.federated.health import RoundGuard, TooFewHealthySilos
+from fedefm.federated.objectives import Batch, Objective, get_objective, is_dense, needs_masks
 from fedefm.files import append_jsonl, atomic_write, drop_rows_after, write_json
 from fedefm.memory import peak_rss_mb
-from fedefm.models.heads import Classifier
 from fedefm.models.weights import model_metadata, save_weights
 
 log = logging.getLogger(__name__)
 
 
 class ImageSource:
-    """Images and labels of a list of items, decoded once into memory or, to bound memory, read from disk per batch.
+    """Images, labels and (for a dense corpus) masks of a list of items, decoded once into memory or read per batch.
 
     Both modes decode and resize each image the same way, so a batch holds the same numbers either way.
 
     Args:
-        items: the images and their labels.
-        size: side every image is resized to.
+        items: the images, their data-type labels and mask paths.
+        size: side every image (and mask) is resized to.
         in_memory: decode everything now (fast) or read the images of each requested batch (bounded memory).
-        device: where the returned images live.
+        device: where the returned tensors live.
+        spec: the corpus's label table and class names, to read masks with; None for images and labels only.
     """
 
-    def __init__(self, items: list[ClassificationItem], size: int, in_memory: bool, device: torch.device) -> None:
+    def __init__(self, items: list[ClassificationItem], size: int, in_memory: bool, device: torch.device,
+                 spec: tuple[LabelSpec, list[str]] | None = None) -> None:
+        self.items = items
         self.dataset = ClassificationDataset(items, size)
         self.labels = torch.tensor([item.label for item in items], dtype=torch.long)
         self.device = device
+        self.spec = spec
+        self.annotated = None if spec is None else annotated_labels(items, *spec)
         self.decoded = self.read(torch.arange(len(items))) if in_memory else None
+        self.decoded_masks = self.read_masks(torch.arange(len(items))) if in_memory and spec is not None else None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -64,9 +77,42 @@ class ImageSource:
             return torch.empty(0, 1, self.dataset.size, self.dataset.size, device=self.device)
         return torch.stack([self.dataset[int(k)]["image"] for k in index]).to(self.device)
 
+    def read_masks(self, index: torch.Tensor) -> torch.Tensor:
+        """Decode the masks at ``index``: (B, size, size) int64 label ids, zeros for an image without a mask."""
+        size = self.dataset.size
+        masks = [torch.zeros(size, size, dtype=torch.long) if self.items[int(k)].mask is None
+                 else read_label_mask(self.items[int(k)].mask, self.allowed(int(k)), size) for k in index]
+        return torch.stack(masks).to(self.device) if masks else torch.empty(0, size, size, dtype=torch.long)
+
+    def allowed(self, k: int) -> list[int]:
+        """The label ids item ``k``'s mask may hold: 0 and the labels its class annotates."""
+        return [0, *torch.nonzero(self.annotated[k]).flatten().tolist()]
+
     def images(self, index: torch.Tensor) -> torch.Tensor:
         """Images at ``index`` (B,): (B, 1, size, size) in [0, 1]."""
         return self.read(index) if self.decoded is None else self.decoded[index.to(self.decoded.device)]
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        """The objective's batch of the items at ``index``: images, labels and, for a dense corpus, masks."""
+        labels = self.labels[index].to(self.device)
+        if self.spec is None:
+            return Batch(self.images(index), labels)
+        masks = self.read_masks(index) if self.decoded_masks is None else self.decoded_masks[index.to(self.device)]
+        return Batch(self.images(index), labels, masks, self.annotated[index].to(self.device))
+
+    def masked(self) -> int:
+        """How many items carry a mask with at least one annotated label."""
+        return 0 if self.annotated is None else int(self.annotated[:, 1:].any(dim=1).sum())
+
+
+def annotated_labels(items: list[ClassificationItem], spec: LabelSpec, class_names: list[str]) -> torch.Tensor:
+    """(N, L) bool: label l is annotated in item n (its class annotates l and the item has a mask); column 0 False."""
+    annotated = torch.zeros(len(items), len(spec.labels), dtype=torch.bool)
+    for n, item in enumerate(items):
+        if item.mask is not None:
+            annotated[n, list(spec.annotated.get(class_names[item.label], ()))] = True
+    annotated[:, 0] = False
+    return annotated
 
 
 def decoded_bytes(n_images: int, size: int) -> int:
@@ -87,7 +133,7 @@ class SiloData:
         n = len(self.source)
         while True:
             index = torch.randperm(n, generator=self.generator, device=self.generator.device)[: self.batch_size].cpu()
-            yield self.source.images(index), self.source.labels[index].to(self.source.device)
+            yield self.source.batch(index)
 
 
 def partition(cfg: PretrainConfig, labels: list[int]) -> list[np.ndarray]:
@@ -101,17 +147,10 @@ def partition(cfg: PretrainConfig, labels: list[int]) -> list[np.ndarray]:
     return partition_unseen(labels, cfg.silos, cfg.unseen, cfg.seed)
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: ImageSource, batch_size: int = 64) -> float:
-    """Top-1 accuracy of ``weights`` on every image of ``source``, ``batch_size`` images at a time."""
+def score(objective: Objective, model: torch.nn.Module, weights: dict[str, torch.Tensor], source: ImageSource) -> float:
+    """The objective's validation score (accuracy, Dice, PSNR, ...) of ``weights`` on every item of ``source``."""
     model.load_state_dict(weights)
-    model.eval()
-    correct = 0
-    for start in range(0, len(source), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(source)))
-        logits = model(source.images(index))
-        correct += (logits.argmax(1).cpu() == source.labels[index]).sum().item()
-    return correct / max(1, len(source))
+    return objective.score(model, source)
 
 
 def transfers_per_link(cfg: PretrainConfig, algo_cfg) -> int:
@@ -212,43 +251,97 @@ class Checkpoint:
 RESUMABLE_CHANGES = ("rounds", "out", "min_healthy_silos", "silo_timeout_s", "data_memory_mb")
 
 
-def silo_partition(cfg: PretrainConfig) -> tuple[dict[str, list[ClassificationItem]], list[str], list[np.ndarray]]:
-    """The corpus's splits, its class names and the silos' indices into the training split, as every driver cuts them."""
-    splits, class_names = find_classification_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
+@dataclass
+class Corpus:
+    """A pre-training corpus as every driver cuts it: splits, class (data-type) names, the label table, silo indices."""
+
+    splits: dict[str, list[ClassificationItem]]
+    class_names: list[str]
+    spec: LabelSpec
+    silo_indices: list[np.ndarray]
+
+    def model_classes(self, cfg: PretrainConfig) -> list[str]:
+        """What the model's outputs are: data types for classify, the corpus's labels for a dense objective."""
+        return (list(self.spec.labels) or ["background"]) if is_dense(cfg.objective) else self.class_names
+
+    def source_spec(self, cfg: PretrainConfig) -> tuple[LabelSpec, list[str]] | None:
+        """What ImageSource needs to read masks, or None when the objective learns from none."""
+        return (self.spec, self.class_names) if needs_masks(cfg.objective) else None
+
+
+def read_corpus(cfg: PretrainConfig) -> Corpus:
+    """The corpus's splits, class names and label table (no silos yet), as every driver reads it.
+
+    Raises:
+        DataError: no validation or test images; ``--objective segment`` on a corpus without masks.
+        ConfigError: ``--images-only`` names a class the corpus does not hold.
+    """
+    root = Path(cfg.data)
+    splits, class_names = find_classification_splits(root, cfg.seed, cfg.val_fraction, cfg.test_fraction,
+                                                     images_only=cfg.images_only)
     if not splits["val"] or not splits["test"]:
         raise DataError(f"{cfg.data}: need validation and test images; raise --val-fraction/--test-fraction")
-    return splits, class_names, partition(cfg, [item.label for item in splits["train"]])
+    unknown = sorted(set(cfg.images_only) - set(class_names))
+    if unknown:
+        raise ConfigError(f"--images-only {unknown[0]}: no such class in {cfg.data}; classes: {', '.join(class_names)}")
+    spec = read_label_spec(root)
+    if needs_masks(cfg.objective):
+        for split in ("train", "val"):
+            if not any(item.mask is not None and spec.annotated.get(class_names[item.label]) for item in splits[split]):
+                raise DataError(f"--objective {cfg.objective}: no {split} image of {cfg.data} has a mask "
+                                "(CLASS/masks/NAME.png and labels.json); write them with `fedefm synth pretrain`, "
+                                "or pre-train with --objective mim or classify")
+    return Corpus(splits, class_names, spec, [])
 
 
-def silo_data(cfg: PretrainConfig, items: list[ClassificationItem], silo: int, device: torch.device,
+def silo_partition(cfg: PretrainConfig) -> Corpus:
+    """The corpus (read_corpus) with the silos' indices into its training split."""
+    corpus = read_corpus(cfg)
+    return replace(corpus, silo_indices=partition(cfg, [item.label for item in corpus.splits["train"]]))
+
+
+def silo_data(cfg: PretrainConfig, corpus: Corpus, items: list[ClassificationItem], silo: int, device: torch.device,
               in_memory: bool = True) -> SiloData:
     """Silo ``silo``'s training images (decoded, or read per batch) and its batch generator seeded from the run's seed."""
-    return SiloData(ImageSource(items, cfg.image_size, in_memory, device), cfg.batch_size,
-                    torch.Generator(device=device).manual_seed(cfg.seed * 1000 + silo))
+    source = ImageSource(items, cfg.image_size, in_memory, device, corpus.source_spec(cfg))
+    return SiloData(source, cfg.batch_size, torch.Generator(device=device).manual_seed(cfg.seed * 1000 + silo))
 
 
-def initial_model(cfg: PretrainConfig, n_classes: int, device: torch.device) -> Classifier:
-    """The run's classifier, initialised from the run's seed: every driver starts every silo from these weights."""
+def initial_model(cfg: PretrainConfig, n_classes: int, device: torch.device) -> torch.nn.Module:
+    """The run's model, initialised from the run's seed: every driver starts every silo from these weights."""
     torch.manual_seed(cfg.seed)
-    return Classifier(cfg.model_preset(), n_classes=n_classes).to(device)
+    return get_objective(cfg.objective).build_model(cfg.model_preset(), n_classes).to(device)
 
 
-def start_run_folder(cfg: PretrainConfig, command: str, algo_cfg, class_names: list[str], silo_sizes: list[int],
+def start_run_folder(cfg: PretrainConfig, command: str, algo_cfg, corpus: Corpus, silo_sizes: list[int],
                      model_size: int) -> None:
     """Write RUN/config.json and clear metrics.jsonl for a fresh run."""
     out = Path(cfg.out)
     (out / "metrics.jsonl").unlink(missing_ok=True)
+    settings = {f.name: getattr(algo_cfg, f.name) for f in dataclasses.fields(algo_cfg) if f.name != "objective"}
     write_json(out / "config.json", run_record(cfg, command) | {
-        "classes": class_names, "algorithm_config": dataclasses.asdict(algo_cfg),
-        "silo_sizes": silo_sizes, "model_bytes": model_size,
+        "classes": corpus.class_names, "labels": list(corpus.spec.labels), "objective": algo_cfg.objective.name,
+        "metric": algo_cfg.objective.metric, "algorithm_config": settings, "silo_sizes": silo_sizes,
+        "model_bytes": model_size,
     })
 
 
+def partition_tables(corpus: Corpus) -> str:
+    """The silo × class table and, for a corpus with masks, the silo × label-type table."""
+    labels = [item.label for item in corpus.splits["train"]]
+    table = silo_class_table(labels, corpus.silo_indices, corpus.class_names)
+    if not corpus.spec.annotated:
+        return table
+    silo_items = [[corpus.splits["train"][k] for k in indices] for indices in corpus.silo_indices]
+    return table + "\n\n" + silo_label_table(silo_items, corpus.spec, corpus.class_names)
+
+
 def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Pre-train the foundation classifier federatedly; writes the run folder of DESIGN.md §6.
+    """Pre-train the foundation model federatedly with the run's objective; writes the run folder of DESIGN.md §6.
 
     Returns:
-        {"test_acc", "final_val_acc", "rounds", "grad_steps", "bytes_sent", "peak_rss_mb"} of the finished run.
+        {"test_<metric>", "final_val_<metric>", "rounds", "grad_steps", "bytes_sent", "peak_rss_mb"} of the
+        finished run, <metric> the objective's (acc for classify, dice for segment, psnr for mim).
 
     Raises:
         TooFewHealthySilos: fewer than ``cfg.min_healthy_silos`` silos came through a round; the last good
@@ -265,19 +358,23 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     algorithm = get_algorithm(cfg.algorithm)
     algo_cfg = cfg.algorithm_config()
 
-    splits, class_names, silo_indices = silo_partition(cfg)
-    labels = [item.label for item in splits["train"]]
-    log.info("silo x class partition:\n%s", silo_class_table(labels, silo_indices, class_names))
-    in_memory = decoded_bytes(len(labels) + len(splits["val"]), cfg.image_size) <= cfg.data_memory_mb * 2**20
+    corpus = silo_partition(cfg)
+    splits = corpus.splits
+    log.info("silo partition:\n%s", partition_tables(corpus))
+    # A mask decodes to int64: twice an image's float32 bytes.
+    per_image = 3 if needs_masks(cfg.objective) else 1
+    n_decoded = (len(splits["train"]) + len(splits["val"])) * per_image
+    in_memory = decoded_bytes(n_decoded, cfg.image_size) <= cfg.data_memory_mb * 2**20
     if not in_memory:
         log.info("decoded images exceed --data-memory-mb %g: reading each batch from disk", cfg.data_memory_mb)
-    silos = [silo_data(cfg, [splits["train"][k] for k in indices], i, device, in_memory)
-             for i, indices in enumerate(silo_indices)]
-    val = ImageSource(splits["val"], cfg.image_size, in_memory, device)
+    silos = [silo_data(cfg, corpus, [splits["train"][k] for k in indices], i, device, in_memory)
+             for i, indices in enumerate(corpus.silo_indices)]
+    val = ImageSource(splits["val"], cfg.image_size, in_memory, device, corpus.source_spec(cfg))
 
-    model = initial_model(cfg, len(class_names), device)
+    model = initial_model(cfg, len(corpus.model_classes(cfg)), device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=len(idx)) for idx in silo_indices]
+    states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=len(idx))
+              for idx in corpus.silo_indices]
     rng = np.random.default_rng(cfg.seed)
     generators = [silo.generator for silo in silos]
     checkpoint = Checkpoint(out)
@@ -291,10 +388,10 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         drop_rows_after(out / "metrics.jsonl", "round", done)
         log.info("resuming %s after round %d", out, done)
     else:
-        start_run_folder(cfg, "pretrain", algo_cfg, class_names, [len(idx) for idx in silo_indices],
+        start_run_folder(cfg, "pretrain", algo_cfg, corpus, [len(idx) for idx in corpus.silo_indices],
                          topology.model_bytes(model))
         with atomic_write(out / "partition.txt", "w") as f:
-            f.write(silo_class_table(labels, silo_indices, class_names) + "\n")
+            f.write(partition_tables(corpus) + "\n")
 
     def step(round_: int, states: list[SiloState], neighbours: list[list[int]], W: np.ndarray):
         batches = [silo.batches() for silo in silos]
@@ -310,7 +407,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
 
     states = train_rounds(cfg, algo_cfg, model, states, step, rng, val, first_round=first_round, save=save,
                           last_good=f"The last good checkpoint is in {checkpoint.folder}", progress=progress)
-    return finish(cfg, out, model, states, ImageSource(splits["test"], cfg.image_size, in_memory, device), class_names)
+    test = ImageSource(splits["test"], cfg.image_size, in_memory, device, corpus.source_spec(cfg))
+    return finish(cfg, out, model, states, test, corpus, algo_cfg.objective)
 
 
 RoundStep = Callable[[int, list[SiloState], list[list[int]], np.ndarray], tuple[list[SiloState], dict]]
@@ -335,8 +433,10 @@ def train_rounds(cfg: PretrainConfig, algo_cfg, model: torch.nn.Module, states: 
     underlay = topology.get_underlay(cfg.underlay)
     overlay = topology.build_overlay(cfg.topology, underlay, max(n, 2), 0.0, model_size) if n > 1 else None
     matchings = topology.matcha_matchings(overlay.to_undirected()) if cfg.topology == "matcha" and overlay else None
-    val_acc = math.nan
-    with Progress(TextColumn(f"pretrain {cfg.algorithm}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
+    objective = algo_cfg.objective
+    val_key = f"val_{objective.metric}"
+    val_score = math.nan
+    with Progress(TextColumn(f"pretrain {cfg.algorithm} {objective.name}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress) as bar:
         task = bar.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
         for round_ in range(first_round, cfg.rounds + 1):
@@ -362,19 +462,20 @@ def train_rounds(cfg: PretrainConfig, algo_cfg, model: torch.nn.Module, states: 
                 "cycle_time_s": cycle_time(graph, underlay, compute_s, transfers_per_link(cfg, algo_cfg) * model_size),
                 "excluded": [],
                 "dropped_experts": [],
-                "val_acc": None,
-                "silo_val_acc": None,
+                val_key: None,
+                f"silo_{val_key}": None,
             } | extra
             if val is not None and (round_ % cfg.eval_every == 0 or round_ == cfg.rounds):
-                val_acc = accuracy(model, mean_weights(states), val)
-                row["val_acc"] = val_acc
-                row["silo_val_acc"] = [accuracy(model, s.weights, val) for s in states] if n > 1 else [val_acc]
+                val_score = score(objective, model, mean_weights(states), val)
+                row[val_key] = val_score
+                row[f"silo_{val_key}"] = ([score(objective, model, s.weights, val) for s in states] if n > 1
+                                          else [val_score])
             row["wall_s"] = time.perf_counter() - started
             row["peak_rss_mb"] = peak_rss_mb()
             append_jsonl(out / "metrics.jsonl", row)
             if save is not None and (round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds):
                 save(round_, states)
-            bar.update(task, completed=round_, status=f"val acc {val_acc:.3f}")
+            bar.update(task, completed=round_, status=f"{val_key.replace('_', ' ')} {val_score:.3f}")
     return states
 
 
@@ -387,21 +488,30 @@ def cycle_time(graph, underlay, compute_s: float, transfer_bytes: int) -> float 
 
 
 def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState], test: ImageSource | None,
-           class_names: list[str]) -> dict:
-    """Score the global model on the test split once (None: no test split here); write weights and summary.json."""
+           corpus: Corpus, objective: Objective) -> dict:
+    """Score the global model on the test split once (None: no test split here); write weights and summary.json.
+
+    The weights leave out the heads the objective never trained (MIM's segmentation head, say), so a
+    fine-tune never starts from random numbers labelled as pre-trained.
+    """
     global_weights = mean_weights(states)
-    test_acc = accuracy(model, global_weights, test) if test is not None else None
-    metadata = model_metadata(model) | {"classes": class_names, "image_size": cfg.image_size,
+    test_score = score(objective, model, global_weights, test) if test is not None else None
+    metadata = model_metadata(model) | {"classes": corpus.model_classes(cfg), "data_types": corpus.class_names,
+                                        "objective": objective.name, "image_size": cfg.image_size,
                                         "algorithm": cfg.algorithm, "seed": cfg.seed}
-    save_weights(out / "global.safetensors", {k: v.cpu() for k, v in global_weights.items()}, metadata)
+
+    def trained(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in weights.items() if not k.startswith(objective.untrained_parts)}
+
+    save_weights(out / "global.safetensors", trained(global_weights), metadata)
     for i, state in enumerate(states):
-        save_weights(out / "silos" / f"silo_{i}.safetensors", {k: v.cpu() for k, v in state.weights.items()},
-                     metadata | {"silo": i})
+        save_weights(out / "silos" / f"silo_{i}.safetensors", trained(state.weights), metadata | {"silo": i})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [r["val_acc"] for r in rows if r["val_acc"] is not None]
+    key = f"val_{objective.metric}"
+    evaluated = [r[key] for r in rows if r.get(key) is not None]
     summary = {
-        "test_acc": test_acc,
-        "final_val_acc": float(np.mean(evaluated[-5:])) if evaluated else None,
+        f"test_{objective.metric}": test_score,
+        f"final_val_{objective.metric}": float(np.mean(evaluated[-5:])) if evaluated else None,
         "rounds": rows[-1]["round"] if rows else 0,
         "grad_steps": int(sum(r["grad_steps"] for r in rows)),
         "bytes_sent": int(sum(r["bytes_sent"] for r in rows)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -28,9 +29,17 @@ class Classifier(nn.Module):
             OrderedDict(norm=nn.LayerNorm(preset.hidden, eps=1e-6), linear=nn.Linear(preset.hidden, n_classes))
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Classify images x: (B, in_channels, H, W); returns logits (B, n_classes)."""
-        return self.head(self.encoder(x).tokens.mean(dim=1))
+    def forward(self, x: Tensor, parts: Sequence[str] | None = None) -> Tensor | dict[str, Tensor]:
+        """Classify images x: (B, in_channels, H, W); returns logits (B, n_classes).
+
+        With ``parts`` (a subset of "logits", "representation") it returns those outputs by name from one
+        pass: "representation" is the mean token (B, D) the head reads (MOON's z).
+        """
+        representation = self.encoder(x).tokens.mean(dim=1)  # (B, D)
+        logits = self.head(representation)
+        if parts is None:
+            return logits
+        return {name: {"logits": logits, "representation": representation}[name] for name in parts}
 
     def features(self, x: Tensor) -> Tensor:
         """Dense features U of images x: (B, in_channels, H, W) → (B, D, H/16, W/16), the input to the EMD weights."""

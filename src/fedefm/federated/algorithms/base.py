@@ -10,6 +10,9 @@ functions over silo states, as DESIGN.md §2 and STYLE.md §4 describe:
 * ``run_round(model, states, batches, neighbours, W, cfg, guard=None)``: a whole round; ``guard``
   (federated/health.py) runs each silo's work and leaves failed silos out of the mixing.
 
+What a batch is and what the local loss is belong to the pre-training objective (``cfg.objective``,
+federated/objectives/): algorithms wrap the objective's loss, they never compute one of their own.
+
 Nothing here knows whether it runs in-process or over Flower, chooses a device, logs or touches files.
 """
 
@@ -21,15 +24,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedefm.errors import ConfigError, FedefmError
 from fedefm.federated.health import RoundGuard
+from fedefm.federated.objectives import Batch, Objective, local_loss
+from fedefm.federated.objectives.classify import Classify
 
 Weights = dict[str, Tensor]
-Batch = tuple[Tensor, Tensor]  # images (B, 1, H, W) in [0, 1], labels (B,) int64
-LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+LossFn = Callable[[nn.Module, Batch], Tensor]
 
 
 class NonFiniteLoss(FedefmError, ArithmeticError):
@@ -65,6 +68,7 @@ class LocalTraining:
         momentum: SGD momentum; the optimizer is rebuilt each round, so momentum never crosses rounds.
         weight_decay: L2 penalty of SGD.
         grad_clip: global gradient-norm clip (a single-class silo's first steps can be large).
+        objective: the pre-training objective (what a batch is, the local loss, distillation, the score).
     """
 
     lr: float = 0.05
@@ -72,6 +76,7 @@ class LocalTraining:
     momentum: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 5.0
+    objective: Objective = field(default_factory=Classify)
 
     def __post_init__(self) -> None:
         """Check the shared fields; raise ConfigError naming the option."""
@@ -88,16 +93,13 @@ def clone_weights(model: nn.Module) -> Weights:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def cross_entropy(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-    """Plain supervised loss L_c of the paper: cross-entropy of the model's logits (B, C) against labels (B,)."""
-    return F.cross_entropy(model(images), labels)
-
-
 def sgd_steps(
-    model: nn.Module, weights: Weights, batches: Iterator[Batch], cfg: LocalTraining, loss_fn: LossFn = cross_entropy,
+    model: nn.Module, weights: Weights, batches: Iterator[Batch], cfg: LocalTraining, loss_fn: LossFn | None = None,
     steps: int | None = None,
 ) -> tuple[Weights, float]:
     """Train ``weights`` for ``steps`` (default cfg.local_steps) SGD steps; returns (new weights, mean loss).
+
+    ``loss_fn(model, batch)`` defaults to the objective's local loss.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite; the weights passed in are untouched.
@@ -107,8 +109,8 @@ def sgd_steps(
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     losses = []
     for step in range(cfg.local_steps if steps is None else steps):
-        images, labels = next(batches)
-        loss = loss_fn(model, images, labels)
+        batch = Batch(*next(batches))
+        loss = local_loss(cfg.objective, model, batch) if loss_fn is None else loss_fn(model, batch)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"local loss is {loss.item()} at step {step}; lower --lr")
         loss.backward()

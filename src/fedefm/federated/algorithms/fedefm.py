@@ -3,13 +3,14 @@
 One round, for every silo i (paper Algorithm 1; read ``run_round`` top to bottom):
 
 1. overseas experts (eq. 1): for each neighbour j of i, a copy of θ_i trains ``expert_steps`` SGD steps
-   at silo j on j's data and comes back as θ̂_{i→j};
+   at silo j on j's data with the objective's loss and comes back as θ̂_{i→j};
 2. EMD weights (eq. 3): on a batch of i's data, the dense features of θ_i and of each θ̂_{i→j} are
    compared by EMD with cosine cost; the flow-weighted similarity s_ij becomes w_ij (normalised over j);
 3. the update of θ_i, one of three readings (``Config.update``):
 
    * ``"literal"``: eq. 2 as printed: θ_i takes ``distill_steps`` steps on its own batches of the
-     multishot loss Σ_j w_ij [β T² KL(θ̂_{i→j} ‖ θ_i) + (1 − β) CE(θ_i, y_i)] (eq. 11). No parameters
+     multishot loss Σ_j w_ij [β T² KL(θ̂_{i→j} ‖ θ_i) + (1 − β) CE(θ_i, y_i)] (eq. 11; for a dense
+     objective the KL is pixel-wise over the class maps, so labels silo i never annotates arrive). No parameters
      cross silos, so θ_i only learns about other silos' classes through soft labels on its own
      images — which carry almost none (a probe stayed at chance with one class per silo).
    * ``"released"``: what the authors' released code does instead (reference §2.6): every
@@ -38,11 +39,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fedefm.errors import ConfigError, choose
 from fedefm.federated.algorithms.base import (
-    Batch,
     LocalTraining,
     SiloState,
     Task,
@@ -54,6 +53,8 @@ from fedefm.federated.algorithms.base import (
 from fedefm.federated.distill import DistillConfig, multishot_distillation_loss, neighbour_weights
 from fedefm.federated.emd import emd_score_batch
 from fedefm.federated.health import RoundGuard
+from fedefm.federated.objectives import Batch
+from fedefm.federated.objectives.base import Outputs, call_with
 
 EXCHANGE = "overseas"
 UPDATES = ("ours", "literal", "released")
@@ -120,7 +121,7 @@ class Config(LocalTraining):
 
 
 def overseas_expert(model: nn.Module, visitor: SiloState, host_batches: Iterator[Batch], cfg: Config) -> SiloState:
-    """θ̂_{i→j}: silo i's model trained at host j on j's batches with cross-entropy (eq. 1)."""
+    """θ̂_{i→j}: silo i's model trained at host j on j's batches with the objective's loss (eq. 1: cross-entropy)."""
     steps = cfg.steps("expert_steps")
     weights, loss = sgd_steps(model, visitor.weights, host_batches, cfg, steps=steps)
     return SiloState(weights=weights, train_loss=loss, grad_steps=steps)
@@ -144,31 +145,33 @@ def expert_weights(model: nn.Module, state: SiloState, experts: Sequence[SiloSta
     """w_ij (J,): EMD scores normalised over the neighbours, or uniform for the ablation."""
     if cfg.uniform_weights:
         return torch.full((len(experts),), 1.0 / len(experts))
-    scores = emd_scores(model, state.weights, experts, batch[0][: cfg.emd_images], cfg)
+    scores = emd_scores(model, state.weights, experts, batch.images[: cfg.emd_images], cfg)
     return neighbour_weights(scores, cfg.weighting, cfg.softmax_temperature)
 
 
-def distillation_loss(expert_logits_fn, weights: Tensor, cfg: Config):
-    """Loss function of eq. 2 with eq. 11 for sgd_steps: experts are frozen and evaluated on the same batch."""
-    distill = cfg.distillation()
+def distillation_loss(expert_outputs_fn, weights: Tensor, cfg: Config):
+    """Loss function of eq. 2 with eq. 11 for sgd_steps: experts are frozen and evaluated on the same prepared batch."""
+    distill, objective = cfg.distillation(), cfg.objective
 
-    def loss_fn(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-        return multishot_distillation_loss(model(images), expert_logits_fn(images), labels, weights, distill)
+    def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
+        batch = objective.prepare(batch)
+        student = objective.outputs(model, batch)
+        return multishot_distillation_loss(student, expert_outputs_fn(batch), batch, weights, distill, objective)
 
     return loss_fn
 
 
-def frozen_logits(model: nn.Module, experts: Sequence[SiloState]):
-    """A function images → [logits (B, C) of each expert], in eval mode and without gradients."""
+def frozen_outputs(model: nn.Module, experts: Sequence[SiloState], cfg: Config):
+    """A function batch → [each expert's outputs on it], in eval mode and without gradients."""
 
-    def logits(images: Tensor) -> list[Tensor]:
+    def outputs(batch: Batch) -> list[Outputs]:
         model.eval()
         with torch.no_grad():
-            outputs = [functional_call(model, expert.weights, (images,)) for expert in experts]
+            result = [cfg.objective.outputs(call_with(model, expert.weights), batch) for expert in experts]
         model.train()
-        return outputs
+        return result
 
-    return logits
+    return outputs
 
 
 def local_update(
@@ -194,9 +197,9 @@ def local_update(
         # Every expert was dropped this round (federated/health.py): the home model learns from its own labels.
         weights, loss = sgd_steps(model, state.weights, batches, cfg, steps=steps)
         return replace(state, weights=weights, train_loss=loss, grad_steps=steps)
-    batch = next(batches)
+    batch = Batch(*next(batches))
     w = expert_weights(model, state, experts, batch, cfg)
-    loss_fn = distillation_loss(frozen_logits(model, experts), w, cfg)
+    loss_fn = distillation_loss(frozen_outputs(model, experts, cfg), w, cfg)
     # chain, not a generator with `yield from`: closing that would close the silo's own batch stream.
     weights, loss = sgd_steps(model, state.weights, itertools.chain([batch], batches), cfg, loss_fn, steps=steps)
     if cfg.update == "ours":

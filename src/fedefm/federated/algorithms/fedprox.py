@@ -1,4 +1,4 @@
-"""FedProx (Li et al., 2020): FedAvg whose local loss adds μ/2 ‖θ − θ_global‖² against drift."""
+"""FedProx (Li et al., 2020): FedAvg whose local loss adds μ/2 ‖θ − θ_global‖² against drift, to any objective."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedefm.errors import ConfigError
-from fedefm.federated.algorithms.base import Batch, LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+from fedefm.federated.algorithms.base import LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+from fedefm.federated.objectives import Batch, Objective, local_loss
 
 EXCHANGE = "client_server"
 
@@ -28,12 +28,12 @@ class Config(LocalTraining):
             raise ConfigError(f"fedprox mu {self.mu}: must be >= 0")
 
 
-def proximal_loss(anchor: dict[str, Tensor], mu: float):
-    """Loss function CE + μ/2 Σ ‖θ − anchor‖² (squared, as the FedProx paper writes it)."""
+def proximal_loss(anchor: dict[str, Tensor], mu: float, objective: Objective):
+    """Loss function: the objective's loss + μ/2 Σ ‖θ − anchor‖² (squared, as the FedProx paper writes it)."""
 
-    def loss_fn(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
         penalty = sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
-        return F.cross_entropy(model(images), labels) + 0.5 * mu * penalty
+        return local_loss(objective, model, batch) + 0.5 * mu * penalty
 
     return loss_fn
 
@@ -41,9 +41,9 @@ def proximal_loss(anchor: dict[str, Tensor], mu: float):
 def local_update(
     model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, experts: Sequence[SiloState] | None = None
 ) -> SiloState:
-    """E steps of SGD on CE plus the proximal term, anchored at the model the silo received."""
+    """E steps of SGD on the objective's loss plus the proximal term, anchored at the model the silo received."""
     anchor = {name: tensor.detach() for name, tensor in state.weights.items()}
-    weights, loss = sgd_steps(model, state.weights, batches, cfg, proximal_loss(anchor, cfg.mu))
+    weights, loss = sgd_steps(model, state.weights, batches, cfg, proximal_loss(anchor, cfg.mu, cfg.objective))
     return replace(state, weights=weights, train_loss=loss, grad_steps=cfg.local_steps)
 
 

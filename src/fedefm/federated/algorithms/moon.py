@@ -1,7 +1,7 @@
 """MOON (Li, He and Song, CVPR 2021): FedAvg plus a model-contrastive loss on the representation.
 
 The representation z is the encoder's mean token (the input of the classifier head). The local loss is
-CE + μ ℓ_con with ℓ_con = −log( e^{sim(z, z_glob)/τ} / (e^{sim(z, z_glob)/τ} + e^{sim(z, z_prev)/τ}) ),
+the objective's loss + μ ℓ_con with ℓ_con = −log( e^{sim(z, z_glob)/τ} / (e^{sim(z, z_glob)/τ} + e^{sim(z, z_prev)/τ}) ),
 z_glob from the model the silo received this round and z_prev from the silo's own model of last round.
 """
 
@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fedefm.errors import ConfigError
-from fedefm.federated.algorithms.base import Batch, LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+from fedefm.federated.algorithms.base import LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+from fedefm.federated.objectives import Batch, Objective
+from fedefm.federated.objectives.base import call_with
 
 EXCHANGE = "client_server"
 
@@ -36,26 +37,24 @@ class Config(LocalTraining):
             raise ConfigError(f"moon mu {self.mu} must be >= 0 and tau {self.tau} > 0")
 
 
-def representation(model: nn.Module, images: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
-    """Mean encoder token z (B, D) of ``images``, from the model's own weights or from ``weights``."""
-    if weights is None:
-        return model.encoder(images).tokens.mean(dim=1)
-    encoder_weights = {name.removeprefix("encoder."): t for name, t in weights.items() if name.startswith("encoder.")}
+def frozen_representation(model: nn.Module, weights: dict[str, Tensor], batch: Batch, objective: Objective) -> Tensor:
+    """z (B, D) of a frozen model (``weights``) on the prepared batch, where the objective reads it."""
     with torch.no_grad():
-        return functional_call(model.encoder, encoder_weights, (images,)).tokens.mean(dim=1)
+        return objective.outputs(call_with(model, weights), batch)["representation"]
 
 
 def contrastive_loss(global_weights: dict[str, Tensor], previous_weights: dict[str, Tensor], cfg: Config):
-    """Loss function CE + μ ℓ_con (module docstring); the global and previous models are frozen."""
+    """Loss function: the objective's loss + μ ℓ_con (module docstring); the global and previous models are frozen."""
+    objective = cfg.objective
 
-    def loss_fn(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-        tokens = model.encoder(images).tokens  # (B, L, D)
-        z = tokens.mean(dim=1)  # (B, D)
-        logits = model.head(z)
-        positive = F.cosine_similarity(z, representation(model, images, global_weights)) / cfg.tau
-        negative = F.cosine_similarity(z, representation(model, images, previous_weights)) / cfg.tau
+    def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
+        batch = objective.prepare(batch)
+        outputs = objective.outputs(model, batch)
+        z = outputs["representation"]  # (B, D)
+        positive = F.cosine_similarity(z, frozen_representation(model, global_weights, batch, objective)) / cfg.tau
+        negative = F.cosine_similarity(z, frozen_representation(model, previous_weights, batch, objective)) / cfg.tau
         con = -torch.log_softmax(torch.stack([positive, negative], dim=1), dim=1)[:, 0].mean()
-        return F.cross_entropy(logits, labels) + cfg.mu * con
+        return objective.loss(outputs, batch) + cfg.mu * con
 
     return loss_fn
 
@@ -63,7 +62,7 @@ def contrastive_loss(global_weights: dict[str, Tensor], previous_weights: dict[s
 def local_update(
     model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, experts: Sequence[SiloState] | None = None
 ) -> SiloState:
-    """E steps of SGD on CE + μ ℓ_con; remembers the result as next round's previous model."""
+    """E steps of SGD on the objective's loss + μ ℓ_con; remembers the result as next round's previous model."""
     received = {name: tensor.detach() for name, tensor in state.weights.items()}
     previous = state.memory.get("previous", received)
     weights, loss = sgd_steps(model, state.weights, batches, cfg, contrastive_loss(received, previous, cfg))

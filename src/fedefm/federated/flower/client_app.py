@@ -16,12 +16,14 @@ model) lives in ``context.state``, on the SuperNode.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedefm.config import PretrainConfig, resolve_device
-from fedefm.data.datasets import list_silo_images
+from fedefm.data.datasets import list_silo_images, read_label_spec
 from fedefm.errors import ConfigError, DataError, choose
 from fedefm.federated.algorithms import get_algorithm
 from fedefm.federated.algorithms.base import SiloState, Weights, at_silo, mix_row
@@ -32,8 +34,7 @@ from fedefm.federated.flower.messages import (
     scalars_record,
     weights_record,
 )
-from fedefm.federated.simulator import SiloData, silo_data, silo_partition
-from fedefm.models.heads import Classifier
+from fedefm.federated.simulator import Corpus, SiloData, silo_data, silo_partition
 
 app = ClientApp()
 
@@ -64,17 +65,19 @@ def load_silo(context: Context, classes: list[str]) -> tuple[int, PretrainConfig
     layout = choose("node config data-layout", str(context.node_config.get("data-layout", "silo")), DATA_LAYOUTS)
     cfg = pretrain_config(context.run_config, data=data)
     if layout == "corpus":
-        splits, class_names, indices = silo_partition(cfg)
-        if class_names != classes:
-            raise DataError(f"silo {silo}: {data} holds classes {class_names}, the run's are {classes}")
-        if silo >= len(indices):
-            raise ConfigError(f"silo {silo}: the run has only {len(indices)} silos (silo-id 0 … {len(indices) - 1})")
-        items = [splits["train"][k] for k in indices[silo]]
+        corpus = silo_partition(cfg)
+        if corpus.class_names != classes:
+            raise DataError(f"silo {silo}: {data} holds classes {corpus.class_names}, the run's are {classes}")
+        if silo >= len(corpus.silo_indices):
+            raise ConfigError(f"silo {silo}: the run has only {len(corpus.silo_indices)} silos "
+                              f"(silo-id 0 … {len(corpus.silo_indices) - 1})")
+        items = [corpus.splits["train"][k] for k in corpus.silo_indices[silo]]
     else:
-        items = list_silo_images(data, classes)
+        corpus = Corpus({}, classes, read_label_spec(Path(data)), [])
+        items = list_silo_images(data, classes, images_only=cfg.images_only)
     if not items:
         raise DataError(f"silo {silo} ({data}): no training images")
-    silo_set = silo_data(cfg, items, silo, resolve_device(cfg.device))
+    silo_set = silo_data(cfg, corpus, items, silo, resolve_device(cfg.device))
     return silo, cfg, silo_set
 
 
@@ -118,7 +121,8 @@ def train(message: Message, context: Context) -> Message:
     silo, cfg, data = load_silo(context, classes)
     algorithm = get_algorithm(cfg.algorithm)
     algo_cfg = cfg.algorithm_config()
-    model = Classifier(cfg.model_preset(), n_classes=len(classes)).to(data.source.device)
+    outputs = int(content["run"]["outputs"])
+    model = algo_cfg.objective.build_model(cfg.model_preset(), outputs).to(data.source.device)
     restore_generators(context, silo, cfg, data)
     batches = data.batches()
     tasks = content["tasks"]

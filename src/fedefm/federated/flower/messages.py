@@ -18,14 +18,14 @@ from fedefm.federated.algorithms.base import SiloState, Weights
 
 # Run-config keys (Flower's spelling) → PretrainConfig fields; "options" holds "NAME=VALUE NAME=VALUE".
 RUN_CONFIG_FIELDS = {
-    "algorithm": "algorithm", "topology": "topology", "underlay": "underlay", "silos": "silos",
+    "algorithm": "algorithm", "objective": "objective", "topology": "topology", "underlay": "underlay", "silos": "silos",
     "partition": "partition", "unseen": "unseen", "alpha": "alpha", "rounds": "rounds",
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "preset": "preset",
     "image-size": "image_size", "dropout": "dropout", "shots": "shots", "eval-every": "eval_every",
     "val-fraction": "val_fraction", "test-fraction": "test_fraction", "seed": "seed",
 }
 # Run-config keys the relay reads itself.
-RELAY_KEYS = ("data", "out", "options", "reply-timeout", "connect-timeout")
+RELAY_KEYS = ("data", "out", "options", "images-only", "reply-timeout", "connect-timeout")
 
 
 def default_run_config() -> dict:
@@ -35,7 +35,7 @@ def default_run_config() -> dict:
     """
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     settings = {key: "" if defaults[field] is None else defaults[field] for key, field in RUN_CONFIG_FIELDS.items()}
-    return settings | {"data": "", "out": "runs/flower", "options": "", "reply-timeout": 600.0,
+    return settings | {"data": "", "out": "runs/flower", "options": "", "images-only": "", "reply-timeout": 600.0,
                        "connect-timeout": 120.0}
 
 
@@ -57,7 +57,7 @@ def pretrain_config(run_config: UserConfig, data: str | Path | None = None) -> P
     options = str(run_config.get("options", "")).split()
     return PretrainConfig(data=Path(data if data is not None else run_config.get("data", "")),
                           out=Path(str(run_config.get("out", "flower_run"))), options=parse_settings(options),
-                          **fields)
+                          images_only=tuple(str(run_config.get("images-only", "")).split()), **fields)
 
 
 def weights_record(weights: Weights) -> ArrayRecord:

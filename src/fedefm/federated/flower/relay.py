@@ -27,7 +27,6 @@ from flwr.app import ConfigRecord, Message, RecordDict, UserConfig
 from flwr.serverapp import Grid
 
 from fedefm.config import PretrainConfig, resolve_device
-from fedefm.data.datasets import find_classification_splits
 from fedefm.errors import ConfigError, FedefmError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
@@ -39,7 +38,7 @@ from fedefm.federated.flower.messages import (
     scalars_record,
     weights_record,
 )
-from fedefm.federated.simulator import ImageSource, finish, initial_model, start_run_folder, train_rounds
+from fedefm.federated.simulator import ImageSource, finish, initial_model, read_corpus, start_run_folder, train_rounds
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +144,11 @@ def mixing_place(cfg: PretrainConfig, algorithm, algo_cfg) -> str:
     return "silos"
 
 
-def run_waves(silos: Silos, tasks: list[Task], states: list[SiloState], classes: list[str]) -> list[SiloState]:
-    """Run the round's tasks wave by wave; returns every silo's state after its home update."""
+def run_waves(silos: Silos, tasks: list[Task], states: list[SiloState], run_info: dict) -> list[SiloState]:
+    """Run the round's tasks wave by wave; returns every silo's state after its home update.
+
+    ``run_info`` travels in every message: {"classes": the data types, "outputs": the model's output count}.
+    """
     queues = {i: [t for t in tasks if t.silo == i] for i in range(len(states))}
     awaited = {i: [t for t in tasks if t.kind == "expert" and t.user == i and t.silo != i] for i in range(len(states))}
     experts: dict[Task, SiloState] = {}
@@ -162,7 +164,7 @@ def run_waves(silos: Silos, tasks: list[Task], states: list[SiloState], classes:
                 wave[i], queues[i] = queue[:ready], queue[ready:]
         assert wave, "a round's tasks wait on each other"
         contents = {i: wave_content(i, wave[i], states, [experts[t] for t in awaited[i]]
-                                    if any(t.kind == "home" for t in wave[i]) else [], classes)
+                                    if any(t.kind == "home" for t in wave[i]) else [], run_info)
                     for i in wave}
         for i, reply in silos.exchange(contents, "train").items():
             for task in wave[i]:
@@ -174,10 +176,10 @@ def run_waves(silos: Silos, tasks: list[Task], states: list[SiloState], classes:
 
 
 def wave_content(silo: int, tasks: list[Task], states: list[SiloState], trained: list[SiloState],
-                 classes: list[str]) -> RecordDict:
+                 run_info: dict) -> RecordDict:
     """A silo's "train" message: its tasks in order, the round-start models they train, the experts of its model."""
     content = RecordDict({
-        "run": ConfigRecord({"classes": classes}),
+        "run": ConfigRecord(run_info),
         "tasks": ConfigRecord({"kinds": [t.kind for t in tasks], "models": [t.model for t in tasks],
                                "users": [t.user for t in tasks], "n-trained": len(trained)}),
     })
@@ -202,14 +204,14 @@ def mix_at_silos(silos: Silos, states: list[SiloState], W: np.ndarray) -> list[S
     return [replace(state, weights=record_weights(replies[i]["mixed"])) for i, state in enumerate(states)]
 
 
-def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, classes: list[str], round_: int,
+def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, run_info: dict, round_: int,
                 states: list[SiloState], neighbours: list[list[int]], W: np.ndarray) -> tuple[list[SiloState], dict]:
     """One round over Flower: the tasks in waves, then the mix where the algorithm does it."""
     algorithm = get_algorithm(cfg.algorithm)
     silos.round_, silos.bytes_moved = round_, 0
     tasks = (algorithm.round_tasks(neighbours, algo_cfg) if algorithm.EXCHANGE == "overseas"
              else home_tasks(len(states)))
-    updated = run_waves(silos, tasks, states, classes)
+    updated = run_waves(silos, tasks, states, run_info)
     place = mixing_place(cfg, algorithm, algo_cfg)
     if place == "relay":
         updated = algorithm.mix(updated, W, algo_cfg)
@@ -225,7 +227,7 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     score the global model (its training split is not used here); ``out`` the run folder.
 
     Returns:
-        The run's summary.json: {"test_acc", "final_val_acc", "rounds", "grad_steps", "bytes_sent"}.
+        The run's summary.json: {"test_<metric>", "final_val_<metric>", "rounds", "grad_steps", "bytes_sent"}.
     """
     if not run_config.get("data"):
         raise ConfigError("run config data is empty: give the relay a corpus whose validation and test splits "
@@ -237,20 +239,24 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     algo_cfg = cfg.algorithm_config()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits, classes = find_classification_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    corpus = read_corpus(cfg)
+    classes = corpus.class_names
     silos, sizes = connect(grid, cfg, classes, float(run_config.get("connect-timeout", 120)),
                            float(run_config.get("reply-timeout", 600)))
     log.info("silos on nodes %s with %s training images", silos.nodes, sizes)
     device = resolve_device(cfg.device)
-    model = initial_model(cfg, len(classes), device)
+    model = initial_model(cfg, len(corpus.model_classes(cfg)), device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=n) for n in sizes]
-    start_run_folder(cfg, "flower", algo_cfg, classes, sizes, topology.model_bytes(model))
-    val = ImageSource(splits["val"], cfg.image_size, True, device)
+    start_run_folder(cfg, "flower", algo_cfg, corpus, sizes, topology.model_bytes(model))
+    val = ImageSource(corpus.splits["val"], cfg.image_size, True, device, corpus.source_spec(cfg))
+
+    run_info = {"classes": classes, "outputs": len(corpus.model_classes(cfg))}
 
     def step(round_: int, states: list[SiloState], neighbours: list[list[int]], W: np.ndarray):
-        return relay_round(silos, cfg, algo_cfg, classes, round_, states, neighbours, W)
+        return relay_round(silos, cfg, algo_cfg, run_info, round_, states, neighbours, W)
 
     states = train_rounds(cfg, algo_cfg, model, states, step, np.random.default_rng(cfg.seed),
                           val, progress=False)
-    return finish(cfg, out, model, states, ImageSource(splits["test"], cfg.image_size, True, device), classes)
+    test = ImageSource(corpus.splits["test"], cfg.image_size, True, device, corpus.source_spec(cfg))
+    return finish(cfg, out, model, states, test, corpus, algo_cfg.objective)

@@ -281,9 +281,6 @@ def read_corpus(cfg: PretrainConfig) -> Corpus:
                                                      images_only=cfg.images_only)
     if not splits["val"] or not splits["test"]:
         raise DataError(f"{cfg.data}: need validation and test images; raise --val-fraction/--test-fraction")
-    unknown = sorted(set(cfg.images_only) - set(class_names))
-    if unknown:
-        raise ConfigError(f"--images-only {unknown[0]}: no such class in {cfg.data}; classes: {', '.join(class_names)}")
     spec = read_label_spec(root)
     if needs_masks(cfg.objective):
         for split in ("train", "val"):
@@ -333,7 +330,7 @@ def partition_tables(corpus: Corpus) -> str:
     if not corpus.spec.annotated:
         return table
     silo_items = [[corpus.splits["train"][k] for k in indices] for indices in corpus.silo_indices]
-    return table + "\n\n" + silo_label_table(silo_items, corpus.spec, corpus.class_names)
+    return table + "\n\n" + silo_label_table(silo_items, corpus.spec)
 
 
 def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:

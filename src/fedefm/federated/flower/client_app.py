@@ -74,7 +74,7 @@ def load_silo(context: Context, classes: list[str]) -> tuple[int, PretrainConfig
         items = [corpus.splits["train"][k] for k in corpus.silo_indices[silo]]
     else:
         corpus = Corpus({}, classes, read_label_spec(Path(data)), [])
-        items = list_silo_images(data, classes, images_only=cfg.images_only)
+        items = list_silo_images(data, classes)
     if not items:
         raise DataError(f"silo {silo} ({data}): no training images")
     silo_set = silo_data(cfg, corpus, items, silo, resolve_device(cfg.device))

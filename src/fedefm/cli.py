@@ -152,6 +152,8 @@ def finetune(
     task: Annotated[str, typer.Option(help="segment (masks) or classify (one class per image).")] = "segment",
     multilabel: Annotated[bool, typer.Option(help="classify: --data is a CSV image,LABEL_1,... of 0/1 columns.")] = False,
     init: Annotated[str, typer.Option(help="'scratch' or a foundation .safetensors file.")] = "scratch",
+    init_parts: Annotated[str, typer.Option(help="What --init gives a segmenter: encoder, all (encoder, decoder, head "
+                                                 "by class name) or auto (all when the file holds a decoder).")] = "auto",
     arch: Annotated[str, typer.Option(help="segment: transunet, unet or swinunetr.")] = "transunet",
     preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
     shots: Annotated[Optional[int], typer.Option(help="K labelled training images; per class for classify (default: all).")] = None,
@@ -168,12 +170,13 @@ def finetune(
     from fedefm.config import FinetuneConfig
     from fedefm.finetune import classify, train
 
-    cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, init=init, arch=arch, preset=preset,
+    cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, init=init,
+                         init_parts=init_parts, arch=arch, preset=preset,
                          shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
                          image_size=image_size, device=device, seed=seed)
     result = train.run(cfg, resume=resume) if task == "segment" else classify.run(cfg, resume=resume)
     if result["transfer"]:
-        console.print(f"foundation encoder: {result['transfer']}")
+        console.print(f"foundation weights: {result['transfer']}")
     score = (f"val {'macro AUROC' if multilabel else 'balanced accuracy'} {result['best_val'][0]:.4f}"
              if task == "classify" else f"val Dice {result['best_val']:.4f}")
     console.print(f"selected epoch {result['best_epoch']} ({score}); weights in {out / 'model.safetensors'}")

@@ -201,7 +201,7 @@ def test_a_failure_midway_leaves_no_folder_behind(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8), {}
 
-    monkeypatch.setattr(synth, "render_fluoro", failing)
+    monkeypatch.setattr(synth.corpora, "render_fluoro", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         write_seg_dataset(tmp_path / "out", "clinical", 3, size=32)
     assert list(tmp_path.iterdir()) == []

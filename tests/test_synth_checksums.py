@@ -23,7 +23,10 @@ CHECKSUMS = Path(__file__).parent / "data" / "synth_checksums.json"
 CASES = [
     *[(f"seg_{domain}_{size}_s{seed}", write_seg_dataset, {"domain": domain, "n": 2, "size": size, "seed": seed})
       for domain in ("clinical", "animal", "phantom", "simulation") for size in (64, 256) for seed in (0, 1)],
-    *[(f"pretrain_{size}_s{seed}", write_pretrain_corpus, {"per_class": 1, "size": size, "seed": seed})
+    *[(f"pretrain_{size}_s{seed}", write_pretrain_corpus, {"per_class": 1, "size": size, "seed": seed, "masks": False})
+      for size in (64, 256) for seed in (0, 1)],
+    # With masks: the same images (the cases above), plus masks/ and labels.json.
+    *[(f"pretrain_masks_{size}_s{seed}", write_pretrain_corpus, {"per_class": 1, "size": size, "seed": seed})
       for size in (64, 256) for seed in (0, 1)],
     *[(f"position_{size}_s{seed}", write_position_dataset, {"n": 4, "size": size, "seed": seed})
       for size in (64, 256) for seed in (0, 3)],

@@ -82,12 +82,16 @@ def synth_pretrain(
     per_class: Annotated[int, typer.Option(help="Images per data-type class.")] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+    masks: Annotated[bool, typer.Option(help="Also write CLASS/masks/ and labels.json for the data types that carry "
+                                             "masks (--no-masks: images only; the images are the same).")] = True,
 ) -> None:
-    """Write the pre-training corpus: one folder per data type (the label is the data type)."""
+    """Write the pre-training corpus: one folder per data type (the label is the data type), with label masks."""
     from fedefm.data.synth import write_pretrain_corpus
 
-    manifest = write_pretrain_corpus(out, per_class, size=size, seed=seed)
+    manifest = write_pretrain_corpus(out, per_class, size=size, seed=seed, masks=masks)
     console.print(f"wrote {per_class} images for each of {', '.join(manifest['classes'])} to {out}")
+    for cls, labels in manifest.get("label_table", {}).get("annotated", {}).items():
+        console.print(f"  {cls}: masks of {', '.join(labels)}")
 
 
 @synth_app.command("position")
@@ -132,16 +136,23 @@ def data_partition(
     unseen: Annotated[float, typer.Option(help="Share of each class held only by its owner silos (1: disjoint).")] = 1.0,
     alpha: Annotated[Optional[float], typer.Option(help="Use Dirichlet(alpha) label skew instead of --unseen.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of splits and partition.")] = 0,
+    images_only: Annotated[Optional[list[str]], typer.Option(help="A class whose masks are left out (its silo "
+                                                                  "joins with images only); repeatable.")] = None,
 ) -> None:
-    """Print the silo x class table of the training split, as ``fedefm pretrain`` would partition it."""
-    from fedefm.data.datasets import find_classification_splits
-    from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table
+    """Print the silo x class table of the training split, as ``fedefm pretrain`` would partition it, and for a
+    dense corpus (ROOT/labels.json) the silo x label-type table."""
+    from fedefm.data.datasets import find_classification_splits, read_label_spec
+    from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table, silo_label_table
 
-    splits, class_names = find_classification_splits(root, seed=seed)
+    splits, class_names = find_classification_splits(root, seed=seed, images_only=images_only or ())
     labels = [item.label for item in splits["train"]]
     parts = (partition_dirichlet(labels, silos, alpha, seed) if alpha is not None
              else partition_unseen(labels, silos, unseen, seed))
     console.print(silo_class_table(labels, parts, class_names), highlight=False)
+    spec = read_label_spec(root)
+    if spec.labels:
+        table = silo_label_table([[splits["train"][i] for i in silo] for silo in parts], spec)
+        console.print(f"\nmasked images per label type (and images only):\n{table}", highlight=False)
 
 
 @app.command()

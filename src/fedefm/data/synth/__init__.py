@@ -37,11 +37,14 @@ from fedefm.data.synth.devices import LABEL_NAMES
 from fedefm.data.synth.domains import (
     DOMAINS,
     POSITION_CLASSES,
+    PRETRAIN_ANNOTATED,
     PRETRAIN_CLASSES,
+    PRETRAIN_LABELS,
     catheter_position,
     render_fluoro,
     render_position,
     render_pretrain,
+    render_pretrain_masked,
 )
 
 # The projection primitives, which the physics tests check against the analytic chord of a cylinder.
@@ -52,11 +55,14 @@ __all__ = [
     "GENERATOR_VERSION",
     "LABEL_NAMES",
     "POSITION_CLASSES",
+    "PRETRAIN_ANNOTATED",
     "PRETRAIN_CLASSES",
+    "PRETRAIN_LABELS",
     "catheter_position",
     "render_fluoro",
     "render_position",
     "render_pretrain",
+    "render_pretrain_masked",
     "write_position_dataset",
     "write_pretrain_corpus",
     "write_seg_dataset",

@@ -17,10 +17,12 @@ from fedefm.data.synth.domains import (
     _check_size,
     DOMAINS,
     POSITION_CLASSES,
+    PRETRAIN_ANNOTATED,
     PRETRAIN_CLASSES,
+    PRETRAIN_LABELS,
     render_fluoro,
     render_position,
-    render_pretrain,
+    render_pretrain_masked,
 )
 from fedefm.errors import ConfigError, choose
 from fedefm.files import write_json
@@ -109,11 +111,17 @@ def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int
 
 
 def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int = 0,
-                          classes: Sequence[str] = PRETRAIN_CLASSES) -> dict:
+                          classes: Sequence[str] = PRETRAIN_CLASSES, masks: bool = True) -> dict:
     """Write ``per_class`` images of each class to OUT/CLASS/img_NNNNN.png plus OUT/manifest.json.
 
+    With ``masks``, every image of a class that PRETRAIN_ANNOTATED gives labels also gets its label mask,
+    OUT/CLASS/masks/img_NNNNN.png (indices into PRETRAIN_LABELS), and OUT/labels.json holds the label table
+    ``{"labels": [...], "annotated": {CLASS: [LABEL, ...]}}`` (docs/design.md §4), which the manifest repeats under
+    ``label_table``. The images are the same with or without masks.
+
     Returns:
-        The manifest: generator_version, kind "pretrain", classes, per_class, size, seed, counts per class.
+        The manifest: generator_version, kind "pretrain", classes, per_class, size, seed, counts per class, and
+        with masks label_table and masked (masked images per class).
 
     Raises:
         ConfigError: unknown or repeated class, no classes, per_class < 1, size < 32, negative seed,
@@ -130,18 +138,31 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
     _check_counts(per_class, "--per-class", seed)
     _check_size(size)
     _check_out(out)
+    annotated = {cls: list(PRETRAIN_ANNOTATED[cls]) for cls in classes if masks and PRETRAIN_ANNOTATED[cls]}
+    label_table = {"labels": list(PRETRAIN_LABELS), "annotated": annotated}
 
     def fill(tmp: Path) -> dict:
         for cls in classes:
             (tmp / cls).mkdir()
+            if cls in annotated:
+                (tmp / cls / "masks").mkdir()
             group = PRETRAIN_CLASSES.index(cls)
             for i in range(per_class):
-                _save_png(tmp / cls / f"img_{i:05d}.png", render_pretrain(cls, size, _image_rng(seed, 1, group, i)))
-        return {"generator_version": GENERATOR_VERSION, "kind": "pretrain", "classes": classes,
-                "per_class": per_class, "size": size, "seed": seed, "counts": {cls: per_class for cls in classes}}
+                name = f"img_{i:05d}.png"
+                image, mask = render_pretrain_masked(cls, size, _image_rng(seed, 1, group, i))
+                _save_png(tmp / cls / name, image)
+                if cls in annotated:
+                    _save_png(tmp / cls / "masks" / name, mask)
+        manifest = {"generator_version": GENERATOR_VERSION, "kind": "pretrain", "classes": classes,
+                    "per_class": per_class, "size": size, "seed": seed, "counts": {cls: per_class for cls in classes}}
+        if not masks:
+            return manifest
+        write_json(tmp / "labels.json", label_table)
+        return manifest | {"label_table": label_table, "masked": {cls: per_class for cls in annotated}}
 
     manifest = _write_atomically(out, fill)
-    logger.info("wrote %d images per class for %d classes to %s", per_class, len(classes), out)
+    logger.info("wrote %d images per class for %d classes to %s (masks for %s)", per_class, len(classes), out,
+                ", ".join(annotated) or "none")
     return manifest
 
 

@@ -20,6 +20,7 @@ from fedefm.data.synth.anatomy import (
     _Vessel,
 )
 from fedefm.data.synth.devices import (
+    LABEL_NAMES,
     _devices,
     _ecg_leads,
     _endotracheal_tube,
@@ -32,6 +33,7 @@ from fedefm.data.synth.geometry import (
     _add_ellipsoid,
     _disc,
     DiscSplats,
+    _paint_tube,
     _project,
     _random_view,
     _smooth_noise,
@@ -46,6 +48,15 @@ from fedefm.errors import ConfigError, choose
 
 DOMAINS: tuple[str, ...] = ("clinical", "animal", "phantom", "simulation")
 PRETRAIN_CLASSES: tuple[str, ...] = DOMAINS + ("fundus", "ct_slice")
+# The pre-training corpus's label table (labels.json): a mask pixel is an index into it.
+PRETRAIN_LABELS: tuple[str, ...] = LABEL_NAMES + ("vessel",)
+# The labels each data type's masks carry: what its generator knows and a real source of that kind would annotate
+# (device masks in clinical and animal runs, vessel masks of phantoms and CT, both in simulators; a fundus
+# photograph's geometry is unknown). In a masked frame 0 means none of its class's labels; others are unknown there.
+PRETRAIN_ANNOTATED: dict[str, tuple[str, ...]] = {
+    "clinical": ("catheter", "guidewire"), "animal": ("catheter", "guidewire"), "phantom": ("vessel",),
+    "simulation": ("catheter", "guidewire", "vessel"), "fundus": (), "ct_slice": ("vessel",),
+}
 
 # Catheter tip positions of the downstream position task (sorted, as class folders are read back).
 POSITION_CLASSES: tuple[str, ...] = ("aortic_arch", "descending_aorta", "looped", "supra_aortic")
@@ -212,6 +223,13 @@ def render_fluoro(domain: str, size: int, rng: np.random.Generator) -> tuple[np.
     Raises:
         ConfigError: unknown domain or size below 32.
     """
+    image, mask, info, _ = _render_fluoro_scene(domain, size, rng)
+    return image, mask, info
+
+
+def _render_fluoro_scene(domain: str, size: int, rng: np.random.Generator
+                         ) -> tuple[np.ndarray, np.ndarray, dict, _Scene]:
+    """render_fluoro's (image, device mask, info) and the scene they came from."""
     choose("--domain", domain, DOMAINS)
     _check_size(size)
     scene = _SCENES[domain](size, rng)
@@ -219,7 +237,18 @@ def render_fluoro(domain: str, size: int, rng: np.random.Generator) -> tuple[np.
     image = _film(scene, device_splats, rng)
     # Devices behind a collimator blade are invisible, so they are not labelled there.
     mask[~scene.exposed] = 0
-    return image, mask, _frame_info(domain, size, scene, device_info)
+    return image, mask, _frame_info(domain, size, scene, device_info), scene
+
+
+def _vessel_mask(scene: _Scene) -> np.ndarray:
+    """Pixels (H, W) of the scene's vessel lumen in the exposed field; none when the vessels hold no contrast."""
+    size = scene.view.size
+    mask = np.zeros((size, size), bool)
+    if scene.vessel_mu_px == 0:
+        return mask
+    for vessel in scene.tree:
+        mask |= _paint_tube(mask.shape, vessel.points, vessel.radius)
+    return mask & scene.exposed
 
 
 def _film(scene: _Scene, device_splats: list[DiscSplats], rng: np.random.Generator) -> np.ndarray:
@@ -294,8 +323,11 @@ def _ellipse(shape: tuple[int, int], centre: np.ndarray, axes: tuple[float, floa
 
 
 def _ct_chest(hu: np.ndarray, at: Callable[[float, float], np.ndarray], body: tuple[float, float], contrast: float,
-              rng: np.random.Generator) -> list[DiscSplats]:
-    """Paint a chest level into hu (H, W): lungs with vessels and bronchi, heart chambers, great vessels, ribs."""
+              rng: np.random.Generator, vessels: np.ndarray) -> list[DiscSplats]:
+    """Paint a chest level into hu (H, W): lungs with vessels and bronchi, heart chambers, great vessels, ribs.
+
+    The contrast-filled great vessels' pixels are marked in ``vessels`` (H, W) bool, in place.
+    """
     size = hu.shape[0]
     u = size / 256
     splats: list[DiscSplats] = []
@@ -319,7 +351,9 @@ def _ct_chest(hu: np.ndarray, at: Callable[[float, float], np.ndarray], body: tu
     for row, col, a, b in chambers:
         hu[_ellipse(hu.shape, at(row, col), (a * body[0], b * body[1]), 0.6)] = contrast * rng.uniform(0.5, 1.0)
     for row, col, r in ((-0.05, -0.16, 0.1), (0.3, 0.12, 0.07), (-0.02, 0.08, 0.09)):
-        hu[_ellipse(hu.shape, at(row, col), (r * body[0], r * 0.8 * body[1]), 0.0)] = contrast
+        great_vessel = _ellipse(hu.shape, at(row, col), (r * body[0], r * 0.8 * body[1]), 0.0)
+        hu[great_vessel] = contrast
+        vessels |= great_vessel
     for k in range(int(rng.integers(7, 11))):
         t = np.pi * (0.12 + 0.76 * k / 10) * rng.choice([-1, 1]) + rng.normal(0, 0.04)
         rib = at(-0.93 * np.cos(t), 0.93 * np.sin(t))
@@ -332,8 +366,11 @@ def _ct_chest(hu: np.ndarray, at: Callable[[float, float], np.ndarray], body: tu
 
 
 def _ct_abdomen(hu: np.ndarray, at: Callable[[float, float], np.ndarray], body: tuple[float, float],
-                contrast: float, rng: np.random.Generator) -> list[DiscSplats]:
-    """Paint an abdominal level into hu (H, W): fat, liver with vessels, spleen, kidneys, bowel, aorta and IVC."""
+                contrast: float, rng: np.random.Generator, vessels: np.ndarray) -> list[DiscSplats]:
+    """Paint an abdominal level into hu (H, W): fat, liver with vessels, spleen, kidneys, bowel, aorta and IVC.
+
+    The contrast-filled vessels' pixels (liver vessels, aorta, IVC) are marked in ``vessels`` (H, W) bool, in place.
+    """
     size = hu.shape[0]
     u = size / 256
     splats: list[DiscSplats] = []
@@ -345,7 +382,9 @@ def _ct_abdomen(hu: np.ndarray, at: Callable[[float, float], np.ndarray], body: 
     for _ in range(int(rng.integers(3, 8))):
         start = liver_centre + rng.uniform(-0.4, 0.4, 2) * np.array(liver_axes)
         path = _smooth_path(_wander(start, rng.uniform(0, 2 * np.pi), rng.uniform(10, 35) * u, 0.5, rng))[0]
-        splats.append(_tube(path, rng.uniform(0.8, 2.2) * u, (contrast - 60.0) / (2 * 1.5 * u)))
+        radius = rng.uniform(0.8, 2.2) * u
+        splats.append(_tube(path, radius, (contrast - 60.0) / (2 * 1.5 * u)))
+        vessels |= _paint_tube(hu.shape, path, radius)
     hu[_ellipse(hu.shape, at(-0.2, 0.55), (0.3 * body[0], 0.16 * body[1]), -0.4)] = 55.0
     for side in (-1, 1):
         kidney = at(0.3, side * 0.4)
@@ -358,13 +397,19 @@ def _ct_abdomen(hu: np.ndarray, at: Callable[[float, float], np.ndarray], body: 
         content = float(rng.choice([-1000.0, 15.0, contrast]))
         hu[_ellipse(hu.shape, loop, (r, r * rng.uniform(0.7, 1.0)), rng.uniform(0, np.pi))] = 45.0
         hu[_ellipse(hu.shape, loop, (0.8 * r, 0.75 * r), rng.uniform(0, np.pi))] = content
-    hu[_ellipse(hu.shape, at(0.22, 0.1), (0.065 * body[0], 0.05 * body[1]), 0.0)] = contrast
-    hu[_ellipse(hu.shape, at(0.2, -0.12), (0.075 * body[0], 0.06 * body[1]), 0.0)] = 0.6 * contrast
+    for row, col, axes, share in ((0.22, 0.1, (0.065, 0.05), 1.0), (0.2, -0.12, (0.075, 0.06), 0.6)):
+        aorta_or_ivc = _ellipse(hu.shape, at(row, col), (axes[0] * body[0], axes[1] * body[1]), 0.0)
+        hu[aorta_or_ivc] = share * contrast
+        vessels |= aorta_or_ivc
     return splats
 
 
-def _render_ct_slice(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Axial CT-like slice: an attenuation map in HU (body, fat, organs, spine, contrast vessels), CT noise -> uint8."""
+def _render_ct_slice(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Axial CT-like slice: an attenuation map in HU (body, fat, organs, spine, contrast vessels), CT noise.
+
+    Returns:
+        image (size, size) uint8 and the contrast-filled vessels' pixels (size, size) bool.
+    """
     u = size / 256
     hu = np.full((size, size), -1000.0, np.float32)
     centre = size / 2 + rng.uniform(-0.05, 0.05, 2) * size
@@ -383,10 +428,12 @@ def _render_ct_slice(size: int, rng: np.random.Generator) -> np.ndarray:
     fat = rng.uniform(0.02, 0.06) * size
     hu[_ellipse(hu.shape, centre, (body[0] - fat, body[1] - fat), angle, 2.2)] = 45.0
     contrast = rng.uniform(150, 400)
+    vessels = np.zeros((size, size), bool)
     if rng.random() < 0.6:
-        splats = _ct_chest(hu, at, body, contrast, rng)
+        splats = _ct_chest(hu, at, body, contrast, rng, vessels)
     else:
-        splats = _ct_abdomen(hu, at, body, contrast, rng)
+        splats = _ct_abdomen(hu, at, body, contrast, rng, vessels)
+    organs = hu.copy()
     for side in (-1, 1):
         hu[_ellipse(hu.shape, at(0.68, side * 0.2), (0.2 * body[0], 0.14 * body[1]), side * 0.3)] = 50.0
     spine = at(0.45, 0.0)
@@ -395,13 +442,14 @@ def _render_ct_slice(size: int, rng: np.random.Generator) -> np.ndarray:
     hu[_ellipse(hu.shape, at(0.72, 0.0), (0.12 * body[0], 0.1 * body[1]), angle)] = 900.0
     hu[_ellipse(hu.shape, at(0.7, 0.0), (0.07 * body[0], 0.055 * body[1]), angle)] = 20.0
     hu[_ellipse(hu.shape, at(0.9, 0.0), (0.08 * body[0], 0.02 * size), angle + np.pi / 2)] = 800.0
+    vessels &= hu == organs  # muscle and spine painted over a vessel hide it
     hu += _project(splats, size)
     hu = ndimage.gaussian_filter(hu, rng.uniform(0.4, 0.9) * u)
     hu += rng.uniform(8, 35) * _smooth_noise(size, rng, rng.uniform(0.6, 1.2) * u)
     window = str(rng.choice(["soft", "lung", "bone"], p=[0.6, 0.3, 0.1]))
     level, width = {"soft": (rng.uniform(30, 60), rng.uniform(300, 500)), "lung": (-600.0, 1500.0),
                     "bone": (400.0, 1800.0)}[window]
-    return _to_display(np.clip(hu, level - width / 2, level + width / 2), rng, dark_is_high=False)
+    return _to_display(np.clip(hu, level - width / 2, level + width / 2), rng, dark_is_high=False), vessels
 
 
 def render_pretrain(cls: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -410,13 +458,37 @@ def render_pretrain(cls: str, size: int, rng: np.random.Generator) -> np.ndarray
     Raises:
         ConfigError: unknown class or size below 32.
     """
+    return render_pretrain_masked(cls, size, rng)[0]
+
+
+def render_pretrain_masked(cls: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Render one image of pre-training class ``cls`` and its label mask, from the generator's own geometry.
+
+    The image is render_pretrain's for the same generator state (the mask takes no random draws).
+
+    Returns:
+        image (size, size) uint8, and mask (size, size) uint8 of indices into PRETRAIN_LABELS holding only the
+        class's PRETRAIN_ANNOTATED labels (devices over vessels where both lie), or None for a class without them.
+
+    Raises:
+        ConfigError: unknown class or size below 32.
+    """
     choose("class", cls, PRETRAIN_CLASSES)
     _check_size(size)
-    if cls in DOMAINS:
-        return render_fluoro(cls, size, rng)[0]
     if cls == "fundus":
-        return _render_fundus(size, rng)
-    return _render_ct_slice(size, rng)
+        return _render_fundus(size, rng), None
+    if cls == "ct_slice":
+        image, vessels = _render_ct_slice(size, rng)
+        return image, vessels.astype(np.uint8) * PRETRAIN_LABELS.index("vessel")
+    image, devices, _, scene = _render_fluoro_scene(cls, size, rng)
+    annotated = PRETRAIN_ANNOTATED[cls]
+    mask = np.zeros((size, size), np.uint8)
+    if "vessel" in annotated:
+        mask[_vessel_mask(scene)] = PRETRAIN_LABELS.index("vessel")
+    for name in ("guidewire", "catheter"):
+        if name in annotated:
+            mask[devices == LABEL_NAMES.index(name)] = PRETRAIN_LABELS.index(name)
+    return image, mask
 
 
 def catheter_position(info: dict) -> str | None:

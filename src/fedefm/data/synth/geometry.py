@@ -292,19 +292,23 @@ def _smooth_noise(size: int, rng: np.random.Generator, correlation_px: float) ->
     return field / max(float(field.std()), 1e-9)
 
 
-def _paint_tube(shape: tuple[int, int], points: np.ndarray, radius: float) -> np.ndarray:
-    """Pixels whose centre lies within ``radius`` px of the centreline (N, 2): a device's geometric mask (H, W)."""
+def _paint_tube(shape: tuple[int, int], points: np.ndarray, radius: float | np.ndarray) -> np.ndarray:
+    """Pixels whose centre lies within ``radius`` px of the centreline (N, 2): a device's or vessel's mask (H, W).
+
+    ``radius`` is one value, or one per centreline point (N,) for a vessel that tapers.
+    """
     mask = np.zeros(shape, bool)
     if len(points) < 2:
         return mask
-    centres, _ = _resample(points, 0.35)
-    reach = int(np.ceil(radius)) + 1
+    centres, index = _resample(points, 0.35)
+    radii = np.interp(index, np.arange(len(points), dtype=float), np.broadcast_to(radius, len(points)))
+    reach = int(np.ceil(radii.max())) + 1
     inside = ((centres >= -reach) & (centres < np.array(shape) + reach)).all(axis=1)
-    centres = centres[inside]
+    centres, radii = centres[inside], radii[inside]
     dy, dx = np.mgrid[-reach : reach + 1, -reach : reach + 1].reshape(2, -1)
     base = np.round(centres).astype(int)
     rows, cols = base[:, :1] + dy, base[:, 1:] + dx
-    near = (rows - centres[:, :1]) ** 2 + (cols - centres[:, 1:]) ** 2 <= radius**2
+    near = (rows - centres[:, :1]) ** 2 + (cols - centres[:, 1:]) ** 2 <= radii[:, None] ** 2
     near &= (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
     mask[rows[near], cols[near]] = True
     return mask

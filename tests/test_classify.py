@@ -18,6 +18,7 @@ from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.predict import classify_images
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
+from fedefm.models.segmenters import TransUNet
 from fedefm.models.weights import load_weights, model_metadata, save_weights
 
 SIZE = 32
@@ -89,6 +90,18 @@ def test_head_swap_keeps_every_encoder_tensor_of_the_checkpoint(positions, found
     assert set(transfer.ignored) == {"head.linear.weight", "head.linear.bias", "head.norm.weight", "head.norm.bias"}
 
 
+def test_a_segmenters_weights_give_the_classifier_their_encoder(positions, tmp_path):
+    torch.manual_seed(5)
+    segmenter = TransUNet(get_preset("tiny"), n_classes=4)
+    path = tmp_path / "dense.safetensors"
+    save_weights(path, segmenter, {"classes": ["background", "catheter", "guidewire", "vessel"]})
+    model, transfer = classify.build_model(quick_config(positions, tmp_path / "run", init=str(path)).validate(), 4)
+    assert transfer.parts == "encoder" and {key.split(".")[0] for key in transfer.ignored} == {"decoder",
+                                                                                               "segmentation_head"}
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in segmenter.state_dict().items()
+               if key.startswith("encoder."))
+
+
 def test_finetune_writes_the_run_folder_with_classes_and_k_images_per_class(finetuned):
     out, result = finetuned
     assert {"config.json", "metrics.jsonl", "model.safetensors", "log.txt"} <= {p.name for p in out.iterdir()}
@@ -99,8 +112,8 @@ def test_finetune_writes_the_run_folder_with_classes_and_k_images_per_class(fine
     assert [row["epoch"] for row in rows] == [1, 2] and sum(row["selected"] for row in rows) >= 1
     _, metadata = load_weights(out / "model.safetensors")
     assert metadata["task"] == "classify" and metadata["classes"] == list(POSITION_CLASSES)
-    assert metadata["image_size"] == SIZE and result["transfer"].startswith("loaded 68 encoder tensors")
-    assert "loaded 68 encoder tensors" in (out / "log.txt").read_text()
+    assert metadata["image_size"] == SIZE and result["transfer"].startswith("encoder: loaded 68: encoder.* (68)")
+    assert "encoder: loaded 68: encoder.* (68)" in (out / "log.txt").read_text()
     assert 1 <= result["best_epoch"] <= 2
 
 

@@ -42,6 +42,11 @@ def test_synth_pretrain_writes_one_folder_per_class(tmp_path):
     assert result.exit_code == 0, result.output
     classes = [p for p in out.iterdir() if p.is_dir()]
     assert len(classes) >= 6 and all(len(list(c.glob("*.png"))) == 2 for c in classes)
+    assert (out / "labels.json").is_file() and "phantom: masks of vessel" in result.output
+    plain = tmp_path / "plain"
+    assert runner.invoke(app, ["synth", "pretrain", str(plain), "--per-class", "2", "--size", "64", "--no-masks"]
+                         ).exit_code == 0
+    assert not (plain / "labels.json").exists() and not list(plain.glob("*/masks"))
 
 
 def test_data_check_passes_a_good_folder_and_names_every_bad_file(tmp_path):
@@ -83,3 +88,4 @@ def test_data_partition_prints_disjoint_silos_at_full_unseen(tmp_path):
     result = runner.invoke(app, ["data", "partition", str(corpus), "--silos", "3", "--unseen", "1"])
     assert result.exit_code == 0, result.output
     assert "clinical" in result.output and "ct_slice" in result.output
+    assert "catheter  guidewire  vessel  images only" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,17 @@ from rich.console import Console
 from fedefm.data.datasets import (
     ClassificationDataset,
     ClassificationItem,
+    LabelSpec,
     SegmentationDataset,
     SegmentationItem,
     check_dataset,
+    check_label_masks,
     find_classification_splits,
     find_segmentation_splits,
     format_report,
+    list_silo_images,
+    read_label_mask,
+    read_label_spec,
 )
 from fedefm.errors import ConfigError, DataError
 
@@ -320,3 +326,155 @@ def _render(table) -> str:
     console = Console(width=200, record=True)
     console.print(table)
     return console.export_text()
+
+
+# --------------------------------------------------------------------------- dense pre-training corpus
+
+
+DENSE_LABELS = ["background", "catheter", "guidewire", "vessel"]
+
+
+def make_dense_corpus(root: Path, annotated: dict | None = None) -> Path:
+    """Three classes of four 8x8 images: devices masks 'dev/masks/' for 3 of them, vessel masks 'ves/masks/' for all,
+    and 'plain' images only; labels.json annotates dev (catheter, guidewire) and ves (vessel)."""
+    for cls in ("dev", "ves", "plain"):
+        for k in range(4):
+            save_png(root / cls / f"im{k}.png", np.full((8, 8), 40 * k, np.uint8))
+    for k in range(3):
+        save_png(root / "dev" / "masks" / f"im{k}.png", np.eye(8, dtype=np.uint8) * (1 + k % 2))
+    for k in range(4):
+        save_png(root / "ves" / "masks" / f"im{k}.png", np.eye(8, dtype=np.uint8)[::-1] * 3)
+    table = {"labels": DENSE_LABELS,
+             "annotated": annotated if annotated is not None else {"dev": ["catheter", "guidewire"], "ves": ["vessel"]}}
+    (root / "labels.json").write_text(json.dumps(table))
+    return root
+
+
+def all_items(splits):
+    return [item for items in splits.values() for item in items]
+
+
+def test_class_folder_masks_pair_with_their_images_and_are_not_counted_as_images(tmp_path):
+    root = make_dense_corpus(tmp_path / "corpus")
+    splits, classes = find_classification_splits(root, val_fraction=0, test_fraction=0)
+    items = {item.name: item for item in all_items(splits)}
+    assert classes == ["dev", "plain", "ves"] and len(items) == 12
+    assert {name: item.mask.relative_to(root).as_posix() for name, item in items.items() if item.mask} == {
+        **{f"dev/im{k}": f"dev/masks/im{k}.png" for k in range(3)},
+        **{f"ves/im{k}": f"ves/masks/im{k}.png" for k in range(4)},
+    }
+    assert items["dev/im3"].mask is None and items["plain/im0"].mask is None
+
+
+def test_images_only_classes_keep_no_masks(tmp_path):
+    root = make_dense_corpus(tmp_path / "corpus")
+    splits, _ = find_classification_splits(root, val_fraction=0, test_fraction=0, images_only=["dev"])
+    masked = sorted(item.name for item in all_items(splits) if item.mask is not None)
+    assert masked == [f"ves/im{k}" for k in range(4)]
+    with pytest.raises(ConfigError, match="images-only class deev: did you mean 'dev'"):
+        find_classification_splits(root, images_only=["deev"])
+
+
+def test_masks_of_a_class_that_labels_json_does_not_annotate_are_ignored(tmp_path, caplog):
+    root = make_dense_corpus(tmp_path / "corpus", annotated={"ves": ["vessel"]})
+    splits, _ = find_classification_splits(root, val_fraction=0, test_fraction=0)
+    assert not any(item.mask for item in all_items(splits) if item.name.startswith("dev/"))
+    assert "dev/masks: ignored; add 'dev' to" in caplog.text
+
+
+def test_a_corpus_without_labels_json_is_images_only(tmp_path):
+    root = make_dense_corpus(tmp_path / "corpus")
+    (root / "labels.json").unlink()
+    assert read_label_spec(root) == LabelSpec()
+    splits, _ = find_classification_splits(root, val_fraction=0, test_fraction=0)
+    assert all(item.mask is None for item in all_items(splits))
+
+
+def test_label_spec_maps_classes_to_label_ids(tmp_path):
+    spec = read_label_spec(make_dense_corpus(tmp_path / "corpus"))
+    assert spec.labels == tuple(DENSE_LABELS)
+    assert spec.annotated == {"dev": (1, 2), "ves": (3,)}
+    assert spec.allowed("dev") == (0, 1, 2) and spec.allowed("plain") == (0,)
+
+
+@pytest.mark.parametrize("table, match", [
+    ("{not json", "not valid JSON"),
+    ({"labels": ["catheter", "background"]}, '"background" first'),
+    ({"labels": DENSE_LABELS, "annotated": {"dev": ["stent"]}}, "class 'dev' annotates 'stent'"),
+    ({"labels": DENSE_LABELS, "annotated": {"dev": ["background"]}}, "class 'dev' annotates 'background'"),
+    ({"labels": DENSE_LABELS, "annotated": {"ves": "vessel"}}, "class 'ves' must map to a list of labels"),
+])
+def test_a_malformed_labels_json_is_an_error_naming_it(tmp_path, table, match):
+    (tmp_path / "labels.json").write_text(table if isinstance(table, str) else json.dumps(table))
+    with pytest.raises(DataError, match=f"labels.json: .*{match}"):
+        read_label_spec(tmp_path)
+
+
+def test_a_label_mask_resizes_nearest_to_int64_ids(tmp_path):
+    mask = np.zeros((4, 4), np.uint8)
+    mask[:2, :2] = 3
+    path = save_png(tmp_path / "m.png", mask)
+    resized = read_label_mask(path, (0, 3), 8)
+    assert resized.dtype == torch.int64 and resized.shape == (8, 8)
+    assert set(resized.unique().tolist()) == {0, 3} and int((resized == 3).sum()) == 16
+
+
+def test_a_mask_with_a_label_its_class_does_not_annotate_is_an_error_naming_the_file(tmp_path):
+    path = save_png(tmp_path / "dev" / "masks" / "im0.png", np.full((4, 4), 3, np.uint8))
+    with pytest.raises(DataError, match=r"dev/masks/im0.png: mask holds label id\(s\) 3, which its class does not "
+                                        r"annotate \(allowed 0, 1, 2"):
+        read_label_mask(path, (0, 1, 2), 4)
+
+
+def test_a_binary_mask_of_a_class_with_one_label_marks_that_label(tmp_path):
+    vessels = np.zeros((4, 4), np.uint8)
+    vessels[1] = 255
+    path = save_png(tmp_path / "drive_vessels.png", vessels)
+    assert read_label_mask(path, (0, 3), 4).tolist() == (vessels // 255 * 3).tolist()
+    with pytest.raises(DataError, match="drive_vessels.png: mask holds label id"):
+        read_label_mask(path, (0, 1, 2), 4)
+
+
+def test_an_unreadable_mask_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        read_label_mask(path, (0, 1), 4)
+
+
+def test_a_mask_without_an_image_is_named(tmp_path):
+    root = make_dense_corpus(tmp_path / "corpus")
+    save_png(root / "ves" / "masks" / "stray.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match="ves/masks/stray.png: has no image"):
+        find_classification_splits(root)
+
+
+def test_check_label_masks_lists_every_bad_mask(tmp_path):
+    root = make_dense_corpus(tmp_path / "corpus")
+    save_png(root / "dev" / "masks" / "im1.png", np.full((8, 8), 3, np.uint8))
+    save_png(root / "ves" / "masks" / "im2.png", np.full((8, 8), 1, np.uint8))
+    splits, _ = find_classification_splits(root, val_fraction=0, test_fraction=0)
+    with pytest.raises(DataError, match=r"(?s)dev/masks/im1.png: mask holds label id\(s\) 3.*ves/masks/im2.png"):
+        check_label_masks(all_items(splits), read_label_spec(root))
+
+
+def test_data_check_reports_masks_per_class_and_names_bad_ones(tmp_path):
+    root = make_dense_corpus(tmp_path / "corpus")
+    report = check_dataset(root)
+    assert report.kind == "dense classification" and not report.bad_files
+    assert report.masked == {"dev": 3, "ves": 4}
+    assert report.label_frames == {"dev": {"catheter": 2, "guidewire": 1}, "ves": {"vessel": 4}}
+    console = Console(record=True, width=200)
+    console.print(format_report(report))
+    assert "3 of 4 images masked; masks holding catheter 2  guidewire 1" in console.export_text()
+    save_png(root / "dev" / "masks" / "im0.png", np.full((8, 8), 3, np.uint8))
+    save_png(root / "ves" / "masks" / "im1.png", np.zeros((6, 6), np.uint8))
+    bad = dict(check_dataset(root).bad_files)
+    assert "does not annotate" in bad[root / "dev" / "masks" / "im0.png"]
+    assert "mask is 6x6 but" in bad[root / "ves" / "masks" / "im1.png"]
+
+
+def test_a_silo_folder_reads_its_masks_too(tmp_path):
+    root = make_dense_corpus(tmp_path / "silo")
+    items = list_silo_images(root, ["dev", "plain", "ves"])
+    assert sum(item.mask is not None for item in items) == 7

@@ -2,18 +2,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from fedefm.cli import app
 from fedefm.config import FinetuneConfig
 from fedefm.data.synth import write_seg_dataset
-from fedefm.errors import ConfigError, DataError
+from fedefm.errors import ConfigError, DataError, WeightsError
 from fedefm.finetune import train
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.predict import predict
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
+from fedefm.models.segmenters import TransUNet
 from fedefm.models.weights import load_weights, model_metadata, save_weights
 
 SIZE = 64
@@ -88,7 +90,51 @@ def test_finetune_from_a_foundation_checkpoint_reports_the_transfer(dataset, tmp
     cfg = FinetuneConfig(data=dataset, out=tmp_path / "run", init=str(foundation), shots=4, epochs=1,
                          batch_size=4, samples_per_epoch=4, image_size=SIZE)
     result = train.run(cfg, progress=False)
-    assert "loaded" in result["transfer"]
+    assert result["transfer"].startswith("encoder: loaded 68: encoder.* (68); new ")
+    assert "foundation weights from" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def dense_foundation(path, classes=("background", "catheter", "guidewire", "vessel")):
+    """A dense pre-training run's global model: a TransUNet over ``classes``."""
+    torch.manual_seed(11)
+    model = TransUNet(get_preset("tiny"), n_classes=len(classes))
+    save_weights(path, model, model_metadata(model) | {"classes": list(classes), "objective": "segment"})
+    return path
+
+
+def test_finetune_from_a_dense_pretraining_run_starts_from_its_whole_segmenter(dataset, tmp_path):
+    foundation = dense_foundation(tmp_path / "global.safetensors")
+    cfg = FinetuneConfig(data=dataset, out=tmp_path / "run", init=str(foundation), image_size=SIZE).validate()
+    model, transfer = train.build_model(cfg)
+    checkpoint, _ = load_weights(foundation)
+    state = model.state_dict()
+    assert transfer.parts == "all" and transfer.new == [] and transfer.loaded == list(state)
+    assert all(torch.equal(state[key], checkpoint[key]) for key in state if key.startswith("decoder."))
+    assert torch.equal(state["segmentation_head.bias"], checkpoint["segmentation_head.bias"][:3])
+    encoder_only = train.build_model(FinetuneConfig(data=dataset, out=tmp_path / "run", init=str(foundation),
+                                                    init_parts="encoder", image_size=SIZE).validate())[1]
+    assert {key.split(".")[0] for key in encoder_only.new} == {"decoder", "segmentation_head"}
+
+
+def test_whole_model_init_from_classification_weights_fails_before_training(dataset, tmp_path):
+    foundation = tmp_path / "classifier.safetensors"
+    classifier = Classifier(get_preset("tiny"), n_classes=6)
+    save_weights(foundation, classifier, model_metadata(classifier))
+    cfg = FinetuneConfig(data=dataset, out=tmp_path / "run", init=str(foundation), init_parts="all", image_size=SIZE)
+    with pytest.raises(WeightsError, match="classifier.safetensors: --init-parts all needs a segmenter's weights"):
+        train.run(cfg, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    result = CliRunner().invoke(app, ["finetune", "--data", str(dataset), "--out", str(tmp_path / "cli"), "--init",
+                                      str(foundation), "--init-parts", "all", "--image-size", str(SIZE)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "classifier.safetensors: --init-parts all" in result.output
+
+
+def test_whole_model_init_of_a_classifier_is_refused_by_the_config(dataset, tmp_path):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, task="classify", init=str(dense_foundation(tmp_path / "w.st")),
+                         init_parts="all")
+    with pytest.raises(ConfigError, match="--init-parts all: --task classify takes only the encoder"):
+        cfg.validate()
 
 
 def test_evaluate_json_has_the_contract_keys(finetuned, dataset):

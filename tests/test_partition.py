@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedefm.data.partition import partition_by_domain, partition_dirichlet, partition_unseen, silo_class_table
+from fedefm.data.datasets import ClassificationItem, LabelSpec
+from fedefm.data.partition import (
+    partition_by_domain,
+    partition_dirichlet,
+    partition_unseen,
+    silo_class_table,
+    silo_label_table,
+)
 from fedefm.errors import ConfigError
 
 
@@ -166,4 +173,20 @@ def test_silo_class_table_counts_images_per_silo_and_class():
         "0           2      1        0      3",
         "1           0      0        3      3",
         "total       2      1        3      6",
+    ]
+
+
+def test_silo_label_table_counts_masked_images_per_label_type_and_images_only(tmp_path):
+    def item(cls, k, masked):
+        return ClassificationItem(f"{cls}/im{k}", tmp_path / cls / f"im{k}.png", 0,
+                                  mask=tmp_path / cls / "masks" / f"im{k}.png" if masked else None)
+
+    spec = LabelSpec(("background", "catheter", "guidewire", "vessel"), {"dev": (1, 2), "ves": (3,)})
+    silos = [[item("dev", 0, True), item("dev", 1, True), item("dev", 2, False)],
+             [item("ves", 0, True), item("plain", 0, False)]]
+    assert silo_label_table(silos, spec).splitlines() == [
+        "silo   catheter  guidewire  vessel  images only",
+        "0             2          2       0            1",
+        "1             0          0       1            1",
+        "total         2          2       1            2",
     ]

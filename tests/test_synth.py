@@ -14,11 +14,14 @@ from fedefm.data.synth import (
     DOMAINS,
     GENERATOR_VERSION,
     POSITION_CLASSES,
+    PRETRAIN_ANNOTATED,
     PRETRAIN_CLASSES,
+    PRETRAIN_LABELS,
     catheter_position,
     render_fluoro,
     render_position,
     render_pretrain,
+    render_pretrain_masked,
     write_pretrain_corpus,
     write_position_dataset,
     write_seg_dataset,
@@ -201,7 +204,7 @@ def test_a_failure_midway_leaves_no_folder_behind(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8), {}
 
-    monkeypatch.setattr(synth, "render_fluoro", failing)
+    monkeypatch.setattr(synth.corpora, "render_fluoro", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         write_seg_dataset(tmp_path / "out", "clinical", 3, size=32)
     assert list(tmp_path.iterdir()) == []
@@ -219,6 +222,64 @@ def test_pretrain_corpus_has_a_folder_of_per_class_images_for_each_class(tmp_pat
         assert np.asarray(Image.open(images[0])).shape == (40, 40)
     assert manifest["kind"] == "pretrain"
     assert manifest["counts"] == {cls: 2 for cls in PRETRAIN_CLASSES}
+
+
+def test_pretrain_masks_follow_the_layout_and_the_label_table(tmp_path):
+    manifest = write_pretrain_corpus(tmp_path / "corpus", 3, size=48, seed=2)
+    root = tmp_path / "corpus"
+    table = json.loads((root / "labels.json").read_text())
+    assert table == manifest["label_table"]
+    assert table["labels"] == ["background", "catheter", "guidewire", "vessel"] == list(PRETRAIN_LABELS)
+    assert table["annotated"] == {"clinical": ["catheter", "guidewire"], "animal": ["catheter", "guidewire"],
+                                  "phantom": ["vessel"], "simulation": ["catheter", "guidewire", "vessel"],
+                                  "ct_slice": ["vessel"]}
+    assert not (root / "fundus" / "masks").exists()
+    for cls, labels in table["annotated"].items():
+        masks = sorted((root / cls / "masks").iterdir())
+        assert [p.name for p in masks] == [p.name for p in sorted((root / cls).glob("*.png"))]
+        allowed = {0} | {table["labels"].index(name) for name in labels}
+        values = set(np.unique(np.concatenate([np.asarray(Image.open(p)).ravel() for p in masks])).tolist())
+        assert values <= allowed and values - {0}, (cls, values)
+    assert manifest["masked"] == {cls: 3 for cls in table["annotated"]}
+
+
+def test_pretrain_images_are_the_same_with_and_without_masks(tmp_path):
+    write_pretrain_corpus(tmp_path / "dense", 2, size=40, seed=4)
+    write_pretrain_corpus(tmp_path / "plain", 2, size=40, seed=4, masks=False)
+    dense, plain = _files(tmp_path / "dense"), _files(tmp_path / "plain")
+    assert not any("masks/" in name for name in plain) and "labels.json" not in plain
+    images = {name: data for name, data in dense.items() if name.endswith(".png") and "masks/" not in name}
+    assert images == {name: data for name, data in plain.items() if name.endswith(".png")}
+    assert len(images) == 2 * len(PRETRAIN_CLASSES)
+
+
+@pytest.mark.parametrize("cls, sign", [("phantom", 0), ("simulation", -1), ("ct_slice", 1)])
+def test_vessel_masks_lie_on_the_contrast_filled_lumen(cls, sign):
+    # Iodine darkens fluoroscopy and brightens CT; a phantom's channels hold contrast or (lighter) water.
+    vessel = PRETRAIN_LABELS.index("vessel")
+    for k in range(6):
+        image, mask = render_pretrain_masked(cls, 96, np.random.default_rng([21, k]))
+        ring = ndimage.binary_dilation(mask == vessel, iterations=3) & (mask == 0)
+        difference = image[mask == vessel].mean() - image[ring].mean()
+        assert abs(difference) > 2 and (sign == 0 or np.sign(difference) == sign), (k, difference)
+
+
+def test_devices_win_over_the_vessel_they_lie_in():
+    for k in range(4):
+        devices = render_fluoro("simulation", 64, np.random.default_rng([9, k]))[1]
+        image, mask = render_pretrain_masked("simulation", 64, np.random.default_rng([9, k]))
+        assert np.array_equal(image, render_pretrain("simulation", 64, np.random.default_rng([9, k])))
+        assert (mask[devices == 1] == PRETRAIN_LABELS.index("catheter")).all()
+        assert (mask[devices == 2] == PRETRAIN_LABELS.index("guidewire")).all()
+        assert (mask == PRETRAIN_LABELS.index("vessel")).any() and (devices > 0).any()
+
+
+def test_fundus_has_no_mask_and_clinical_masks_only_devices():
+    assert render_pretrain_masked("fundus", 48, np.random.default_rng(0))[1] is None
+    assert PRETRAIN_ANNOTATED["fundus"] == ()
+    mask = render_pretrain_masked("clinical", 64, np.random.default_rng(1))[1]
+    devices = render_fluoro("clinical", 64, np.random.default_rng(1))[1]
+    assert np.array_equal(mask, devices)
 
 
 def test_mean_brightness_alone_does_not_tell_the_pretrain_classes_apart():

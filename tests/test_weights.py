@@ -1,8 +1,10 @@
-"""Weights files: safetensors round trip with metadata, refusal of unsafe or damaged files, encoder transfer."""
+"""Weights files: safetensors round trip with metadata, refusal of unsafe or damaged files, encoder and whole-model
+transfer."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -15,7 +17,9 @@ from fedefm import __version__
 from fedefm.errors import ConfigError, WeightsError
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_classifier, build_segmenter
-from fedefm.models.weights import build_from_weights, load_encoder, load_weights, model_metadata, save_weights
+from fedefm.finetune.metrics import SEGMENTATION_CLASSES
+from fedefm.models.segmenters import TransUNet
+from fedefm.models.weights import build_from_weights, load_pretrained, load_weights, model_metadata, save_weights
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +109,14 @@ def test_legacy_pickle_stream_is_refused(tmp_path):
         load_weights(path)
 
 
+def test_safetensors_whose_header_length_starts_with_the_pickle_byte_loads(tmp_path):
+    path = tmp_path / "w.safetensors"
+    data = next(data for n in range(512)
+                if (data := safetensors.torch.save({"a": torch.zeros(1)}, {"pad": "x" * n}))[0] == 0x80)
+    path.write_bytes(data)
+    assert load_weights(path)[0].keys() == {"a"}
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.999])
 def test_truncated_file_is_refused_with_its_name(classifier_file, tmp_path, keep):
     data = classifier_file.read_bytes()
@@ -138,7 +150,7 @@ def test_garbage_header_is_refused_as_corrupt(tmp_path):
 def test_encoder_transfer_copies_encoder_and_reports_decoder_as_new_and_head_as_ignored(classifier_file):
     checkpoint, _ = load_weights(classifier_file)
     segmenter = build_segmenter("transunet", get_preset("tiny"))
-    report = load_encoder(segmenter, classifier_file)
+    report = load_pretrained(segmenter, classifier_file, "encoder")
     state = segmenter.state_dict()
     assert report.loaded == [key for key in state if key.startswith("encoder.")]
     assert set(report.loaded) == {key for key in checkpoint if key.startswith("encoder.")}
@@ -147,15 +159,16 @@ def test_encoder_transfer_copies_encoder_and_reports_decoder_as_new_and_head_as_
     assert report.new == [key for key in state if not key.startswith("encoder.")]
     assert {key.split(".")[0] for key in report.new} == {"decoder", "segmentation_head"}
     assert report.ignored == ["head.linear.bias", "head.linear.weight", "head.norm.bias", "head.norm.weight"]
-    assert report.summary().startswith(f"loaded {len(report.loaded)} encoder tensors; new {len(report.new)}: decoder.*")
-    assert report.summary().endswith("ignored 4: head.* (4)")
+    assert report.summary() == (f"encoder: loaded {len(report.loaded)}: encoder.* ({len(report.loaded)}); "
+                                f"new {len(report.new)}: decoder.* ({len(report.new) - 2}), segmentation_head.* (2); "
+                                "ignored 4: head.* (4)")
 
 
 def test_encoder_transfer_from_another_preset_names_both_presets(tmp_path):
     path = tmp_path / "small.safetensors"
     save_weights(path, build_classifier(get_preset("small"), 6), {})
     with pytest.raises(WeightsError, match=r"small.safetensors: weights are for preset 'small' .* preset 'tiny'"):
-        load_encoder(build_segmenter("transunet", get_preset("tiny")), path)
+        load_pretrained(build_segmenter("transunet", get_preset("tiny")), path)
 
 
 def test_encoder_transfer_with_a_wrong_shape_names_the_tensor_and_both_shapes(tmp_path):
@@ -164,19 +177,131 @@ def test_encoder_transfer_with_a_wrong_shape_names_the_tensor_and_both_shapes(tm
     save_weights(path, {"encoder.patch_embed.bias": torch.zeros(7)}, {"preset": "tiny"})
     shapes = r"shape \(7,\) in the file but \(96,\) in the model"
     with pytest.raises(WeightsError, match=r"odd.safetensors: tensor encoder.patch_embed.bias has " + shapes):
-        load_encoder(segmenter, path)
+        load_pretrained(segmenter, path)
 
 
 def test_encoder_transfer_from_a_file_without_encoder_tensors_is_refused(tmp_path):
     path = tmp_path / "unet.safetensors"
     save_weights(path, build_segmenter("unet", get_preset("tiny")), {})
     with pytest.raises(WeightsError, match="unet.safetensors: holds no encoder"):
-        load_encoder(build_segmenter("transunet", get_preset("tiny")), path)
+        load_pretrained(build_segmenter("transunet", get_preset("tiny")), path)
 
 
 def test_encoder_transfer_into_a_monai_baseline_points_to_transunet(classifier_file):
     with pytest.raises(ConfigError, match="arch unet has no foundation encoder; use --arch transunet"):
-        load_encoder(build_segmenter("unet", get_preset("tiny")), classifier_file)
+        load_pretrained(build_segmenter("unet", get_preset("tiny")), classifier_file)
+
+
+DENSE_CLASSES = ["background", "catheter", "guidewire", "vessel"]
+
+
+def dense_pretraining_file(path, classes=DENSE_CLASSES, preset="tiny", **metadata):
+    """A dense pre-training run's global model: a TransUNet over ``classes`` plus a MIM reconstruction head."""
+    torch.manual_seed(7)
+    model = TransUNet(get_preset(preset), n_classes=len(classes))
+    state = dict(model.state_dict()) | {"reconstruction_head.weight": torch.randn(1, 16, 3, 3),
+                                         "reconstruction_head.bias": torch.randn(1)}
+    save_weights(path, state, model_metadata(model) | {"classes": list(classes), "objective": "segment+mim"} | metadata)
+    return path
+
+
+def test_whole_model_transfer_copies_encoder_and_decoder_value_for_value_and_reports_the_rest(tmp_path):
+    path = dense_pretraining_file(tmp_path / "global.safetensors")
+    checkpoint, _ = load_weights(path)
+    segmenter = TransUNet(get_preset("tiny"), n_classes=3)
+    report = load_pretrained(segmenter, path, "all", SEGMENTATION_CLASSES)
+    state = segmenter.state_dict()
+    body = [key for key in state if not key.startswith("segmentation_head.")]
+    assert {key.split(".")[0] for key in body} == {"encoder", "decoder"}
+    for key in body:
+        torch.testing.assert_close(state[key], checkpoint[key], rtol=0, atol=0)
+    assert report.parts == "all" and report.loaded == list(state) and report.new == []
+    assert report.ignored == ["reconstruction_head.bias", "reconstruction_head.weight"]
+    assert report.summary().endswith("ignored 2: reconstruction_head.* (2); segmentation head rows background, "
+                                     "catheter, guidewire of the file's background, catheter, guidewire, vessel")
+
+
+def test_whole_model_transfer_picks_the_head_rows_by_class_name(tmp_path):
+    path = dense_pretraining_file(tmp_path / "global.safetensors", ["vessel", "guidewire", "background", "catheter"])
+    checkpoint, _ = load_weights(path)
+    segmenter = TransUNet(get_preset("tiny"), n_classes=3)
+    load_pretrained(segmenter, path, "all", SEGMENTATION_CLASSES)
+    for name in ("segmentation_head.weight", "segmentation_head.bias"):
+        # shape: (3, ...) rows background, catheter, guidewire = the file's rows 2, 3, 1
+        torch.testing.assert_close(segmenter.state_dict()[name], checkpoint[name][[2, 3, 1]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("classes", "metadata", "why"), [
+    (["background", "catheter", "vessel"], {}, r"new: the file's classes \(background, catheter, vessel\) lack guidewire"),
+    (DENSE_CLASSES, {"objective": "mim"}, "new: objective 'mim' did not train it"),
+])
+def test_whole_model_transfer_keeps_a_head_that_does_not_fit_new(tmp_path, classes, metadata, why):
+    path = dense_pretraining_file(tmp_path / "global.safetensors", classes, **metadata)
+    segmenter = TransUNet(get_preset("tiny"), n_classes=3)
+    initial = segmenter.segmentation_head.weight.detach().clone()
+    report = load_pretrained(segmenter, path, "all", SEGMENTATION_CLASSES)
+    assert report.new == ["segmentation_head.weight", "segmentation_head.bias"]
+    assert re.search(why, report.head)
+    assert "segmentation_head.weight" in report.ignored
+    torch.testing.assert_close(segmenter.segmentation_head.weight, initial, rtol=0, atol=0)
+    assert any(key.startswith("decoder.") for key in report.loaded)
+
+
+def test_auto_transfers_the_whole_model_from_a_segmenter_and_the_encoder_from_a_classifier(tmp_path, classifier_file):
+    dense = dense_pretraining_file(tmp_path / "dense.safetensors")
+    assert load_pretrained(TransUNet(get_preset("tiny")), dense, "auto", SEGMENTATION_CLASSES).parts == "all"
+    report = load_pretrained(TransUNet(get_preset("tiny")), classifier_file, "auto", SEGMENTATION_CLASSES)
+    assert report.parts == "encoder" and report.head == ""
+
+
+def test_encoder_transfer_from_a_segmenter_ignores_its_decoder_and_head(tmp_path):
+    path = dense_pretraining_file(tmp_path / "global.safetensors")
+    report = load_pretrained(build_classifier(get_preset("tiny"), 4), path, "auto")
+    assert report.parts == "encoder"
+    assert {key.split(".")[0] for key in report.ignored} == {"decoder", "segmentation_head", "reconstruction_head"}
+    assert {key.split(".")[0] for key in report.new} == {"head"}
+
+
+def test_whole_model_transfer_from_a_classification_run_is_refused(classifier_file):
+    with pytest.raises(WeightsError, match=r"global.safetensors: --init-parts all needs a segmenter's weights, but this "
+                                           r"is a classification run's .*use --init-parts encoder"):
+        load_pretrained(TransUNet(get_preset("tiny")), classifier_file, "all", SEGMENTATION_CLASSES)
+
+
+def test_whole_model_transfer_from_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    save_weights(path, build_segmenter("unet", get_preset("tiny")), {"classes": list(SEGMENTATION_CLASSES)})
+    with pytest.raises(WeightsError, match="unet.safetensors: --init-parts all needs weights of a transunet, but these "
+                                           "are of a unet"):
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+
+
+def test_whole_model_transfer_from_another_preset_names_both_presets(tmp_path):
+    path = dense_pretraining_file(tmp_path / "small.safetensors", preset="small")
+    with pytest.raises(WeightsError, match=r"small.safetensors: weights are for preset 'small' .* preset 'tiny'"):
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+
+
+def test_whole_model_transfer_without_decoder_tensors_is_refused(tmp_path):
+    path = tmp_path / "encoder_only.safetensors"
+    encoder = {k: v for k, v in TransUNet(get_preset("tiny")).state_dict().items() if k.startswith("encoder.")}
+    save_weights(path, encoder, {"preset": "tiny"})
+    with pytest.raises(WeightsError, match="encoder_only.safetensors: .*holds no decoder.* tensor"):
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+
+
+def test_whole_model_transfer_refuses_classes_that_disagree_with_the_head(tmp_path):
+    path = dense_pretraining_file(tmp_path / "odd.safetensors")
+    tensors, metadata = load_weights(path)
+    save_weights(path, tensors, metadata | {"classes": DENSE_CLASSES[:3]})
+    with pytest.raises(WeightsError, match="odd.safetensors: metadata names 3 classes but segmentation_head.weight has 4"):
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+
+
+def test_whole_model_transfer_into_a_classifier_is_refused(tmp_path):
+    path = dense_pretraining_file(tmp_path / "global.safetensors")
+    with pytest.raises(ConfigError, match="--init-parts all: a classifier has no decoder"):
+        load_pretrained(build_classifier(get_preset("tiny"), 4), path, "all")
 
 
 @pytest.mark.parametrize("arch", ["transunet", "unet"])
@@ -231,7 +356,7 @@ def test_encoder_transfer_refuses_a_tensor_of_another_dtype(tmp_path):
     path = tmp_path / "half.safetensors"
     save_weights(path, {"encoder.patch_embed.bias": torch.zeros(96, dtype=torch.float16)}, {"preset": "tiny"})
     with pytest.raises(WeightsError, match="half.safetensors: tensor encoder.patch_embed.bias is torch.float16"):
-        load_encoder(build_segmenter("transunet", get_preset("tiny")), path)
+        load_pretrained(build_segmenter("transunet", get_preset("tiny")), path)
 
 
 def test_header_declaring_a_tensor_larger_than_the_file_is_refused(tmp_path):

@@ -82,12 +82,16 @@ def synth_pretrain(
     per_class: Annotated[int, typer.Option(help="Images per data-type class.")] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+    masks: Annotated[bool, typer.Option(help="Also write CLASS/masks/ and labels.json for the data types that carry "
+                                             "masks (--no-masks: images only; the images are the same).")] = True,
 ) -> None:
-    """Write the pre-training corpus: one folder per data type (the label is the data type)."""
+    """Write the pre-training corpus: one folder per data type (the label is the data type), with label masks."""
     from fedefm.data.synth import write_pretrain_corpus
 
-    manifest = write_pretrain_corpus(out, per_class, size=size, seed=seed)
+    manifest = write_pretrain_corpus(out, per_class, size=size, seed=seed, masks=masks)
     console.print(f"wrote {per_class} images for each of {', '.join(manifest['classes'])} to {out}")
+    for cls, labels in manifest.get("label_table", {}).get("annotated", {}).items():
+        console.print(f"  {cls}: masks of {', '.join(labels)}")
 
 
 @synth_app.command("position")
@@ -132,16 +136,23 @@ def data_partition(
     unseen: Annotated[float, typer.Option(help="Share of each class held only by its owner silos (1: disjoint).")] = 1.0,
     alpha: Annotated[Optional[float], typer.Option(help="Use Dirichlet(alpha) label skew instead of --unseen.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of splits and partition.")] = 0,
+    images_only: Annotated[Optional[list[str]], typer.Option(help="A class whose masks are left out (its silo "
+                                                                  "joins with images only); repeatable.")] = None,
 ) -> None:
-    """Print the silo x class table of the training split, as ``fedefm pretrain`` would partition it."""
-    from fedefm.data.datasets import find_classification_splits
-    from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table
+    """Print the silo x class table of the training split, as ``fedefm pretrain`` would partition it, and for a
+    dense corpus (ROOT/labels.json) the silo x label-type table."""
+    from fedefm.data.datasets import find_classification_splits, read_label_spec
+    from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table, silo_label_table
 
-    splits, class_names = find_classification_splits(root, seed=seed)
+    splits, class_names = find_classification_splits(root, seed=seed, images_only=images_only or ())
     labels = [item.label for item in splits["train"]]
     parts = (partition_dirichlet(labels, silos, alpha, seed) if alpha is not None
              else partition_unseen(labels, silos, unseen, seed))
     console.print(silo_class_table(labels, parts, class_names), highlight=False)
+    spec = read_label_spec(root)
+    if spec.labels:
+        table = silo_label_table([[splits["train"][i] for i in silo] for silo in parts], spec)
+        console.print(f"\nmasked images per label type (and images only):\n{table}", highlight=False)
 
 
 @app.command()
@@ -152,6 +163,8 @@ def finetune(
     task: Annotated[str, typer.Option(help="segment (masks) or classify (one class per image).")] = "segment",
     multilabel: Annotated[bool, typer.Option(help="classify: --data is a CSV image,LABEL_1,... of 0/1 columns.")] = False,
     init: Annotated[str, typer.Option(help="'scratch' or a foundation .safetensors file.")] = "scratch",
+    init_parts: Annotated[str, typer.Option(help="What --init gives a segmenter: encoder, all (encoder, decoder, head "
+                                                 "by class name) or auto (all when the file holds a decoder).")] = "auto",
     arch: Annotated[str, typer.Option(help="segment: transunet, unet or swinunetr.")] = "transunet",
     preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
     shots: Annotated[Optional[int], typer.Option(help="K labelled training images; per class for classify (default: all).")] = None,
@@ -168,12 +181,13 @@ def finetune(
     from fedefm.config import FinetuneConfig
     from fedefm.finetune import classify, train
 
-    cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, init=init, arch=arch, preset=preset,
+    cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, init=init,
+                         init_parts=init_parts, arch=arch, preset=preset,
                          shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
                          image_size=image_size, device=device, seed=seed)
     result = train.run(cfg, resume=resume) if task == "segment" else classify.run(cfg, resume=resume)
     if result["transfer"]:
-        console.print(f"foundation encoder: {result['transfer']}")
+        console.print(f"foundation weights: {result['transfer']}")
     score = (f"val {'macro AUROC' if multilabel else 'balanced accuracy'} {result['best_val'][0]:.4f}"
              if task == "classify" else f"val Dice {result['best_val']:.4f}")
     console.print(f"selected epoch {result['best_epoch']} ({score}); weights in {out / 'model.safetensors'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,16 @@ class FinetuneConfig:
     per class; with ``multilabel`` a CSV ``image,LABEL_1,LABEL_2,...`` of 0/1 columns and ``shots``
     images in all); ``arch`` and ``class_weights`` then do not apply. ``lr`` defaults to 1e-2 for
     segmentation and 1e-3 for classification.
+
+    ``init_parts`` says what ``init`` gives the segmenter: ``encoder``, ``all`` (every tensor whose name and
+    shape match, the head by class name) or ``auto`` (``all`` when the file holds a decoder, else ``encoder``);
+    a classifier takes the encoder only.
     """
 
     data: Path
     out: Path
     init: str = "scratch"
+    init_parts: str = "auto"
     task: str = "segment"
     multilabel: bool = False
     arch: str = "transunet"
@@ -86,6 +92,7 @@ class FinetuneConfig:
         """Check every field; raise ConfigError naming the option and the fix."""
         from fedefm.models.presets import get_preset
         from fedefm.models.segmenters import ARCHS
+        from fedefm.models.weights import INIT_PARTS
 
         choose("--task", self.task, FINETUNE_TASKS)
         choose("--arch", self.arch, ARCHS)
@@ -102,6 +109,12 @@ class FinetuneConfig:
             self.lr = 1e-2 if self.task == "segment" else 1e-3
         if self.init != "scratch" and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
+        choose("--init-parts", self.init_parts, INIT_PARTS)
+        if self.task == "classify" and self.init_parts == "all":
+            raise ConfigError("--init-parts all: --task classify takes only the encoder of --init (its head is new); "
+                              "use --init-parts encoder or auto")
+        if self.init == "scratch" and self.init_parts != "auto":
+            warnings.warn(f"--init-parts {self.init_parts} has no effect with --init scratch", stacklevel=2)
         if self.shots is not None and self.shots < 1:
             raise ConfigError(f"--shots {self.shots}: must be at least 1 (omit it to use every training image)")
         for name in ("epochs", "batch_size", "samples_per_epoch"):

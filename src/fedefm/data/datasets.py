@@ -6,7 +6,11 @@ TIFF) expands to one item per frame, ``NAME_f000``, ``NAME_f001``, ..., paired w
 multi-frame mask ``NAME.ext`` or with per-frame masks ``NAME_fNNN.ext``.
 
 Classification roots are ``ROOT/CLASS/*.ext`` or ``ROOT/{train,val,test}/CLASS/*.ext``; class
-names are sorted and a label is the index of its class.
+names are sorted and a label is the index of its class. A dense pre-training corpus adds label masks
+``CLASS/masks/NAME.ext`` (the image's stem; a frame of a multi-frame image takes ``NAME_fNNN``) and
+``ROOT/labels.json``, ``{"labels": [...], "annotated": {CLASS: [LABEL, ...]}}``: a mask pixel is an index
+into ``labels``, 0 means none of its class's annotated labels, and a label its class does not annotate
+is unknown there. A class not in ``annotated`` holds images only, whatever its ``masks/`` folder holds.
 
 Missing splits are carved from train: the sorted source files are shuffled by
 ``np.random.default_rng(seed)``, then test (only when no test split exists at all) and val are
@@ -18,8 +22,10 @@ classification), and train keeps at least one. Files are read lazily, one item a
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,12 +36,17 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.utils.data import Dataset
 
-from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image, read_mask
-from fedefm.errors import ConfigError, DataError
+from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image, read_label_values, read_mask
+from fedefm.errors import ConfigError, DataError, choose
 
 SPLITS = ("train", "val", "test")
 LABEL_NAMES = ("background", "catheter", "guidewire")
 _MAX_LISTED_PROBLEMS = 20
+LABELS_FILE = "labels.json"
+MASKS_FOLDER = "masks"
+_MAX_LABELS = 256  # masks store a label id per pixel in 8 bits
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Problems = list[tuple[Path, str]]
@@ -54,12 +65,31 @@ class SegmentationItem:
 
 @dataclass(frozen=True)
 class ClassificationItem:
-    """One image (or one frame of a multi-frame image) and the index of its class (multi-label: 0/1 per label)."""
+    """One image (or one frame of a multi-frame image), the index of its class (multi-label: 0/1 per label) and, in
+    a dense corpus, its label mask (None: images only)."""
 
     name: str
     image: Path
     label: int | tuple[int, ...]
     frame: int | None = None
+    mask: Path | None = None
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A dense corpus's label table (ROOT/labels.json); empty when the corpus has none (every class images only).
+
+    Attributes:
+        labels: label names; a mask pixel is an index into them, 0 "background" (none of the annotated labels).
+        annotated: class name -> the label ids (sorted, never 0) its masks annotate; other labels are unknown there.
+    """
+
+    labels: tuple[str, ...] = ()
+    annotated: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def allowed(self, class_name: str) -> tuple[int, ...]:
+        """The values a mask of ``class_name`` may hold: 0 and the label ids the class annotates."""
+        return (0, *self.annotated.get(class_name, ()))
 
 
 @dataclass
@@ -73,6 +103,8 @@ class DatasetReport:
     label_histogram: dict[str, int] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
     bad_files: list[tuple[Path, str]] = field(default_factory=list)
+    masked: dict[str, int] = field(default_factory=dict)
+    label_frames: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def find_segmentation_splits(
@@ -91,18 +123,80 @@ def find_segmentation_splits(
 
 
 def find_classification_splits(
-    root: Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+    root: Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+    images_only: Collection[str] = (),
 ) -> tuple[dict[str, list[ClassificationItem]], list[str]]:
     """List the images of each class folder; returns the splits (stratified per class) and the sorted class names.
 
+    In a dense corpus (ROOT/labels.json) an item of an annotated class carries its mask ``CLASS/masks/NAME.ext``
+    when there is one; the classes in ``images_only`` (e.g. the hospital that joins pre-training with images only)
+    keep none. Mask values are checked when read (:func:`read_label_mask`, :func:`check_label_masks`).
+
     Raises:
-        DataError: the root is missing, a class folder is empty, fewer than two classes exist, or
-            a class is too small to carve the missing splits; every problem found is listed.
-        ConfigError: a fraction is outside [0, 1) or val_fraction + test_fraction >= 1.
+        DataError: the root is missing, a class folder is empty, fewer than two classes exist, a class is too
+            small to carve the missing splits, a mask has no image, or labels.json is malformed; every problem
+            found is listed.
+        ConfigError: a fraction is outside [0, 1), val_fraction + test_fraction >= 1, or ``images_only`` names
+            a class the corpus does not have.
     """
-    splits, class_names, problems = _discover_classification(Path(root), seed, val_fraction, test_fraction)
+    splits, class_names, problems = _discover_classification(Path(root), seed, val_fraction, test_fraction,
+                                                             images_only)
     _raise_problems(problems)
     return splits, class_names
+
+
+def read_label_spec(root: Path) -> LabelSpec:
+    """Read ROOT/labels.json ``{"labels": [...], "annotated": {CLASS: [LABEL, ...]}}``; no file, no labels.
+
+    Raises:
+        DataError: naming the file, when it is not JSON, ``labels`` is not a list of distinct names starting with
+            "background" (at most 256), or ``annotated`` lists a label not in ``labels`` (or "background").
+    """
+    path = Path(root) / LABELS_FILE
+    if not path.is_file():
+        return LabelSpec()
+    try:
+        table = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); write {{\"labels\": [...], \"annotated\": {{...}}}}") from exc
+    labels = table.get("labels") if isinstance(table, dict) else None
+    if (not isinstance(labels, list) or not labels or labels[0] != "background" or len(set(labels)) != len(labels)
+            or not all(isinstance(name, str) and name for name in labels) or len(labels) > _MAX_LABELS):
+        raise DataError(f"{path}: \"labels\" must list distinct label names, \"background\" first (a mask pixel "
+                        f"indexes them, at most {_MAX_LABELS}); found {labels!r}")
+    annotated = table.get("annotated", {})
+    if not isinstance(annotated, dict):
+        raise DataError(f"{path}: \"annotated\" must map class names to lists of labels; found {annotated!r}")
+    ids: dict[str, tuple[int, ...]] = {}
+    for class_name, names in annotated.items():
+        if not isinstance(names, list):
+            raise DataError(f"{path}: class '{class_name}' must map to a list of labels, e.g. [\"vessel\"]; "
+                            f"found {names!r}")
+        unknown = [name for name in names if name not in labels[1:]]
+        if unknown:
+            raise DataError(f"{path}: class '{class_name}' annotates {unknown[0]!r}, which is not one of the "
+                            f"foreground labels {', '.join(labels[1:])}; list only those")
+        if names:
+            ids[class_name] = tuple(sorted({labels.index(name) for name in names}))
+    return LabelSpec(tuple(labels), ids)
+
+
+def read_label_mask(path: Path, allowed: Collection[int], size: int) -> torch.Tensor:
+    """Read a dense corpus's label mask and resize it: (size, size) int64 label ids, nearest.
+
+    ``allowed`` holds the ids its class may use (:meth:`LabelSpec.allowed`: 0 and the annotated labels). A
+    binary {0, 255} mask of a class annotating one label marks that label (a DRIVE-style vessel mask).
+
+    Raises:
+        DataError: naming the file, when it is unreadable or holds a value outside ``allowed``.
+    """
+    return resize_mask(_label_values(Path(path), allowed), _check_size(size))
+
+
+def check_label_masks(items: Sequence[ClassificationItem], spec: LabelSpec) -> None:
+    """Read every item's mask and raise one DataError listing each that is unreadable or holds a label its class
+    does not annotate (the class is the image's folder)."""
+    _raise_problems(_mask_problems(items, spec)[0])
 
 
 def find_multilabel_splits(
@@ -164,7 +258,8 @@ def find_multilabel_splits(
 def list_silo_images(root: Path, class_names: Sequence[str]) -> list[ClassificationItem]:
     """Every image of one silo's own folder ROOT/CLASS/*.ext, labelled by the federation's ``class_names``.
 
-    A silo may hold a single class (at 100% unseen it does); all its images are training images.
+    A silo may hold a single class (at 100% unseen it does); all its images are training images. Items of the
+    classes the silo's ROOT/labels.json annotates carry their masks, as in :func:`find_classification_splits`.
 
     Raises:
         DataError: the root is missing, a folder is not one of ``class_names``, or a folder is empty
@@ -177,13 +272,15 @@ def list_silo_images(root: Path, class_names: Sequence[str]) -> list[Classificat
     folders = _list_class_folders(root, problems)
     if not folders:
         problems.append((root, "no class folders; a silo's data sits in ROOT/CLASS_NAME/*.png"))
+    masked = set(read_label_spec(root).annotated)
+    _warn_unannotated_masks(root, list(folders.values()), masked)
     items: list[ClassificationItem] = []
     for name, path in folders.items():
         if name not in class_names:
             problems.append((path, f"class '{name}' is not one of the federation's classes {', '.join(class_names)}; "
                                    "rename the folder or add the class to the run's classes"))
             continue
-        items += _flatten(_class_groups(path, list(class_names).index(name), problems))
+        items += _flatten(_class_groups(path, list(class_names).index(name), problems, name in masked))
     _raise_problems(problems)
     return sorted(items, key=lambda item: item.name)
 
@@ -259,6 +356,10 @@ def format_report(report: DatasetReport) -> Table:
     table.add_row("image size (HxW)", f"{_hw(report.min_hw)} to {_hw(report.max_hw)}")
     unit = " px" if report.kind == "segmentation" else ""
     table.add_row("labels", "  ".join(f"{name} {n}{unit}" for name, n in report.label_histogram.items()))
+    for name, frames in report.label_frames.items():
+        holding = "  ".join(f"{label} {n}" for label, n in frames.items())
+        table.add_row(f"masks {name}", f"{report.masked[name]} of {report.label_histogram[name]} images masked; "
+                                       f"masks holding {holding}")
     table.add_row("bad files", str(len(report.bad_files)), style="red" if report.bad_files else "green")
     for path, reason in report.bad_files:
         table.add_row(str(path), reason, style="red")
@@ -345,11 +446,11 @@ def _sorted_by_name(splits: dict[str, list[Item]]) -> dict[str, list[Item]]:
     return {split: sorted(items, key=lambda item: item.name) for split, items in splits.items()}
 
 
-def _list_files(folder: Path, problems: Problems) -> dict[str, Path]:
-    """Image files directly inside ``folder`` keyed by stem; hidden files are skipped."""
+def _list_files(folder: Path, problems: Problems, skip: Collection[str] = ()) -> dict[str, Path]:
+    """Image files directly inside ``folder`` keyed by stem; hidden files and the folders in ``skip`` are skipped."""
     by_stem: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or (path.name in skip and path.is_dir()):
             continue
         if path.is_dir():
             problems.append((path, f"unexpected folder inside {folder.name}/; files must sit directly in {folder}"))
@@ -491,10 +592,14 @@ def _list_class_folders(folder: Path, problems: Problems) -> dict[str, Path]:
     return classes
 
 
-def _class_groups(class_dir: Path, label: int, problems: Problems) -> list[list[ClassificationItem]]:
-    files = _list_files(class_dir, problems)
+def _class_groups(class_dir: Path, label: int, problems: Problems, with_masks: bool = False
+                  ) -> list[list[ClassificationItem]]:
+    """One group of items per image file of ``class_dir``; with ``with_masks`` each item gets its masks/ file."""
+    files = _list_files(class_dir, problems, skip=(MASKS_FOLDER,))
     if not files:
         problems.append((class_dir, f"class folder '{class_dir.name}' has no images; add images or remove the folder"))
+    masks_dir = class_dir / MASKS_FOLDER
+    masks = _list_files(masks_dir, problems) if with_masks and masks_dir.is_dir() else {}
     groups = []
     for stem, path in files.items():
         try:
@@ -502,16 +607,25 @@ def _class_groups(class_dir: Path, label: int, problems: Problems) -> list[list[
         except DataError as exc:
             problems.append((path, _reason(exc, path)))
             continue
-        if n_frames == 1:
-            groups.append([ClassificationItem(f"{class_dir.name}/{stem}", path, label)])
-        else:
-            frames = enumerate(_frame_names(stem, n_frames))
-            groups.append([ClassificationItem(f"{class_dir.name}/{name}", path, label, k) for k, name in frames])
+        names = [stem] if n_frames == 1 else _frame_names(stem, n_frames)
+        frames = [None] if n_frames == 1 else range(n_frames)
+        groups.append([ClassificationItem(f"{class_dir.name}/{name}", path, label, k, masks.pop(name, None))
+                       for k, name in zip(frames, names)])
+    problems.extend((mask, f"has no image; expected {class_dir / stem}.<ext> (a frame of a multi-frame image takes "
+                           "its frame name, NAME_fNNN)") for stem, mask in masks.items())
     return groups
 
 
+def _warn_unannotated_masks(root: Path, class_dirs: Sequence[Path], annotated: Collection[str]) -> None:
+    """Log each class folder holding masks/ that ROOT/labels.json does not annotate: its masks are not read."""
+    for class_dir in class_dirs:
+        if (class_dir / MASKS_FOLDER).is_dir() and class_dir.name not in annotated:
+            log.warning("%s: ignored; add '%s' to \"annotated\" in %s to use its masks", class_dir / MASKS_FOLDER,
+                        class_dir.name, root / LABELS_FILE)
+
+
 def _discover_classification(
-    root: Path, seed: int, val_fraction: float, test_fraction: float
+    root: Path, seed: int, val_fraction: float, test_fraction: float, images_only: Collection[str] = ()
 ) -> tuple[dict[str, list[ClassificationItem]], list[str], Problems]:
     _check_fractions(val_fraction, test_fraction)
     problems: Problems = []
@@ -532,8 +646,14 @@ def _discover_classification(
         found = f"only class '{class_names[0]}'" if class_names else "no class folders"
         problems.append((root, f"{found}; a classification dataset needs at least two class folders ROOT/CLASS_NAME/"))
         return splits, class_names, problems
+    for name in images_only:
+        choose("images-only class", name, class_names)
+    annotated = read_label_spec(root).annotated
+    _warn_unannotated_masks(root, [path for classes in folders.values() for path in classes.values()], annotated)
+    masked = set(annotated) - set(images_only)
     groups = {
-        split: {name: _class_groups(path, class_names.index(name), problems) for name, path in classes.items()}
+        split: {name: _class_groups(path, class_names.index(name), problems, name in masked)
+                for name, path in classes.items()}
         for split, classes in folders.items()
     }
     for split in set(given) - {"train"}:
@@ -593,26 +713,83 @@ def _check_segmentation(root: Path, seed: int) -> DatasetReport:
     return _with_size_range(report, shapes)
 
 
+def _label_values(path: Path, allowed: Collection[int]) -> np.ndarray:
+    """A label mask's ids at its own size (H, W) uint8, checked against ``allowed`` (see :func:`read_label_mask`)."""
+    array = read_label_values(path)
+    values = np.unique(array)
+    found = {float(v) for v in values}
+    foreground = sorted(set(allowed) - {0})
+    if found <= {0.0, 255.0} and 255 not in allowed and len(foreground) == 1:
+        return (array == 255).astype(np.uint8) * np.uint8(foreground[0])
+    if not found <= {float(v) for v in allowed}:
+        outside = ", ".join(f"{v:g}" for v in sorted(found - {float(v) for v in allowed})[:10])
+        raise DataError(f"{path}: mask holds label id(s) {outside}, which its class does not annotate (allowed "
+                        f"{', '.join(map(str, sorted(allowed)))}, see labels.json); fix the mask or add the label "
+                        "to the class's \"annotated\" list")
+    return array.astype(np.uint8)
+
+
+def _class_of(item: ClassificationItem) -> str:
+    """The class folder an item's image sits in."""
+    return item.image.parent.name
+
+
+def _mask_problems(items: Sequence[ClassificationItem], spec: LabelSpec,
+                   image_shapes: dict[Path, tuple[int, int]] | None = None) -> tuple[Problems, dict[str, dict[str, int]]]:
+    """Read every item's mask: the bad ones, and per class the number of masks holding each annotated label.
+
+    With ``image_shapes`` (image path -> (H, W)), a mask of another size than its image is bad too.
+    """
+    problems: Problems = []
+    frames: dict[str, dict[str, int]] = {}
+    for item in items:
+        if item.mask is None:
+            continue
+        name = _class_of(item)
+        counts = frames.setdefault(name, {spec.labels[i]: 0 for i in spec.annotated.get(name, ())})
+        try:
+            mask = _label_values(item.mask, spec.allowed(name))
+        except DataError as exc:
+            problems.append((item.mask, _reason(exc, item.mask)))
+            continue
+        shape = (image_shapes or {}).get(item.image, mask.shape)
+        if mask.shape != shape:
+            problems.append((item.mask, f"mask is {_hw(mask.shape)} but {item.image} is {_hw(shape)}; "
+                                        "resize the mask to its image"))
+            continue
+        present = np.unique(mask)
+        for label_id in present[present > 0]:
+            counts[spec.labels[label_id]] += 1
+    return problems, frames
+
+
 def _check_classification(root: Path, seed: int) -> DatasetReport:
     splits, class_names, problems = _discover_classification(root, seed, 0.15, 0.15)
     bad: dict[Path, str] = dict(problems)
     counts = dict.fromkeys(class_names, 0)
-    shapes: list[tuple[int, int]] = []
+    shape_of: dict[Path, tuple[int, int]] = {}
     for item in (item for items in splits.values() for item in items):
         if item.image in bad:
             continue
         try:
-            shapes.append(read_image(item.image, item.frame).shape)
+            shape_of[item.image] = read_image(item.image, item.frame).shape
         except DataError as exc:
             _add_bad(bad, exc, item.image)
             continue
         counts[class_names[item.label]] += 1
+    shapes = list(shape_of.values())
+    items = [item for items in splits.values() for item in items if item.image not in bad]
+    mask_problems, label_frames = _mask_problems(items, read_label_spec(root), shape_of)
+    bad.update(mask_problems)
+    masked = {name: sum(item.mask is not None for item in items if _class_of(item) == name) for name in label_frames}
     report = DatasetReport(
-        kind="classification",
+        kind="dense classification" if masked else "classification",
         splits={split: len(items) for split, items in splits.items()},
         label_histogram=counts,
         class_names=class_names,
         bad_files=list(bad.items()),
+        masked=masked,
+        label_frames=label_frames,
     )
     return _with_size_range(report, shapes)
 

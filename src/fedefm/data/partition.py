@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedefm.data.datasets import ClassificationItem, LabelSpec
 from fedefm.errors import ConfigError
 
 # Small alphas often leave a silo without images; redraw, deterministically, this many times.
@@ -148,9 +149,30 @@ def silo_class_table(labels: Sequence[int], silos: list[np.ndarray], class_names
             f"labels range over {labels.min()}..{labels.max()} but only {len(class_names)} class names were given"
         )
     counts = np.array([np.bincount(labels[silo], minlength=len(class_names)) for silo in silos]).reshape(len(silos), -1)
-    header = ["silo", *class_names, "total"]
-    rows = [[str(s), *map(str, row), str(row.sum())] for s, row in enumerate(counts)]
-    rows.append(["total", *map(str, counts.sum(axis=0)), str(counts.sum())])
+    return _format_table(["silo", *class_names, "total"], counts)
+
+
+def silo_label_table(items_per_silo: Sequence[Sequence[ClassificationItem]], spec: LabelSpec) -> str:
+    """Plain-text table of which label types each silo (rows) can teach: masked images per label, images only.
+
+    A masked image counts for every label its class annotates (spec.annotated; the class is the image's folder),
+    whether or not that label shows in it; "images only" counts the silo's images without a mask.
+    """
+    foreground = list(spec.labels[1:])
+    counts = np.zeros((len(items_per_silo), len(foreground) + 1), dtype=np.int64)
+    for s, items in enumerate(items_per_silo):
+        for item in items:
+            annotated = spec.annotated.get(item.image.parent.name, ()) if item.mask is not None else ()
+            for label_id in annotated:
+                counts[s, label_id - 1] += 1
+            counts[s, -1] += not annotated
+    return _format_table(["silo", *foreground, "images only"], counts, total_column=False)
+
+
+def _format_table(header: list[str], counts: np.ndarray, total_column: bool = True) -> str:
+    """Right-aligned plain-text table of counts (S, K) under ``header`` (a silo column, then K), with a total row."""
+    rows = [[str(s), *map(str, row), *([str(row.sum())] if total_column else [])] for s, row in enumerate(counts)]
+    rows.append(["total", *map(str, counts.sum(axis=0)), *([str(counts.sum())] if total_column else [])])
     widths = [max(len(row[col]) for row in [header, *rows]) for col in range(len(header))]
     lines = []
     for row in [header, *rows]:

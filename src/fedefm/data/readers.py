@@ -90,12 +90,24 @@ def read_mask(path: Path, frame: int | None = None) -> np.ndarray:
             {0, 255} binary mask, or an RGB mask has unequal channels.
     """
     path = Path(path)
+    return _to_labels(read_label_values(path, frame), path)
+
+
+def read_label_values(path: Path, frame: int | None = None) -> np.ndarray:
+    """The raw pixel values of a label image (one frame of a multi-frame one): (H, W), values as stored.
+
+    Palette images give their indices and RGB images with equal channels one channel.
+
+    Raises:
+        DataError: as :func:`read_image`, and when an RGB mask has unequal channels or the mask is not 2-D.
+    """
+    path = Path(path)
     if _suffix(path) == ".dcm":
         array = _read_dicom_pixels(path, frame)[0]
     else:
         # Palette masks store labels as palette indices.
         array = _read_array(path, frame, palette_indices=True)
-    return _to_labels(_mask_channel(array, path), path)
+    return _mask_channel(array, path)
 
 
 def count_frames(path: Path) -> int:

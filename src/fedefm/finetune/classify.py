@@ -42,7 +42,7 @@ from fedefm.finetune.train import (
 from fedefm.memory import peak_rss_mb
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
-from fedefm.models.weights import TransferReport, load_encoder, model_metadata, save_weights
+from fedefm.models.weights import TransferReport, load_pretrained, model_metadata, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,11 @@ def selection_score(result: dict) -> tuple[float, float]:
 
 
 def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[Classifier, TransferReport | None]:
-    """A classifier with a new head over ``n_classes``; its encoder from scratch or a foundation checkpoint."""
+    """A classifier with a new head over ``n_classes``; its encoder from scratch or any fedefm weights' encoder."""
     model = Classifier(get_preset(cfg.preset), n_classes)
     if cfg.init == "scratch":
         return model, None
-    return model, load_encoder(model, Path(cfg.init))
+    return model, load_pretrained(model, Path(cfg.init), "encoder")
 
 
 def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dict:

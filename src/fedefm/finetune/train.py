@@ -25,7 +25,7 @@ from fedefm.finetune.metrics import SEGMENTATION_CLASSES, SegmentationScores
 from fedefm.memory import peak_rss_mb
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
-from fedefm.models.weights import TransferReport, load_encoder, model_metadata, save_weights
+from fedefm.models.weights import TransferReport, load_pretrained, model_metadata, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,11 @@ def segmentation_loss(cfg: FinetuneConfig, device: torch.device) -> DiceCELoss:
 
 
 def build_model(cfg: FinetuneConfig) -> tuple[torch.nn.Module, TransferReport | None]:
-    """The segmenter named by the config, initialised from scratch or from a foundation checkpoint."""
+    """The segmenter named by the config, from scratch or from pre-trained weights (``cfg.init_parts`` of them)."""
     model = build_segmenter(cfg.arch, get_preset(cfg.preset), n_classes=len(SEGMENTATION_CLASSES))
     if cfg.init == "scratch":
         return model, None
-    return model, load_encoder(model, Path(cfg.init))
+    return model, load_pretrained(model, Path(cfg.init), cfg.init_parts, SEGMENTATION_CLASSES)
 
 
 def save_checkpoint(store: CheckpointStore, epoch: int, step: int, model: torch.nn.Module,

@@ -1,10 +1,11 @@
-"""Weights on disk: safetensors with JSON metadata (preset, arch, classes), never pickle; encoder transfer."""
+"""Weights on disk: safetensors with JSON metadata (preset, arch, classes), never pickle; transfer into a new model."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from safetensors.torch import save as serialize_safetensors
 from torch import Tensor, nn
 
 from fedefm import __version__
-from fedefm.errors import ConfigError, WeightsError
+from fedefm.errors import ConfigError, WeightsError, choose
 from fedefm.files import atomic_write
 from fedefm.models.encoder import HybridEncoder
 from fedefm.models.presets import PRESETS, get_preset
@@ -74,15 +75,16 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise WeightsError(f"{path}: weights file not found; check the path (fedefm writes RUN/*.safetensors)")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = f.read(9)
+        # A safetensors header is JSON right after its 8-byte length; its length's low byte may well be 0x80.
+        if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
             raise WeightsError(
                 f"{path}: is a pickle/torch.save file; fedefm only reads safetensors (never unpickles); "
                 "convert it with safetensors.torch.save_file"
             )
-        if len(head) < 8:
+        if len(head) < 9:
             raise WeightsError(f"{path}: {size} bytes is too short for a safetensors file; the file is truncated")
-        header_bytes = int.from_bytes(head, "little")
+        header_bytes = int.from_bytes(head[:8], "little")
         # Checked before anything else is read: a hostile header length must not make us allocate it.
         if header_bytes > MAX_HEADER_BYTES or header_bytes > size - 8:
             raise WeightsError(
@@ -107,38 +109,94 @@ def describe_keys(keys: list[str]) -> str:
 
 @dataclass(frozen=True)
 class TransferReport:
-    """Which tensors an encoder transfer copied, left at their initial values, or skipped.
+    """Which tensors a transfer from pre-trained weights copied, left at their initial values, or skipped.
 
     Attributes:
-        loaded: model keys copied from the checkpoint (all under ``encoder.``), in the model's order.
-        new: model keys the checkpoint did not provide (decoder, segmentation head), in the model's order.
-        ignored: checkpoint keys the model does not use (e.g. the pretraining classifier's ``head.*``), sorted.
+        parts: what was transferred, "encoder" or "all" (``auto`` resolved).
+        loaded: model keys copied from the checkpoint, in the model's order.
+        new: model keys the checkpoint did not provide (or whose head did not fit), in the model's order.
+        ignored: checkpoint keys the model does not use (e.g. a classifier's ``head.*``, ``reconstruction_head.*``),
+            sorted.
+        head: with ``parts`` "all", how the segmentation head was treated: which of the file's classes fill its
+            output channels, or why it stayed new; empty for an encoder transfer.
     """
 
+    parts: str
     loaded: list[str]
     new: list[str]
     ignored: list[str]
+    head: str = ""
 
     def summary(self) -> str:
-        """One line for the log: counts and module names of loaded, new and ignored tensors."""
-        return (
-            f"loaded {len(self.loaded)} encoder tensors; new {len(self.new)}: {describe_keys(self.new)}; "
-            f"ignored {len(self.ignored)}: {describe_keys(self.ignored)}"
-        )
+        """One line for the log: counts and module names of loaded, new and ignored tensors, and the head's fate."""
+        line = (f"{self.parts}: loaded {len(self.loaded)}: {describe_keys(self.loaded)}; "
+                f"new {len(self.new)}: {describe_keys(self.new)}; "
+                f"ignored {len(self.ignored)}: {describe_keys(self.ignored)}")
+        return f"{line}; segmentation head {self.head}" if self.head else line
 
 
-def load_encoder(model: nn.Module, path: Path) -> TransferReport:
-    """Copy the checkpoint's ``encoder.*`` tensors into ``model.encoder`` (foundation weights → segmenter).
+INIT_PARTS = ("auto", "encoder", "all")
+DECODER_PREFIX = "decoder."
+HEAD_PREFIX = "segmentation_head."
+
+
+def load_pretrained(model: nn.Module, path: Path, parts: str = "auto", classes: Sequence[str] = ()) -> TransferReport:
+    """Initialise ``model`` (a TransUNet or Classifier) from pre-trained weights: the encoder, or the whole segmenter.
+
+    ``parts`` "encoder" copies the file's ``encoder.*`` tensors (any fedefm pre-training: classifier or segmenter).
+    "all" copies every tensor whose name the model shares with the file (encoder, decoder) and the segmentation head
+    when the file's metadata ``classes`` hold every name in ``classes`` (the model's output channels in order, e.g.
+    background, catheter, guidewire): the head's output rows of those classes, in the model's order. A file whose
+    ``objective`` does not include ``segment`` (e.g. ``mim``) never trained its head, which then stays new. "auto"
+    is "all" when the file holds ``decoder.*`` tensors and the model has a decoder, else "encoder".
 
     Raises:
-        ConfigError: the model has no hybrid encoder (MONAI baselines).
-        WeightsError: naming the file, when its preset differs from the model's, a tensor's shape differs, or it
-            holds no encoder tensor.
+        ConfigError: the model has no hybrid encoder (MONAI baselines), or ``parts`` is unknown.
+        WeightsError: naming the file, when its preset differs from the model's, a shared tensor's shape or dtype
+            differs, it holds no encoder tensor, or ("all") it is a classifier's weights, another architecture's,
+            or holds no decoder.
     """
     if not isinstance(getattr(model, "encoder", None), HybridEncoder):
         arch = getattr(model, "arch", type(model).__name__)
         raise ConfigError(f"arch {arch} has no foundation encoder; use --arch transunet")
+    parts = choose("--init-parts", parts, INIT_PARTS)
     tensors, metadata = load_weights(path)
+    check_preset(path, metadata, model)
+    model_state = model.state_dict()
+    has_decoder = any(key.startswith(DECODER_PREFIX) for key in tensors)
+    if parts == "auto":
+        parts = "all" if has_decoder and hasattr(model, "decoder") else "encoder"
+    head = ""
+    if parts == "encoder":
+        loaded = [key for key in model_state if key.startswith(ENCODER_PREFIX) and key in tensors]
+        chosen = {key: tensors[key] for key in loaded}
+    else:
+        check_whole_model(path, metadata, tensors, model, has_decoder)
+        chosen = {key: tensors[key] for key in model_state if key in tensors and not key.startswith(HEAD_PREFIX)}
+        rows, head = head_rows(path, metadata, tensors, classes)
+        if rows:
+            chosen.update({key: tensors[key][list(rows)] for key in model_state if key.startswith(HEAD_PREFIX)})
+        loaded = [key for key in model_state if key in chosen]
+    for key in loaded:
+        check_tensor(path, key, chosen[key], model_state[key], "the model")
+    if not any(key.startswith(ENCODER_PREFIX) for key in loaded):
+        raise WeightsError(
+            f"{path}: holds no encoder.* tensor the model uses ({describe_keys(list(tensors))}); "
+            "pass weights written by fedefm pretrain"
+        )
+    model.load_state_dict(chosen, strict=False)
+    loaded_set = set(loaded)
+    return TransferReport(
+        parts=parts,
+        loaded=loaded,
+        new=[key for key in model_state if key not in loaded_set],
+        ignored=sorted(key for key in tensors if key not in loaded_set),
+        head=head,
+    )
+
+
+def check_preset(path: Path, metadata: dict[str, Any], model: nn.Module) -> None:
+    """Raise WeightsError naming the file when its metadata ``preset`` differs from the model's (absent: a warning)."""
     preset = metadata.get("preset")
     if preset is None:
         logger.warning("%s: no 'preset' in the metadata; relying on tensor shapes only", path)
@@ -147,22 +205,60 @@ def load_encoder(model: nn.Module, path: Path) -> TransferReport:
             f"{path}: weights are for preset {preset!r} but the model is preset {model.preset.name!r}; "
             f"use --preset {preset} or weights pretrained with --preset {model.preset.name}"
         )
-    model_state = model.state_dict()
-    loaded = [key for key in model_state if key.startswith(ENCODER_PREFIX) and key in tensors]
-    for key in loaded:
-        check_tensor(path, key, tensors[key], model_state[key], "the model")
-    if not loaded:
+
+
+def check_whole_model(path: Path, metadata: dict[str, Any], tensors: dict[str, Tensor], model: nn.Module,
+                      has_decoder: bool) -> None:
+    """Refuse ``--init-parts all`` from a classification run, another architecture, or a file without a decoder."""
+    arch = metadata.get("arch")
+    if arch == "classifier":
         raise WeightsError(
-            f"{path}: holds no encoder.* tensor the model uses ({describe_keys(list(tensors))}); "
-            "pass weights written by fedefm pretrain"
+            f"{path}: --init-parts all needs a segmenter's weights, but this is a classification run's (arch "
+            "classifier: encoder and classification head, no decoder); use --init-parts encoder"
         )
-    model.load_state_dict({key: tensors[key] for key in loaded}, strict=False)
-    loaded_set = set(loaded)
-    return TransferReport(
-        loaded=loaded,
-        new=[key for key in model_state if key not in loaded_set],
-        ignored=sorted(key for key in tensors if key not in loaded_set),
-    )
+    if not hasattr(model, "decoder"):
+        raise ConfigError(f"--init-parts all: a {model.arch} has no decoder to load; use --init-parts encoder")
+    if arch is not None and arch != model.arch:
+        raise WeightsError(
+            f"{path}: --init-parts all needs weights of a {model.arch}, but these are of a {arch}; "
+            f"use --init-parts encoder or --arch {arch} from scratch"
+        )
+    if not has_decoder:
+        raise WeightsError(
+            f"{path}: --init-parts all needs a segmenter's weights, but the file holds no decoder.* tensor "
+            f"({describe_keys(list(tensors))}); use --init-parts encoder"
+        )
+
+
+def head_rows(path: Path, metadata: dict[str, Any], tensors: dict[str, Tensor], classes: Sequence[str]
+              ) -> tuple[tuple[int, ...], str]:
+    """The file's segmentation-head output channels for ``classes`` in order, and a note for the report.
+
+    Returns ``((), why it stays new)`` when the head does not fit: no head tensors, no or other class names, or an
+    objective that never trained it.
+
+    Raises:
+        WeightsError: naming the file, when its ``classes`` and its head's output channels disagree in number.
+    """
+    objective = metadata.get("objective")
+    file_classes = metadata.get("classes")
+    weight = tensors.get(f"{HEAD_PREFIX}weight")
+    if weight is None or f"{HEAD_PREFIX}bias" not in tensors:
+        return (), "new: the file has no segmentation_head.weight and .bias"
+    if objective is not None and "segment" not in str(objective):
+        return (), f"new: objective {objective!r} did not train it"
+    if not isinstance(file_classes, list) or not classes:
+        return (), "new: the file's metadata names no classes to match by name"
+    if len(file_classes) != weight.shape[0]:
+        raise WeightsError(
+            f"{path}: metadata names {len(file_classes)} classes but segmentation_head.weight has "
+            f"{weight.shape[0]} output channels; the file is inconsistent, write it again"
+        )
+    missing = [name for name in classes if name not in file_classes]
+    if missing:
+        return (), f"new: the file's classes ({', '.join(map(str, file_classes))}) lack {', '.join(missing)}"
+    rows = tuple(file_classes.index(name) for name in classes)
+    return rows, f"rows {', '.join(classes)} of the file's {', '.join(file_classes)}"
 
 
 def check_tensor(path: Path, key: str, tensor: Tensor, expected: Tensor, where: str) -> None:

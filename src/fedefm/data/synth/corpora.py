@@ -1,0 +1,205 @@
+"""Dataset writers: segmentation, pre-training and position datasets on disk, reproducible per image."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fedefm.data.synth.devices import LABEL_NAMES
+from fedefm.data.synth.domains import (
+    _check_size,
+    DOMAINS,
+    POSITION_CLASSES,
+    PRETRAIN_ANNOTATED,
+    PRETRAIN_CLASSES,
+    PRETRAIN_LABELS,
+    render_fluoro,
+    render_position,
+    render_pretrain_masked,
+)
+from fedefm.errors import ConfigError, choose
+from fedefm.files import write_json
+
+
+GENERATOR_VERSION = "1.0.0"
+
+logger = logging.getLogger(__name__)
+
+
+def _image_rng(seed: int, kind: int, group: int, index: int) -> np.random.Generator:
+    """The generator of one image: independent of the order and number of images. kind 0 seg, 1 pretrain, 2 position."""
+    return np.random.default_rng([seed, kind, group, index])
+
+
+def _check_out(out: Path) -> None:
+    """Raise ConfigError when OUT exists and is not an empty folder, so nothing is ever overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists and is not an empty folder; choose another folder or delete it")
+
+
+def _check_counts(value: int, option: str, seed: int) -> None:
+    """Raise ConfigError unless ``value`` >= 1 and the seed is a non-negative integer."""
+    if int(value) != value or value < 1:
+        raise ConfigError(f"{option} {value}: need at least 1 image; pass {option} 1 or more")
+    if int(seed) != seed or seed < 0:
+        raise ConfigError(f"--seed {seed}: the seed must be a non-negative integer")
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 (H, W) array as a greyscale PNG."""
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _write_atomically(out: Path, fill: Callable[[Path], dict]) -> dict:
+    """Build a dataset in a sibling temporary folder with ``fill(tmp) -> manifest`` and rename it to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (unlike tempfile.mkdtemp, which makes it private) gives the folder the user's usual permissions.
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = fill(tmp)
+        write_json(tmp / "manifest.json", manifest)
+        _check_out(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int = 0) -> dict:
+    """Write ``n`` fluoroscopy frames of ``domain`` with masks: OUT/images, OUT/masks, OUT/manifest.json.
+
+    Returns:
+        The manifest: generator_version, kind "seg", domain, n, size, seed, and per image its name,
+        label_counts {background, catheter, guidewire} and info (see render_fluoro).
+
+    Raises:
+        ConfigError: unknown domain, n < 1, size < 32, negative seed, or OUT exists and is not empty.
+    """
+    out = Path(out)
+    choose("--domain", domain, DOMAINS)
+    _check_counts(n, "--n", seed)
+    _check_size(size)
+    _check_out(out)
+    group = DOMAINS.index(domain)
+
+    def fill(tmp: Path) -> dict:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        images = []
+        for i in range(n):
+            image, mask, info = render_fluoro(domain, size, _image_rng(seed, 0, group, i))
+            name = f"img_{i:05d}.png"
+            _save_png(tmp / "images" / name, image)
+            _save_png(tmp / "masks" / name, mask)
+            counts = np.bincount(mask.ravel(), minlength=3)
+            images.append({"name": name, "label_counts": dict(zip(LABEL_NAMES, map(int, counts))), "info": info})
+        return {"generator_version": GENERATOR_VERSION, "kind": "seg", "domain": domain, "n": n, "size": size,
+                "seed": seed, "images": images}
+
+    manifest = _write_atomically(out, fill)
+    logger.info("wrote %d %s frames to %s", n, domain, out)
+    return manifest
+
+
+def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int = 0,
+                          classes: Sequence[str] = PRETRAIN_CLASSES, masks: bool = True) -> dict:
+    """Write ``per_class`` images of each class to OUT/CLASS/img_NNNNN.png plus OUT/manifest.json.
+
+    With ``masks``, every image of a class that PRETRAIN_ANNOTATED gives labels also gets its label mask,
+    OUT/CLASS/masks/img_NNNNN.png (indices into PRETRAIN_LABELS), and OUT/labels.json holds the label table
+    ``{"labels": [...], "annotated": {CLASS: [LABEL, ...]}}`` (docs/design.md §4), which the manifest repeats under
+    ``label_table``. The images are the same with or without masks.
+
+    Returns:
+        The manifest: generator_version, kind "pretrain", classes, per_class, size, seed, counts per class, and
+        with masks label_table and masked (masked images per class).
+
+    Raises:
+        ConfigError: unknown or repeated class, no classes, per_class < 1, size < 32, negative seed,
+            or OUT exists and is not empty.
+    """
+    out = Path(out)
+    classes = list(classes)
+    if not classes:
+        raise ConfigError(f"classes: none given; pass some of {', '.join(PRETRAIN_CLASSES)}")
+    for cls in classes:
+        choose("class", cls, PRETRAIN_CLASSES)
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"classes {classes}: a class is listed twice; list each once")
+    _check_counts(per_class, "--per-class", seed)
+    _check_size(size)
+    _check_out(out)
+    annotated = {cls: list(PRETRAIN_ANNOTATED[cls]) for cls in classes if masks and PRETRAIN_ANNOTATED[cls]}
+    label_table = {"labels": list(PRETRAIN_LABELS), "annotated": annotated}
+
+    def fill(tmp: Path) -> dict:
+        for cls in classes:
+            (tmp / cls).mkdir()
+            if cls in annotated:
+                (tmp / cls / "masks").mkdir()
+            group = PRETRAIN_CLASSES.index(cls)
+            for i in range(per_class):
+                name = f"img_{i:05d}.png"
+                image, mask = render_pretrain_masked(cls, size, _image_rng(seed, 1, group, i))
+                _save_png(tmp / cls / name, image)
+                if cls in annotated:
+                    _save_png(tmp / cls / "masks" / name, mask)
+        manifest = {"generator_version": GENERATOR_VERSION, "kind": "pretrain", "classes": classes,
+                    "per_class": per_class, "size": size, "seed": seed, "counts": {cls: per_class for cls in classes}}
+        if not masks:
+            return manifest
+        write_json(tmp / "labels.json", label_table)
+        return manifest | {"label_table": label_table, "masked": {cls: per_class for cls in annotated}}
+
+    manifest = _write_atomically(out, fill)
+    logger.info("wrote %d images per class for %d classes to %s (masks for %s)", per_class, len(classes), out,
+                ", ".join(annotated) or "none")
+    return manifest
+
+
+def write_position_dataset(out: Path, n: int, size: int = 256, seed: int = 0) -> dict:
+    """Write ``n`` chest frames, balanced over POSITION_CLASSES, to OUT/CLASS/img_NNNNN.png plus OUT/manifest.json.
+
+    Class k gets ``n // 4`` images, one more for the first ``n % 4`` classes.
+
+    Returns:
+        The manifest: generator_version, kind "position", classes, n, size, seed, counts per class, and
+        per image its class, name and info (see render_position).
+
+    Raises:
+        ConfigError: n below the number of classes, size < 32, negative seed, or OUT exists and is not empty.
+    """
+    out = Path(out)
+    _check_counts(n, "--n", seed)
+    if n < len(POSITION_CLASSES):
+        raise ConfigError(f"--n {n}: the position task has {len(POSITION_CLASSES)} classes; "
+                          f"pass --n {len(POSITION_CLASSES)} or more")
+    _check_size(size)
+    _check_out(out)
+    counts = {cls: n // len(POSITION_CLASSES) + (k < n % len(POSITION_CLASSES))
+              for k, cls in enumerate(POSITION_CLASSES)}
+
+    def fill(tmp: Path) -> dict:
+        images = []
+        for group, (cls, count) in enumerate(counts.items()):
+            (tmp / cls).mkdir()
+            for i in range(count):
+                image, _, info = render_position(cls, size, _image_rng(seed, 2, group, i))
+                name = f"img_{i:05d}.png"
+                _save_png(tmp / cls / name, image)
+                images.append({"class": cls, "name": name, "info": info})
+        return {"generator_version": GENERATOR_VERSION, "kind": "position", "classes": list(POSITION_CLASSES),
+                "n": n, "size": size, "seed": seed, "counts": counts, "images": images}
+
+    manifest = _write_atomically(out, fill)
+    logger.info("wrote %d position frames (%s) to %s", n, ", ".join(POSITION_CLASSES), out)
+    return manifest

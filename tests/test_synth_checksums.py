@@ -1,0 +1,70 @@
+"""The generator's output for fixed seeds, pinned by checksums: a refactor that changes a pixel fails here.
+
+tests/data/synth_checksums.json holds, per GENERATOR_VERSION, one SHA-256 per small dataset (every
+decoded image and mask array plus the manifest). A change that alters output on purpose bumps
+GENERATOR_VERSION and adds that version's checksums (regenerate with ``python tests/test_synth_checksums.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedefm.data.synth import GENERATOR_VERSION, write_position_dataset, write_pretrain_corpus, write_seg_dataset
+
+CHECKSUMS = Path(__file__).parent / "data" / "synth_checksums.json"
+# (name, writer, keyword arguments): every writer, each fluoroscopy domain, two sizes, two seeds.
+CASES = [
+    *[(f"seg_{domain}_{size}_s{seed}", write_seg_dataset, {"domain": domain, "n": 2, "size": size, "seed": seed})
+      for domain in ("clinical", "animal", "phantom", "simulation") for size in (64, 256) for seed in (0, 1)],
+    *[(f"pretrain_{size}_s{seed}", write_pretrain_corpus, {"per_class": 1, "size": size, "seed": seed, "masks": False})
+      for size in (64, 256) for seed in (0, 1)],
+    # With masks: the same images (the cases above), plus masks/ and labels.json.
+    *[(f"pretrain_masks_{size}_s{seed}", write_pretrain_corpus, {"per_class": 1, "size": size, "seed": seed})
+      for size in (64, 256) for seed in (0, 1)],
+    *[(f"position_{size}_s{seed}", write_position_dataset, {"n": 4, "size": size, "seed": seed})
+      for size in (64, 256) for seed in (0, 3)],
+]
+
+
+def dataset_digest(root: Path) -> str:
+    """SHA-256 over a written dataset: each PNG's path, shape and decoded pixels, then the manifest's JSON."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.png")):
+        pixels = np.asarray(Image.open(path))
+        digest.update(f"{path.relative_to(root).as_posix()}:{pixels.shape}:{pixels.dtype}".encode())
+        digest.update(pixels.tobytes())
+    manifest = json.loads((root / "manifest.json").read_text())
+    digest.update(json.dumps(manifest, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _write(writer, out: Path, kwargs: dict) -> Path:
+    """Call a dataset writer into ``out`` and return ``out``."""
+    writer(out, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("name, writer, kwargs", CASES, ids=[case[0] for case in CASES])
+def test_fixed_seed_output_matches_the_stored_checksum(tmp_path, name, writer, kwargs):
+    stored = json.loads(CHECKSUMS.read_text())
+    assert GENERATOR_VERSION in stored, (f"no checksums for generator {GENERATOR_VERSION}; "
+                                         "run python tests/test_synth_checksums.py to add them")
+    assert dataset_digest(_write(writer, tmp_path / name, kwargs)) == stored[GENERATOR_VERSION][name]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        digests = {name: dataset_digest(_write(writer, Path(tmp) / name, kwargs)) for name, writer, kwargs in CASES}
+    stored = json.loads(CHECKSUMS.read_text()) if CHECKSUMS.exists() else {}
+    stored[GENERATOR_VERSION] = digests
+    CHECKSUMS.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(digests)} checksums for generator {GENERATOR_VERSION} to {CHECKSUMS}", file=sys.stderr)

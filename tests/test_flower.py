@@ -159,23 +159,23 @@ def federation(tmp_path_factory, corpus):
         started.stop()
 
 
-def simulated(corpus, out, algorithm):
+def simulated(corpus, out, algorithm, objective="classify"):
     # One thread, as the SuperNodes' ClientApps run: another thread count may sum in another order.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        simulate(PretrainConfig(data=corpus, out=out, algorithm=algorithm, silos=3, rounds=2, batch_size=8,
-                                image_size=32, eval_every=1, local_steps=1, dropout=0.0), progress=False)
+        simulate(PretrainConfig(data=corpus, out=out, algorithm=algorithm, objective=objective, silos=3, rounds=2,
+                                batch_size=8, image_size=32, eval_every=1, local_steps=1, dropout=0.0), progress=False)
     finally:
         torch.set_num_threads(threads)
     return out
 
 
-def assert_same_run(flower_run: Path, simulator_run: Path):
+def assert_same_run(flower_run: Path, simulator_run: Path, metric: str = "acc"):
     def rows(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    keys = ("round", "train_loss", "grad_steps", "val_acc", "silo_val_acc", "bytes_sent")
+    keys = ("round", "train_loss", "grad_steps", f"val_{metric}", f"silo_val_{metric}", "bytes_sent")
     assert [{k: r[k] for k in keys} for r in rows(flower_run)] == [{k: r[k] for k in keys} for r in rows(simulator_run)]
     assert all(r["relay_bytes"] > 0 for r in rows(flower_run))
     a, _ = load_weights(flower_run / "global.safetensors")
@@ -192,6 +192,13 @@ def assert_same_run(flower_run: Path, simulator_run: Path):
 def test_fedefm_on_a_ring_over_flower_writes_the_simulators_run_folder_bit_for_bit(federation, corpus, tmp_path):
     federation.run(settings(corpus, tmp_path / "flower", algorithm="fedefm", topology="ring"))
     assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "fedefm"))
+
+
+@pytest.mark.slow
+def test_a_dense_objective_over_flower_writes_the_simulators_run_folder_bit_for_bit(federation, corpus, tmp_path):
+    # the silos read their own masks; the relay scores the global model's Dice on its validation split
+    federation.run(settings(corpus, tmp_path / "flower", algorithm="dpsgd", objective="segment"))
+    assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "dpsgd", "segment"), metric="dice")
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 
 from fedefm.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
-from fedefm.errors import ConfigError
+from fedefm.errors import ConfigError, DataError
 from fedefm.federated.algorithms import ALGORITHMS
 from fedefm.federated.health import TooFewHealthySilos
 from fedefm.federated.simulator import run
@@ -45,6 +45,37 @@ def test_every_algorithm_runs_two_rounds_and_writes_the_run_folder(corpus, tmp_p
     assert len(list((tmp_path / "silos").glob("silo_*.safetensors"))) == n_silos
     assert 0.0 <= summary["test_acc"] <= 1.0
     assert (metrics[0]["bytes_sent"] == 0) == (algorithm == "centralized")
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_runs_a_dense_objective_and_saves_the_segmenter_body(corpus, tmp_path, algorithm):
+    summary = run(config(corpus, tmp_path, algorithm, objective="segment+mim", images_only=("clinical",)),
+                  progress=False)
+    metrics = rows(tmp_path)
+    assert all(r["val_dice"] is not None and len(r["silo_val_dice"]) == (1 if algorithm == "centralized" else 3)
+               for r in metrics)
+    assert 0.0 <= summary["test_dice"] <= 1.0
+    weights, metadata = load_weights(tmp_path / "global.safetensors")
+    assert metadata["objective"] == "segment+mim" and metadata["classes"][0] == "background"
+    assert any(k.startswith("decoder.") for k in weights) and any(k.startswith("reconstruction_head.") for k in weights)
+    assert "images only" in (tmp_path / "partition.txt").read_text()
+
+
+@pytest.mark.parametrize("objective,metric,absent", [("segment", "dice", "reconstruction_head."),
+                                                      ("mim", "psnr", "segmentation_head.")])
+def test_a_dense_run_leaves_out_the_head_its_objective_never_trains(corpus, tmp_path, objective, metric, absent):
+    summary = run(config(corpus, tmp_path, "fedavg", topology="star", objective=objective, rounds=1), progress=False)
+    assert f"test_{metric}" in summary and f"val_{metric}" in rows(tmp_path)[0]
+    weights, _ = load_weights(tmp_path / "global.safetensors")
+    assert not any(k.startswith(absent) for k in weights) and any(k.startswith("decoder.") for k in weights)
+
+
+def test_segment_pretraining_on_a_corpus_without_masks_is_refused_before_training(tmp_path):
+    plain = tmp_path / "plain"
+    write_pretrain_corpus(plain, per_class=6, size=32, seed=0, masks=False)
+    with pytest.raises(DataError, match="--objective segment: no train image .* has a mask"):
+        run(config(plain, tmp_path / "run", objective="segment"), progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_fedefm_round_sends_each_model_there_back_and_once_more_to_gossip(corpus, tmp_path):

@@ -40,6 +40,7 @@ from fedefm.federated.flower.messages import (
     weights_record,
 )
 from fedefm.federated.simulator import ImageSource, finish, initial_model, start_run_folder, train_rounds
+from fedefm.runfolder import owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,8 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     """Run a whole pre-training over the connected SuperNodes; writes the simulator's run folder on this machine.
 
     The run config's ``data`` is a corpus on the relay's machine whose validation and test splits
-    score the global model (its training split is not used here); ``out`` the run folder.
+    score the global model (its training split is not used here); ``out`` the run folder, claimed as
+    runfolder.owned_run_folder does (another run there is refused unless ``overwrite`` is true).
 
     Returns:
         The run's summary.json: {"test_acc", "final_val_acc", "rounds", "grad_steps", "bytes_sent"}.
@@ -234,9 +236,14 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.EXCHANGE == "none":
         raise ConfigError(f"--algorithm {cfg.algorithm} pools all data in one place; run it with fedefm pretrain")
+    with owned_run_folder(Path(cfg.out), "flower", cfg.to_dict(), overwrite=bool(run_config.get("overwrite", False))):
+        return relay_run(grid, run_config, cfg)
+
+
+def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig) -> dict:
+    """The body of :func:`run`, in the run folder it claimed."""
     algo_cfg = cfg.algorithm_config()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     splits, classes = find_classification_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
     silos, sizes = connect(grid, cfg, classes, float(run_config.get("connect-timeout", 120)),
                            float(run_config.get("reply-timeout", 600)))

@@ -164,3 +164,14 @@ def test_two_pretrain_processes_on_one_out_let_only_the_first_write(corpus, tmp_
     assert first.returncode == 0, first.stderr
     rounds = [json.loads(line)["round"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(1, 31))
+
+
+def test_flower_relay_on_the_folder_of_another_run_is_refused_before_any_silo_is_asked(corpus, tmp_path):
+    pytest.importorskip("flwr")
+    from fedefm.federated.flower import relay
+
+    pretrain(pretrain_config(corpus, tmp_path), progress=False)
+    run_config = {"algorithm": "fedavg", "silos": 3, "rounds": 1, "image-size": 32, "data": str(corpus),
+                  "out": str(tmp_path)}
+    with pytest.raises(ConfigError, match="already holds a pretrain run"):
+        relay.run(None, run_config)  # no grid: the refusal comes before any message

@@ -27,7 +27,7 @@ from typing import Any
 
 from fedefm import __version__
 from fedefm.errors import ConfigError
-from fedefm.files import write_json
+from fedefm.files import naming_os_errors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def hold_lock(out: Path) -> Iterator[None]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with naming_os_errors(path):  # a file system without locks: ENOLCK, named
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES):

@@ -141,3 +141,15 @@ def test_a_cut_or_broken_metrics_line_is_skipped_and_named(tmp_path, caplog):
     assert shown["Accuracy vs round"] and shown["Cycle time and cost"]
     assert f"{run / 'metrics.jsonl'}, line 2: skipped" in caplog.text
     assert f"{run / 'metrics.jsonl'}, line 3: skipped" in caplog.text
+
+
+def test_a_run_whose_silo_weights_are_broken_is_left_out_of_the_consensus_distance(tmp_path, caplog):
+    from fedefm.report import consensus_section
+
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    for run, values in ((good, [[0.0, 0.0], [3.0, 4.0]]), (broken, [[0.0, 0.0], [float("nan"), 4.0]])):
+        for i, w in enumerate(values):
+            save_weights(run / "silos" / f"silo_{i}.safetensors", {"w": torch.tensor(w)}, {})
+    page = consensus_section([good, broken], [])
+    assert "good" in page and "2.5000" in page
+    assert f"{broken}: left out of the consensus distance" in caplog.text and "holds NaN" in caplog.text

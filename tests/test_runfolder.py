@@ -175,3 +175,24 @@ def test_flower_relay_on_the_folder_of_another_run_is_refused_before_any_silo_is
                   "out": str(tmp_path)}
     with pytest.raises(ConfigError, match="already holds a pretrain run"):
         relay.run(None, run_config)  # no grid: the refusal comes before any message
+
+
+def test_a_broken_manifest_is_refused_and_the_folder_kept(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"kind": "pretr')
+    (tmp_path / "global.safetensors").write_bytes(b"weights")
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(ConfigError, match="not valid JSON.*cannot tell which run the folder holds"):
+            with owned_run_folder(tmp_path, "pretrain", {}, resume=resume, overwrite=overwrite):
+                pass
+    assert (tmp_path / "global.safetensors").read_bytes() == b"weights"
+
+
+def test_flower_overwrite_given_as_text_is_refused_not_read_as_true(corpus, tmp_path):
+    pytest.importorskip("flwr")
+    from fedefm.federated.flower import relay
+
+    pretrain(pretrain_config(corpus, tmp_path), progress=False)
+    run_config = {"algorithm": "fedavg", "silos": 3, "data": str(corpus), "out": str(tmp_path), "overwrite": "false"}
+    with pytest.raises(ConfigError, match="run config overwrite = 'false': must be true or false"):
+        relay.run(None, run_config)
+    assert (tmp_path / "global.safetensors").is_file()

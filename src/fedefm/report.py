@@ -213,7 +213,12 @@ def consensus_distance(run: Path) -> float | None:
 
 def consensus_section(runs: list[Path], records: list[dict]) -> str:
     """Consensus distance of the final silo models per run name, and per round where metrics.jsonl records it."""
-    distances = [(run_label(run), consensus_distance(run)) for run in runs]
+    distances = []
+    for run in runs:
+        try:
+            distances.append((run_label(run), consensus_distance(run)))
+        except FedefmError as exc:
+            log.warning("%s: left out of the consensus distance (%s)", run, exc)
     distances = [(name, d) for name, d in distances if d is not None]
     if not distances:
         return absent("no pre-training run folder with two or more silos/*.safetensors among the inputs "

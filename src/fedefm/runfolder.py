@@ -51,7 +51,8 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         try:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc}); pass --overwrite to replace the run") from exc
+            raise ConfigError(f"{path}: not valid JSON ({exc}), so fedefm cannot tell which run the folder holds; "
+                              "choose a new --out, or delete the folder yourself") from exc
         if isinstance(record, dict) and kind_key in record and isinstance(record.get("config"), dict):
             return {"kind": record[kind_key], "config": record["config"], "created": record.get("created")}
     return None

@@ -236,7 +236,10 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.EXCHANGE == "none":
         raise ConfigError(f"--algorithm {cfg.algorithm} pools all data in one place; run it with fedefm pretrain")
-    with owned_run_folder(Path(cfg.out), "flower", cfg.to_dict(), overwrite=bool(run_config.get("overwrite", False))):
+    overwrite = run_config.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"run config overwrite = {overwrite!r}: must be true or false (unquoted)")
+    with owned_run_folder(Path(cfg.out), "flower", cfg.to_dict(), overwrite=overwrite):
         return relay_run(grid, run_config, cfg)
 
 

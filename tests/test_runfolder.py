@@ -196,3 +196,16 @@ def test_flower_overwrite_given_as_text_is_refused_not_read_as_true(corpus, tmp_
     with pytest.raises(ConfigError, match="run config overwrite = 'false': must be true or false"):
         relay.run(None, run_config)
     assert (tmp_path / "global.safetensors").is_file()
+
+
+def test_a_run_folder_from_before_manifests_is_known_by_its_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"command": "finetune", "config": {"epochs": 1, "out": "old"}}))
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with owned_run_folder(tmp_path, "finetune", {"epochs": 1, "out": "new"}, resume=True):
+        pass
+    with pytest.raises(ConfigError, match=r"epochs=1 \(now 2\)"):
+        with owned_run_folder(tmp_path, "finetune", {"epochs": 2}, resume=True):
+            pass
+    with pytest.raises(ConfigError, match="already holds a finetune run"):
+        with owned_run_folder(tmp_path, "finetune", {"epochs": 2}):
+            pass

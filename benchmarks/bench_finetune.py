@@ -54,7 +54,7 @@ def bare_images_per_s(data: Path, preset: str, batch_size: int, size: int, steps
 def loop_images_per_s(data: Path, out: Path, batch_size: int, size: int, epochs: int) -> float:
     """Median training images/s over the epochs of a real finetune run (first epoch skipped as warm-up)."""
     finetune(FinetuneConfig(data=data, out=out, shots=16, epochs=epochs, batch_size=batch_size, image_size=size,
-                            samples_per_epoch=64), progress=False)
+                            samples_per_epoch=64), progress=False, overwrite=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(row["train_images_per_s"] for row in rows[1:])
 

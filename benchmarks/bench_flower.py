@@ -68,13 +68,15 @@ def main() -> None:
         try:
             for algorithm in args.algorithms:
                 simulated = out / f"simulator_{algorithm}"
-                run(PretrainConfig(data=corpus, out=simulated, algorithm=algorithm, **settings), progress=False)
+                run(PretrainConfig(data=corpus, out=simulated, algorithm=algorithm, **settings), progress=False,
+                    overwrite=True)
                 flower = out / f"flower_{algorithm}"
                 started = time.perf_counter()
                 record = federation.run({
                     "algorithm": algorithm, "silos": args.silos, "rounds": args.rounds, "batch-size": 8,
                     "image-size": args.image_size, "eval-every": 1, "local-steps": 1, "dropout": 0.0,
-                    "seed": args.seed, "data": str(corpus), "out": str(flower), "reply-timeout": 600,
+                    "seed": args.seed, "data": str(corpus), "out": str(flower), "overwrite": True,
+                    "reply-timeout": 600,
                 })
                 total_s = time.perf_counter() - started
                 a, b = rows(simulated), rows(flower)

@@ -97,7 +97,7 @@ def pretrain_corpus(out: Path, per_class: int, size: int) -> Path:
 
 def pretrain_result(cfg: PretrainConfig, name: str) -> dict[str, Any]:
     """Run one pre-training; the foundation row: name, seed, options, settings, summary and metrics rows."""
-    summary = pretrain(cfg, progress=False)
+    summary = pretrain(cfg, progress=False, overwrite=True)  # a run not yet recorded is a leftover of a killed one
     rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     return {"name": name, "seed": cfg.seed, "options": cfg.options, "algorithm": cfg.algorithm,
             "topology": cfg.topology, "unseen": cfg.unseen, "silos": cfg.silos, "shots": cfg.shots,
@@ -107,7 +107,7 @@ def pretrain_result(cfg: PretrainConfig, name: str) -> dict[str, Any]:
 
 def downstream_result(cfg: FinetuneConfig, domain: str, init_name: str) -> dict[str, Any]:
     """Fine-tune once (epoch selected on validation), score the test split once; the downstream row."""
-    selected = finetune(cfg, progress=False)
+    selected = finetune(cfg, progress=False, overwrite=True)  # a run not yet recorded is a leftover
     return {"domain": domain, "shots": cfg.shots, "seed": cfg.seed, "init": init_name, "arch": cfg.arch,
             "init_weights": cfg.init, "epochs": cfg.epochs, "image_size": cfg.image_size, "run": str(cfg.out),
             "transfer": selected["transfer"], "best_epoch": selected["best_epoch"], "val_dice": selected["best_val"],

@@ -39,7 +39,7 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 def position_result(cfg: FinetuneConfig, init: str) -> dict:
     """Fine-tune one classifier (epoch selected on validation), score the test split once; the result row."""
-    selected = finetune(cfg, progress=False)
+    selected = finetune(cfg, progress=False, overwrite=True)  # a run not yet recorded is a leftover
     return {"shots": cfg.shots, "seed": cfg.seed, "init": init, "init_weights": cfg.init, "epochs": cfg.epochs,
             "image_size": cfg.image_size, "run": str(cfg.out), "transfer": selected["transfer"],
             "best_epoch": selected["best_epoch"], "val_balanced_accuracy": selected["val"]["balanced_accuracy"],

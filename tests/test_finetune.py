@@ -152,7 +152,8 @@ def test_predict_writes_one_mask_and_one_overlay_per_input(finetuned, dataset, t
     images = sorted((dataset / "images").glob("*.png"))[:3]
     report = predict(out, images, tmp_path / "pred")
     written = sorted(p.name for p in (tmp_path / "pred").iterdir())
-    assert written == sorted([f"{p.stem}_mask.png" for p in images] + [f"{p.stem}_overlay.png" for p in images])
+    assert written == sorted([f"{p.stem}_mask.png" for p in images] + [f"{p.stem}_overlay.png" for p in images]
+                             + ["run.json"])
     mask = np.asarray(Image.open(tmp_path / "pred" / f"{images[0].stem}_mask.png"))
     assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 1, 2}
     assert np.asarray(Image.open(tmp_path / "pred" / f"{images[0].stem}_overlay.png")).shape == (SIZE, SIZE, 3)

@@ -280,3 +280,68 @@ def test_palette_mask_reads_its_indices_as_labels(tmp_path):
     mask.save(tmp_path / "palette.png")
 
     np.testing.assert_array_equal(read_mask(tmp_path / "palette.png"), [[0, 1], [2, 0]])
+
+
+@pytest.mark.parametrize("value", [b"1A", b"-3", b"x "])
+def test_dicom_with_a_malformed_number_of_frames_is_a_data_error_naming_the_file(tmp_path, value):
+    path = write_dicom(tmp_path / "cine.dcm", np.ones((2, 8, 8), dtype=np.uint16))
+    data = path.read_bytes()
+    at = data.index(b"\x28\x00\x08\x00IS\x02\x00") + 8  # (0028,0008) NumberOfFrames, IS, 2 bytes: "2 "
+    path.write_bytes(data[:at] + value + data[at + 2 :])
+    with pytest.raises(DataError, match=r"cine\.dcm: (NumberOfFrames is not a whole number|holds no image)"):
+        count_frames(path)
+    with pytest.raises(DataError, match=r"cine\.dcm: "):
+        read_image(path, frame=0)
+
+
+@pytest.mark.parametrize("writer", ["tifffile", "pillow"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_float_tiff_holding_nan_or_inf_is_refused(tmp_path, writer, bad):
+    array = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    array[2, 3] = bad
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, array) if writer == "tifffile" else Image.fromarray(array).save(path)
+    with pytest.raises(DataError, match=r"float\.tif: holds NaN or infinite values"):
+        read_image(path)
+
+
+def pydicom_test_file(name: str) -> Path:
+    return Path(pydicom.data.get_testdata_file(name))
+
+
+@pytest.mark.parametrize(
+    ("compressed", "reference", "frame"),
+    [
+        ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm", None),  # JPEG Lossless SV1, 1.2.840.10008.1.2.4.70 (most XA runs)
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm", None),  # JPEG-LS lossless, .4.80
+        ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm", 7),  # JPEG-LS, 10 frames
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm", None),  # JPEG 2000 lossless, .4.90
+        ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm", 7),  # JPEG 2000, 10 frames
+    ],
+)
+def test_lossless_compressed_dicom_reads_as_its_uncompressed_twin(compressed, reference, frame):
+    path = pydicom_test_file(compressed)
+    assert str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID).startswith("1.2.840.10008.1.2.4.")
+    np.testing.assert_array_equal(read_image(path, frame), read_image(pydicom_test_file(reference), frame))
+
+
+@pytest.mark.parametrize(
+    ("name", "syntax"),
+    [
+        ("JPEG-LL.dcm", "1.2.840.10008.1.2.4.70"),  # 16-bit JPEG Lossless
+        ("JPGLosslessP14SV1_1s_1f_8b.dcm", "1.2.840.10008.1.2.4.70"),
+        ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51"),  # 12-bit JPEG Extended
+        ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81"),  # JPEG-LS near-lossless
+        ("JPEG2000.dcm", "1.2.840.10008.1.2.4.91"),  # JPEG 2000 lossy
+    ],
+)
+def test_compressed_dicom_of_every_xa_transfer_syntax_reads(name, syntax):
+    path = pydicom_test_file(name)
+    assert str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID) == syntax
+    image = read_image(path)
+    assert image.dtype == np.float32 and image.min() == 0.0 and image.max() == 1.0
+
+
+def test_12_bit_jpeg_extended_matches_the_lossless_copy_of_the_same_image():
+    lossy, lossless = read_image(pydicom_test_file("JPGExtended.dcm")), read_image(pydicom_test_file("JPEG-LL.dcm"))
+    assert np.corrcoef(lossy.ravel(), lossless.ravel())[0, 1] > 0.98

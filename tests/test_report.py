@@ -127,3 +127,29 @@ def test_downstream_summary_averages_seeds_per_group():
     table = markdown(downstream_summary(rows))
     per_class = "0.600 ± 0.100 | 0.350 ± 0.100 | 0.500 ± 0.100 | 10.0 ± 2.0"
     assert table.splitlines()[2] == f"| clinical | 4 | scratch | {per_class} | {per_class} | 2 |"
+
+
+def test_a_cut_or_broken_metrics_line_is_skipped_and_named(tmp_path, caplog):
+    run = tmp_path / "fedavg_s0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"command": "pretrain", "seed": 0, "config": {}}))
+    (run / "summary.json").write_text(json.dumps({"test_acc": 0.5, "final_val_acc": 0.5}))
+    row = {"round": 1, "val_acc": 0.4, "grad_steps": 2, "bytes_sent": 10, "cycle_time_s": 0.1}
+    lines = [json.dumps(row), json.dumps(row | {"round": 2})[:25], "[1, 2]", json.dumps(row | {"round": 3})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    shown = build_report([tmp_path], tmp_path / "report.html")
+    assert shown["Accuracy vs round"] and shown["Cycle time and cost"]
+    assert f"{run / 'metrics.jsonl'}, line 2: skipped" in caplog.text
+    assert f"{run / 'metrics.jsonl'}, line 3: skipped" in caplog.text
+
+
+def test_a_run_whose_silo_weights_are_broken_is_left_out_of_the_consensus_distance(tmp_path, caplog):
+    from fedefm.report import consensus_section
+
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    for run, values in ((good, [[0.0, 0.0], [3.0, 4.0]]), (broken, [[0.0, 0.0], [float("nan"), 4.0]])):
+        for i, w in enumerate(values):
+            save_weights(run / "silos" / f"silo_{i}.safetensors", {"w": torch.tensor(w)}, {})
+    page = consensus_section([good, broken], [])
+    assert "good" in page and "2.5000" in page
+    assert f"{broken}: left out of the consensus distance" in caplog.text and "holds NaN" in caplog.text

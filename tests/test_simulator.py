@@ -1,6 +1,7 @@
 """The in-process simulator: run folders, accounting, resume and bad configurations."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(corpus, tmp_
 
 def test_resume_of_a_run_with_different_settings_is_refused(corpus, tmp_path):
     run(config(corpus, tmp_path, rounds=1), progress=False)
-    with pytest.raises(ConfigError, match="started with silos=3"):
+    with pytest.raises(ConfigError, match=r"started with other settings: silos=3 \(now 4\)"):
         run(config(corpus, tmp_path, rounds=2, silos=4), resume=True, progress=False)
 
 
@@ -189,3 +190,15 @@ def test_a_run_streaming_from_disk_gives_the_numbers_of_a_run_in_memory(corpus, 
     b, _ = load_weights(disk / "global.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert summary["peak_rss_mb"] > 0 and all(r["peak_rss_mb"] > 0 for r in rows(disk))
+
+
+def test_a_streamed_corpus_is_checked_before_round_1_naming_every_bad_image(corpus, tmp_path):
+    broken = tmp_path / "corpus"
+    shutil.copytree(corpus, broken)
+    pngs = sorted(broken.rglob("*.png"))
+    for png in (pngs[0], pngs[-1]):
+        png.write_bytes(png.read_bytes()[:60])  # cut inside the image data
+    with pytest.raises(DataError, match=rf"2 of {len(pngs)} images cannot be read: ") as error:
+        run(config(broken, tmp_path / "run", data_memory_mb=0), progress=False)
+    assert str(pngs[0]) in str(error.value) and str(pngs[-1]) in str(error.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -399,3 +399,42 @@ def test_fuzzed_weights_files_load_or_raise_weights_error(tmp_path, edits):
         assert str(exc).startswith(str(path))
     else:
         assert set(tensors) <= {"a", "b"}
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_loads(tmp_path):
+    # About 1 file in 256: the low byte of the 8-byte header length is 0x80, which is also a pickle's first byte.
+    path = tmp_path / "global.safetensors"
+    for pad in range(300):
+        save_weights(path, {"w": torch.ones(2)}, {"note": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    tensors, metadata = load_weights(path)
+    assert torch.equal(tensors["w"], torch.ones(2)) and metadata["note"] == "x" * pad
+
+
+def test_a_checkpoint_whose_header_length_starts_with_0x80_resumes(tmp_path):
+    from fedefm.checkpoints import CheckpointStore
+
+    store = CheckpointStore(tmp_path)
+    for pad in range(300):
+        path = store.save(1, {"w": torch.ones(3)}, {"round": 1, "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    tensors, info = store.load_latest()
+    assert path.read_bytes()[:1] == b"\x80" and info["round"] == 1 and torch.equal(tensors["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_holding_nan_or_inf_are_refused_naming_the_file_and_tensor(tmp_path, bad):
+    model = build_segmenter("transunet", get_preset("tiny"), 3)
+    state = dict(model.state_dict())
+    key = next(k for k in state if k.startswith("encoder.") and state[k].is_floating_point())
+    state[key] = state[key].clone().fill_(bad)
+    path = tmp_path / "diverged.safetensors"
+    save_weights(path, state, model_metadata(model))
+    with pytest.raises(WeightsError, match=rf"diverged.safetensors: tensor {key} holds NaN or infinite values"):
+        build_from_weights(path)
+    with pytest.raises(WeightsError, match="diverged.safetensors: tensor"):
+        load_pretrained(build_segmenter("transunet", get_preset("tiny"), 3), path)

@@ -91,5 +91,5 @@ class CheckpointStore:
             return found
         if paths:
             raise WeightsError(f"{self.folder}: every checkpoint is damaged ({', '.join(p.name for p in paths)}); "
-                               "start the run again without --resume")
+                               "start the run again with --overwrite")
         return None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from fedefm import __version__
@@ -27,16 +31,54 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# Modules of optional extras, and how to install them.
+EXTRAS = {"flwr": "flower", "cryptography": "flower"}
+
+# What to do about the operating system's refusals, by errno.
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space, then run again (pretrain and finetune: with --resume; the last checkpoint is whole)",
+    errno.EDQUOT: "free space within your quota, then run again (pretrain and finetune: with --resume)",
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
+    errno.EROFS: "the file system is read-only; choose a folder on a writable one",
+    errno.EEXIST: "a file is in the way; choose another path",
+    errno.ENOTDIR: "a file is in the way of a folder; choose another path",
+    errno.EISDIR: "a folder is in the way of a file; choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError: the path, the errno's meaning and name, and what to do."""
+    where = exc.filename if exc.filename is not None else "a file"
+    meaning = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    name = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+    fix = OS_ERROR_FIXES.get(exc.errno)
+    return f"{where}: {meaning}{name}" + (f"; {fix}" if fix else "")
+
+
 def user_errors(command):
-    """Print a FedefmError as one red line and exit 1; any other exception is a bug and keeps its traceback."""
+    """Print a FedefmError, an OSError or a missing optional extra as one red line and exit 1.
+
+    Any other exception is a bug and keeps its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except FedefmError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            message = str(exc)
+        except OSError as exc:
+            message = os_error_message(exc)
+        except ModuleNotFoundError as exc:
+            module = (exc.name or "").split(".")[0]
+            if module not in EXTRAS:
+                raise
+            message = (f"this command needs the {EXTRAS[module]} extra (module {module} is not installed); "
+                       f"install it with: pip install 'fedefm[{EXTRAS[module]}]'")
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
     return wrapper
 
@@ -57,6 +99,10 @@ def main(
     logging.basicConfig(format="%(message)s", handlers=[
         RichHandler(console=err_console, show_path=False, level=logging.INFO if verbose else logging.WARNING)])
     logging.getLogger("fedefm").setLevel(logging.INFO)
+    # pydicom logs a traceback per decoder that fails and warns about odd headers; the DataError fedefm raises
+    # names the file and the reasons, so neither reaches the terminal.
+    logging.getLogger("pydicom").propagate = False
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 @synth_app.command("seg")
@@ -123,8 +169,8 @@ def data_check(
     console.print(format_report(report))
     if report.bad_files:
         for path, reason in report.bad_files:
-            err_console.print(f"[red]bad file[/] {path}: {reason}", highlight=False, soft_wrap=True)
-        err_console.print(f"[bold red]error:[/] {len(report.bad_files)} bad file(s) in {root}")
+            err_console.print(f"[red]bad file[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {len(report.bad_files)} bad file(s) in {escape(str(root))}")
         raise typer.Exit(1)
 
 
@@ -176,6 +222,7 @@ def finetune(
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, shots, init and augmentation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last intact checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
 ) -> None:
     """Fine-tune a segmenter (selected on validation Dice) or a classifier (validation balanced accuracy) on K images."""
     from fedefm.config import FinetuneConfig
@@ -185,7 +232,7 @@ def finetune(
                          init_parts=init_parts, arch=arch, preset=preset,
                          shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
                          image_size=image_size, device=device, seed=seed)
-    result = train.run(cfg, resume=resume) if task == "segment" else classify.run(cfg, resume=resume)
+    result = (train if task == "segment" else classify).run(cfg, resume=resume, overwrite=overwrite)
     if result["transfer"]:
         console.print(f"foundation weights: {result['transfer']}")
     score = (f"val {'macro AUROC' if multilabel else 'balanced accuracy'} {result['best_val'][0]:.4f}"
@@ -223,6 +270,7 @@ def pretrain(
     min_healthy_silos: Annotated[int, typer.Option(help="Stop when fewer silos come through a round.")] = 2,
     silo_timeout: Annotated[Optional[float], typer.Option(help="Seconds after which a silo's update is late and left out.")] = None,
     data_memory_mb: Annotated[float, typer.Option(help="Decoded images above this read each batch from disk.")] = 4096.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
 ) -> None:
     """Federated pre-training of the foundation model; writes metrics.jsonl, global.safetensors, silos/."""
     from fedefm.config import PretrainConfig, parse_settings
@@ -234,7 +282,7 @@ def pretrain(
                           preset=preset, image_size=image_size, dropout=dropout, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, options=parse_settings(option), device=device, seed=seed,
                           min_healthy_silos=min_healthy_silos, silo_timeout_s=silo_timeout, data_memory_mb=data_memory_mb)
-    summary = run(cfg, resume=resume)
+    summary = run(cfg, resume=resume, overwrite=overwrite)
     metric = next(key.removeprefix("test_") for key in summary if key.startswith("test_"))
     console.print(f"test {metric} of the global model {summary[f'test_{metric}']:.4f} (validation, last evaluations: "
                   f"{summary[f'final_val_{metric}']:.4f}); weights in {out / 'global.safetensors'}")
@@ -323,6 +371,7 @@ def predict(
     out: Annotated[Optional[Path], typer.Option(help="Folder for NAME_mask.png and NAME_overlay.png "
                                                      "(classifier: predictions.jsonl, optional).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs (listed in OUT/skipped.txt).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the predictions already in --out (deleted first).")] = False,
 ) -> None:
     """Segmenter: a label mask and colour overlay per input. Classifier: one JSON line per input (class, probabilities)."""
     from fedefm.errors import ConfigError
@@ -331,17 +380,17 @@ def predict(
     from fedefm.finetune.predict import predict as run_predict
 
     if holds_classifier(model):
-        rows, report = classify_images(model, inputs, out, skip_bad=skip_bad)
+        rows, report = classify_images(model, inputs, out, skip_bad=skip_bad, overwrite=overwrite)
         for row in rows:
             typer.echo(json.dumps(row))
         err_console.print(f"{len(rows)} images in {report.seconds:.2f} s")
     elif out is None:
         raise ConfigError(f"--out: {model} is a segmenter; name a folder for its masks and overlays")
     else:
-        report = run_predict(model, inputs, out, skip_bad=skip_bad)
+        report = run_predict(model, inputs, out, skip_bad=skip_bad, overwrite=overwrite)
         console.print(f"{len(report.outputs)} images in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s) → {out}")
     for path, reason in report.skipped:
-        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]skipped[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -502,6 +551,7 @@ def flower_run(
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
     reply_timeout: Annotated[float, typer.Option(help="Seconds to wait for a silo's reply before the run stops.")] = 600,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the whole run.")] = 24 * 3600,
+    overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
 ) -> None:
     """Launch a pre-training over the SuperNodes and wait; the SuperLink's machine gets the run folder."""
     from fedefm.federated.flower.deploy import run_federation
@@ -509,7 +559,8 @@ def flower_run(
     settings = {"algorithm": algorithm, "topology": topology, "silos": silos, "rounds": rounds,
                 "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "preset": preset,
                 "image-size": image_size, "dropout": dropout, "eval-every": eval_every, "options": " ".join(option),
-                "seed": seed, "data": str(data.resolve()), "out": str(out.resolve()), "reply-timeout": reply_timeout}
+                "seed": seed, "data": str(data.resolve()), "out": str(out.resolve()), "overwrite": overwrite,
+                "reply-timeout": reply_timeout}
     record = run_federation(superlink, {k: v for k, v in settings.items() if v is not None}, root_certificates, timeout)
     traffic = record["network-traffic"]
     console.print(f"Flower run {record['run-id']} {record['status']} in {record['elapsed']:.0f} s, "

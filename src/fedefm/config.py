@@ -149,28 +149,6 @@ def run_record(cfg: Any, command: str) -> dict[str, Any]:
     }
 
 
-def read_run_config(run: Path) -> dict[str, Any]:
-    """Read ``RUN/config.json``; a missing or broken file is a ConfigError naming it."""
-    path = Path(run) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: not found; is {run} a fedefm run folder?") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-
-
-def check_resume(cfg: Any, run: Path, may_change: tuple[str, ...] = ("out",)) -> None:
-    """Refuse to resume a run folder written by a different configuration; settings in ``may_change`` may differ."""
-    saved = read_run_config(run)["config"]
-    current = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds it: tuples become lists
-    differing = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
-    if differing:
-        key = differing[0]
-        raise ConfigError(f"--resume {run}: the run was started with {key}={saved.get(key)!r}, not {current[key]!r}; "
-                          "resume with the same settings or choose a new --out")
-
-
 TOPOLOGY_BY_EXCHANGE = {"none": "star", "client_server": "star", "gossip": "ring", "overseas": "ring"}
 
 

@@ -2,7 +2,8 @@
 
 synthetic corpus → FedEFM pre-training over 6 silos with 100% unseen data types (ring on Gaia) →
 few-shot fine-tuning from the federated weights and from scratch → evaluation of both on test, for
-catheter/guidewire segmentation and for catheter tip position classification.
+catheter/guidewire segmentation and for catheter tip position classification. The demo owns its
+folder: running it again replaces the runs it wrote there before.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run_demo(out: Path, seed: int = 0, console: Console | None = None) -> dict[s
     console.rule(f"2. FedEFM pre-training: {PRETRAIN_SILOS} silos, one data type each, ring over Gaia")
     foundation = out / "pretrain_fedefm"
     summary = pretrain(PretrainConfig(data=corpus, out=foundation, algorithm="fedefm", silos=PRETRAIN_SILOS,
-                                      rounds=PRETRAIN_ROUNDS, image_size=CORPUS_SIZE, seed=seed))
+                                      rounds=PRETRAIN_ROUNDS, image_size=CORPUS_SIZE, seed=seed), overwrite=True)
     console.print(f"foundation model: test accuracy {summary['test_acc']:.3f} on the 6 data types "
                   f"(partition in {foundation / 'partition.txt'})")
 
@@ -74,12 +75,14 @@ def run_demo(out: Path, seed: int = 0, console: Console | None = None) -> dict[s
     for name, init in inits:
         console.rule(f"3. few-shot segmentation from {name}, K = {DEMO_SHOTS}")
         run = out / f"finetune_{name}"
-        finetune(FinetuneConfig(data=data, out=run, init=init, shots=DEMO_SHOTS, epochs=DEMO_EPOCHS, seed=seed))
+        finetune(FinetuneConfig(data=data, out=run, init=init, shots=DEMO_SHOTS, epochs=DEMO_EPOCHS, seed=seed),
+                 overwrite=True)
         results["segment"][name] = evaluate_model(run, data, "test")
     for name, init in inits:
         console.rule(f"4. few-shot catheter position from {name}, K = {POSITION_SHOTS} per class")
         run = out / f"classify_{name}"
         finetune_classifier(FinetuneConfig(data=positions, out=run, init=init, task="classify", shots=POSITION_SHOTS,
-                                           epochs=POSITION_EPOCHS, image_size=CORPUS_SIZE, seed=seed))
+                                           epochs=POSITION_EPOCHS, image_size=CORPUS_SIZE, seed=seed),
+                            overwrite=True)
         results["classify"][name] = evaluate_model(run, positions, "test")
     return results

@@ -12,13 +12,24 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
+def naming_os_errors(path: str | Path) -> Iterator[None]:
+    """Give an OSError raised without a file name (a full disk on write or fsync) the name ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        with naming_os_errors(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -38,7 +49,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
     """Append one JSON object as a line (flushed and fsynced, so a crash loses at most this row)."""
-    with open(path, "a") as f:
+    with naming_os_errors(path), open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())

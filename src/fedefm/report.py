@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ SECTIONS = ("Accuracy vs round", "Silo × class partition", "Consensus distance"
 MAX_OVERLAY_RUNS = 8
 OVERLAY_IMAGES = 2
 DOWNSTREAM_KEYS = {"T3": ("domain", "shots", "init"), "T4": ("arch", "init", "shots")}
+# The columns of a pre-training metrics row that the report's sections read.
+METRICS_COLUMNS = ("round", "val_acc", "grad_steps", "bytes_sent", "cycle_time_s")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,10 +99,30 @@ def foundation_records(inputs: Inputs) -> list[dict[str, Any]]:
         summary = run / "summary.json"
         if run.resolve() in covered or not summary.is_file():
             continue
-        records.append({"name": run_label(run), "seed": json.loads((run / "config.json").read_text())["seed"],
-                        "run": str(run), "summary": json.loads(summary.read_text()),
-                        "rows": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]})
+        try:
+            seed, summary_json = json.loads((run / "config.json").read_text())["seed"], json.loads(summary.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            log.warning("%s: skipped, its config.json or summary.json is broken (%s)", run, exc)
+            continue
+        records.append({"name": run_label(run), "seed": seed, "run": str(run), "summary": summary_json,
+                        "rows": read_metrics(run / "metrics.jsonl")})
     return records
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a pre-training run's metrics.jsonl; a line cut off, not JSON or without a column the report
+    reads is skipped with a warning naming the file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not all(key in row for key in METRICS_COLUMNS):
+            log.warning("%s, line %d: skipped, not a whole metrics row (a run cut off while writing it?)", path, number)
+            continue
+        rows.append(row)
+    return rows
 
 
 def figure_html(fig: plt.Figure, alt: str) -> str:
@@ -188,7 +213,12 @@ def consensus_distance(run: Path) -> float | None:
 
 def consensus_section(runs: list[Path], records: list[dict]) -> str:
     """Consensus distance of the final silo models per run name, and per round where metrics.jsonl records it."""
-    distances = [(run_label(run), consensus_distance(run)) for run in runs]
+    distances = []
+    for run in runs:
+        try:
+            distances.append((run_label(run), consensus_distance(run)))
+        except FedefmError as exc:
+            log.warning("%s: left out of the consensus distance (%s)", run, exc)
     distances = [(name, d) for name, d in distances if d is not None]
     if not distances:
         return absent("no pre-training run folder with two or more silos/*.safetensors among the inputs "

@@ -121,7 +121,7 @@ def count_frames(path: Path) -> int:
     path = Path(path)
     suffix = _suffix(path)
     if suffix == ".dcm":
-        n_frames = int(_read_dicom_header(path).get("NumberOfFrames", 1) or 1)
+        n_frames = _dicom_frame_count(_read_dicom_header(path), path)
     elif suffix == ".npy":
         n_frames = _npy_frame_count(_open_npy(path).shape)
     elif suffix in (".tif", ".tiff"):
@@ -130,7 +130,7 @@ def count_frames(path: Path) -> int:
         _check_exists(path)
         n_frames = 1
     if n_frames < 1:
-        raise DataError(f"{path}: holds no image (0 frames)")
+        raise DataError(f"{path}: holds no image ({n_frames} frames)")
     return n_frames
 
 
@@ -169,7 +169,7 @@ def _read_array(path: Path, frame: int | None, palette_indices: bool) -> np.ndar
     if suffix == ".npy":
         return _read_npy(path, frame)
     try:
-        return _read_pillow(path, frame, palette_indices)
+        return _check_numeric(_read_pillow(path, frame, palette_indices), path)
     except DataError:
         raise
     except _PIL_ERRORS as exc:
@@ -272,10 +272,18 @@ def _read_dicom_header(path: Path) -> pydicom.Dataset:
     return header
 
 
+def _dicom_frame_count(header: pydicom.Dataset, path: Path) -> int:
+    try:
+        value = header.get("NumberOfFrames", 1)
+        return int(value or 1)
+    except _DICOM_ERRORS as exc:
+        raise DataError(f"{path}: NumberOfFrames is not a whole number ({exc}); correct the DICOM header") from exc
+
+
 def _read_dicom_pixels(path: Path, frame: int | None) -> tuple[np.ndarray, pydicom.Dataset]:
     """Decode only the requested frame; returns the raw pixels and the image pixel module."""
     header = _read_dicom_header(path)
-    _check_frame(path, frame, int(header.get("NumberOfFrames", 1) or 1))
+    _check_frame(path, frame, _dicom_frame_count(header, path))
     pixel_module = pydicom.Dataset()
     try:
         array = pixel_array(path, index=frame, ds_out=pixel_module)
@@ -293,7 +301,8 @@ def _read_dicom_image(path: Path, frame: int | None) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         array = apply_color_lut(array, pixel_module)
     elif photometric.startswith("MONOCHROME"):
-        array = apply_modality_lut(array, pixel_module)
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = _check_numeric(apply_modality_lut(array, pixel_module), path)
     image = _to_grey(_scale_to_unit(array, by_dtype=False), path)
     return 1.0 - image if photometric == "MONOCHROME1" else image
 

@@ -21,16 +21,18 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import PretrainConfig, check_resume, resolve_device, run_record
+from fedefm.config import PretrainConfig, resolve_device, run_record
 from fedefm.data.datasets import (
     ClassificationDataset,
     ClassificationItem,
     LabelSpec,
+    check_label_masks,
     find_classification_splits,
     read_label_mask,
     read_label_spec,
 )
 from fedefm.data.partition import partition_dirichlet, partition_unseen, silo_class_table, silo_label_table
+from fedefm.data.precheck import check_decodable
 from fedefm.errors import ConfigError, DataError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
@@ -40,6 +42,7 @@ from fedefm.federated.objectives import Batch, Objective, get_objective, is_dens
 from fedefm.files import append_jsonl, atomic_write, drop_rows_after, write_json
 from fedefm.memory import peak_rss_mb
 from fedefm.models.weights import model_metadata, save_weights
+from fedefm.runfolder import owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +336,11 @@ def partition_tables(corpus: Corpus) -> str:
     return table + "\n\n" + silo_label_table(silo_items, corpus.spec)
 
 
-def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Pre-train the foundation model federatedly with the run's objective; writes the run folder of DESIGN.md §6.
+
+    The run owns ``cfg.out`` (runfolder.owned_run_folder): a folder holding another run is refused unless
+    ``resume`` (same settings but RESUMABLE_CHANGES) or ``overwrite``; a second writer is locked out.
 
     Returns:
         {"test_<metric>", "final_val_<metric>", "rounds", "grad_steps", "bytes_sent", "peak_rss_mb"} of the
@@ -345,12 +351,12 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             checkpoint is left as it was.
     """
     cfg.validate()
+    with owned_run_folder(Path(cfg.out), "pretrain", cfg.to_dict(), resume, overwrite, RESUMABLE_CHANGES):
+        return _run(cfg, resume, progress)
+
+
+def _run(cfg: PretrainConfig, resume: bool, progress: bool) -> dict:
     out = Path(cfg.out)
-    if resume and not (out / "config.json").is_file():
-        raise ConfigError(f"--resume {out}: no config.json there; start without --resume")
-    if resume:
-        check_resume(cfg, out, RESUMABLE_CHANGES)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     algorithm = get_algorithm(cfg.algorithm)
     algo_cfg = cfg.algorithm_config()
@@ -364,6 +370,10 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     in_memory = decoded_bytes(n_decoded, cfg.image_size) <= cfg.data_memory_mb * 2**20
     if not in_memory:
         log.info("decoded images exceed --data-memory-mb %g: reading each batch from disk", cfg.data_memory_mb)
+        every = [item for split in splits.values() for item in split]
+        check_decodable(every, progress)
+        if needs_masks(cfg.objective):
+            check_label_masks(every, corpus.spec)
     silos = [silo_data(cfg, corpus, [splits["train"][k] for k in indices], i, device, in_memory)
              for i, indices in enumerate(corpus.silo_indices)]
     val = ImageSource(splits["val"], cfg.image_size, in_memory, device, corpus.source_spec(cfg))

@@ -119,17 +119,17 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[Classifier, Transf
     return model, load_pretrained(model, Path(cfg.init), "encoder")
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune a classifier; writes OUT/{config.json, metrics.jsonl, model.safetensors, log.txt, checkpoints/}.
+def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Fine-tune a classifier; writes OUT/{run.json, config.json, metrics.jsonl, model.safetensors, log.txt, checkpoints/}.
 
     With ``resume``, continues from the newest intact checkpoint in OUT (every epoch writes one) and
-    refuses a folder written with other settings.
+    refuses a folder written with other settings; with ``overwrite``, replaces the run in OUT.
 
     Returns:
         {"best_epoch", "best_val": selection score, "val": evaluate JSON of the selected model,
         "transfer": summary or None}.
     """
-    with run_folder(cfg, resume) as out:
+    with run_folder(cfg, resume, overwrite) as out:
         return _train(cfg, out, resume, progress)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from fedefm.files import atomic_write
 from fedefm.finetune.classify import predict_probabilities
 from fedefm.finetune.evaluate import is_classifier, weights_path
 from fedefm.models.weights import build_from_weights
+from fedefm.runfolder import owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +47,42 @@ class PredictReport:
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
-    """Image files named directly, plus the image files inside each named folder, sorted."""
-    files: list[Path] = []
+    """Image files named directly, plus the image files inside each named folder, sorted; a file named twice counts once."""
+    files: dict[Path, Path] = {}
     for path in map(Path, inputs):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
+            files.update((p.resolve(), p) for p in found if p.resolve() not in files)
         elif path.exists():
-            files.append(path)
+            files.setdefault(path.resolve(), path)
         else:
             raise DataError(f"{path}: no such file or folder")
-    return files
+    return list(files.values())
+
+
+def frame_names(base: str, n_frames: int) -> list[str]:
+    """Output names of a file's frames: ``base`` for a single frame, ``base_fNNN`` for each of several."""
+    return [base] if n_frames == 1 else [f"{base}_f{k:03d}" for k in range(n_frames)]
+
+
+def output_names(files: list[Path], n_frames: list[int]) -> list[list[str]]:
+    """Distinct output names of every frame of every file (compared ignoring case).
+
+    A file keeps its stem (``x``) unless another input's name collides with it: then it is named by its
+    path below the inputs' common folder (``a__x``), and if that still collides, with its suffix (``a__x.png``).
+    """
+    root = Path(os.path.commonpath([p.resolve().parent for p in files])) if files else Path()
+    bases = [p.stem for p in files]
+    for keep_suffix in (False, True):
+        names = [frame_names(base, n) for base, n in zip(bases, n_frames)]
+        counts = Counter(name.lower() for file_names in names for name in file_names)
+        clashing = [i for i, file_names in enumerate(names) if any(counts[name.lower()] > 1 for name in file_names)]
+        for i in clashing:
+            relative = files[i].resolve().relative_to(root)
+            bases[i] = "__".join((relative if keep_suffix else relative.with_suffix("")).parts)
+    return [frame_names(base, n) for base, n in zip(bases, n_frames)]
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -81,20 +108,36 @@ def write_png(path: Path, array: np.ndarray) -> None:
 
 
 def read_inputs(inputs: list[Path], report: PredictReport, skip_bad: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, image (H, W) in [0, 1]) of every input image and DICOM frame; unreadable ones raise or are skipped."""
+    """(output name, image (H, W) in [0, 1]) of every input image and DICOM frame.
+
+    Every file's header is read before the first image is returned, so an unreadable input stops the run
+    before anything is written. An unreadable file or frame raises DataError, or with ``skip_bad`` is
+    listed in ``report.skipped`` and left out.
+    """
+    files, n_frames = [], []
     for path in collect_inputs(inputs):
         try:
-            frames = count_frames(path)
-            images = [(path.stem, read_image(path))] if frames == 1 else [
-                (f"{path.stem}_f{k:03d}", read_image(path, frame=k)) for k in range(frames)
-            ]
+            n_frames.append(count_frames(path))
         except DataError as exc:
-            if not skip_bad:
-                raise
-            log.warning("skipping %s", exc)
-            report.skipped.append((path, str(exc)))
+            skip(exc, path, report, skip_bad)
             continue
-        yield from images
+        files.append(path)
+    for path, names in zip(files, output_names(files, n_frames)):
+        for k, name in enumerate(names):
+            try:
+                image = read_image(path, frame=k if len(names) > 1 else None)
+            except DataError as exc:
+                skip(exc, path, report, skip_bad)
+                continue
+            yield name, image
+
+
+def skip(error: DataError, path: Path, report: PredictReport, skip_bad: bool) -> None:
+    """Record an unreadable input in the report under ``skip_bad``; raise the error otherwise."""
+    if not skip_bad:
+        raise error
+    log.warning("skipping %s", error)
+    report.skipped.append((path, str(error)))
 
 
 def write_skipped(out: Path, report: PredictReport) -> None:
@@ -104,11 +147,17 @@ def write_skipped(out: Path, report: PredictReport) -> None:
             f.writelines(f"{path}\t{reason}\n" for path, reason in report.skipped)
 
 
-def classify_images(model: Path, inputs: list[Path], out: Path | None = None, skip_bad: bool = False
-                    ) -> tuple[list[dict], PredictReport]:
+def prediction_config(model: Path, inputs: list[Path], skip_bad: bool) -> dict:
+    """What the manifest of a predict folder records: the weights, the inputs as given, ``skip_bad``."""
+    return {"model": str(model), "inputs": [str(path) for path in inputs], "skip_bad": skip_bad}
+
+
+def classify_images(model: Path, inputs: list[Path], out: Path | None = None, skip_bad: bool = False,
+                    overwrite: bool = False) -> tuple[list[dict], PredictReport]:
     """Class probabilities of every input image or DICOM frame under a fine-tuned classifier.
 
-    With ``out``, the rows also go to OUT/predictions.jsonl (and skipped inputs to OUT/skipped.txt).
+    With ``out``, the rows also go to OUT/predictions.jsonl (and skipped inputs to OUT/skipped.txt); OUT is
+    claimed as a run folder of kind "predict" (another run there is refused unless ``overwrite``).
 
     Returns:
         One {"image": name, "class": most likely class (multi-label: the labels at p >= 0.5, as a list),
@@ -123,25 +172,31 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
     multilabel, classes = bool(metadata.get("multilabel", False)), list(metadata["classes"])
     size = int(metadata["image_size"])
     report, rows = PredictReport(), []
-    started = time.perf_counter()
-    for name, image in read_inputs(inputs, report, skip_bad):
-        probabilities = predict_probabilities(network, resize_image(image, size)[None], multilabel)[0].tolist()
-        chosen = ([c for c, p in zip(classes, probabilities) if p >= 0.5] if multilabel
-                  else classes[int(np.argmax(probabilities))])
-        rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
-    report.seconds = time.perf_counter() - started
-    if out is not None:
-        with atomic_write(Path(out) / "predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        write_skipped(Path(out), report)
+    folder = (contextlib.nullcontext() if out is None else
+              owned_run_folder(Path(out), "predict", prediction_config(model, inputs, skip_bad), overwrite=overwrite))
+    with folder:
+        started = time.perf_counter()
+        for name, image in read_inputs(inputs, report, skip_bad):
+            probabilities = predict_probabilities(network, resize_image(image, size)[None], multilabel)[0].tolist()
+            chosen = ([c for c, p in zip(classes, probabilities) if p >= 0.5] if multilabel
+                      else classes[int(np.argmax(probabilities))])
+            rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
+        report.seconds = time.perf_counter() - started
+        if out is not None:
+            with atomic_write(Path(out) / "predictions.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            write_skipped(Path(out), report)
     return rows, report
 
 
-def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False) -> PredictReport:
+def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, overwrite: bool = False
+            ) -> PredictReport:
     """Write NAME_mask.png (labels 0/1/2) and NAME_overlay.png for every input image or DICOM frame.
 
-    An unreadable input raises DataError naming it, unless ``skip_bad``: then it is listed in the
-    report and in ``OUT/skipped.txt``.
+    OUT is claimed as a run folder of kind "predict": another run there is refused unless ``overwrite``.
+    Inputs whose names collide get names from their paths (:func:`output_names`). An unreadable input
+    raises DataError naming it and the masks this call wrote are removed again, unless ``skip_bad``: then
+    it is listed in the report and in ``OUT/skipped.txt``.
     """
     network, metadata = build_from_weights(weights_path(model))
     if is_classifier(metadata):
@@ -149,15 +204,21 @@ def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False) 
     network.eval()
     size = int(metadata["image_size"])
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
-    started = time.perf_counter()
-    for name, image in read_inputs(inputs, report, skip_bad):
-        labels = segment(network, image, size)
-        mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
-        write_png(mask_path, labels)
-        write_png(overlay_path, overlay(image, labels))
-        report.outputs.append((mask_path, overlay_path))
-    report.seconds = time.perf_counter() - started
-    write_skipped(out, report)
+    with owned_run_folder(out, "predict", prediction_config(model, inputs, skip_bad), overwrite=overwrite):
+        started = time.perf_counter()
+        try:
+            for name, image in read_inputs(inputs, report, skip_bad):
+                labels = segment(network, image, size)
+                mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
+                report.outputs.append((mask_path, overlay_path))
+                write_png(mask_path, labels)
+                write_png(overlay_path, overlay(image, labels))
+        except BaseException:
+            for written in report.outputs:
+                for path in written:
+                    path.unlink(missing_ok=True)
+            raise
+        report.seconds = time.perf_counter() - started
+        write_skipped(out, report)
     return report

@@ -16,7 +16,7 @@ from monai.losses import DiceCELoss
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import FinetuneConfig, check_resume, resolve_device, run_record
+from fedefm.config import FinetuneConfig, resolve_device, run_record
 from fedefm.data.augment import TrainTransforms, train_transforms
 from fedefm.data.datasets import SegmentationDataset, SegmentationItem, find_segmentation_splits
 from fedefm.errors import ConfigError, DataError
@@ -26,6 +26,7 @@ from fedefm.memory import peak_rss_mb
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
 from fedefm.models.weights import TransferReport, load_pretrained, model_metadata, save_weights
+from fedefm.runfolder import owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +90,26 @@ def training_batches(
 
 
 @contextlib.contextmanager
-def run_folder(cfg: FinetuneConfig, resume: bool = False) -> Iterator[Path]:
-    """Validate ``cfg``, create its run folder (a resumed one must hold the same settings) and log into OUT/log.txt.
+def run_folder(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Validate ``cfg``, claim its run folder (runfolder.owned_run_folder) and log into OUT/log.txt.
 
-    The log file gets INFO messages however the caller set up logging (the CLI, a script, a test);
-    the fedefm logger's level is restored afterwards.
+    A resumed folder must hold a finetune run with the same settings; another run there is refused unless
+    ``overwrite``. The log file gets INFO messages however the caller set up logging (the CLI, a script, a
+    test); the fedefm logger's level is restored afterwards.
     """
     cfg.validate()
-    out = Path(cfg.out)
-    if resume:
-        check_resume(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger("fedefm")
-    file_log = logging.FileHandler(out / "log.txt", mode="a" if resume else "w")
-    level = logger.level
-    logger.addHandler(file_log)
-    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    try:
-        yield out
-    finally:
-        logger.setLevel(level)
-        logger.removeHandler(file_log)
-        file_log.close()
+    with owned_run_folder(Path(cfg.out), "finetune", cfg.to_dict(), resume, overwrite) as out:
+        logger = logging.getLogger("fedefm")
+        file_log = logging.FileHandler(out / "log.txt", mode="a" if resume else "w")
+        level = logger.level
+        logger.addHandler(file_log)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+        try:
+            yield out
+        finally:
+            logger.setLevel(level)
+            logger.removeHandler(file_log)
+            file_log.close()
 
 
 def epoch_bar(progress: bool) -> Progress:
@@ -224,16 +223,16 @@ def resume_point(out: Path, store: CheckpointStore, model: torch.nn.Module, opti
     return restored["epoch"] + 1, restored["step"], restored["best"]
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune a segmenter; writes OUT/{config.json, metrics.jsonl, model.safetensors, log.txt, checkpoints/}.
+def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Fine-tune a segmenter; writes OUT/{run.json, config.json, metrics.jsonl, model.safetensors, log.txt, checkpoints/}.
 
     With ``resume``, continues from the newest intact checkpoint in OUT (every epoch writes one) and
-    refuses a folder written with other settings.
+    refuses a folder written with other settings; with ``overwrite``, replaces the run in OUT.
 
     Returns:
         {"best_epoch", "best_val", "val": evaluate JSON of the selected model, "transfer": summary or None}.
     """
-    with run_folder(cfg, resume) as out:
+    with run_folder(cfg, resume, overwrite) as out:
         return _train(cfg, out, resume, progress)
 
 

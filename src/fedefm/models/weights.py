@@ -75,30 +75,37 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise WeightsError(f"{path}: weights file not found; check the path (fedefm writes RUN/*.safetensors)")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
-        # A safetensors header is JSON right after its 8-byte length; its length's low byte may well be 0x80.
-        if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
-            raise WeightsError(
-                f"{path}: is a pickle/torch.save file; fedefm only reads safetensors (never unpickles); "
-                "convert it with safetensors.torch.save_file"
-            )
-        if len(head) < 9:
-            raise WeightsError(f"{path}: {size} bytes is too short for a safetensors file; the file is truncated")
-        header_bytes = int.from_bytes(head[:8], "little")
+        head = f.read(8)
+        if len(head) < 8:
+            raise not_safetensors(path, head, f"{size} bytes is too short for a safetensors file; the file is truncated")
+        header_bytes = int.from_bytes(head, "little")
         # Checked before anything else is read: a hostile header length must not make us allocate it.
         if header_bytes > MAX_HEADER_BYTES or header_bytes > size - 8:
-            raise WeightsError(
-                f"{path}: header claims {header_bytes} bytes but the file has {size}; "
-                "the file is truncated or not a safetensors file"
-            )
+            raise not_safetensors(path, head, f"header claims {header_bytes} bytes but the file has {size}; "
+                                              "the file is truncated or not a safetensors file")
         data = head + f.read()
     try:
         header = json.loads(data[8 : 8 + header_bytes])
         tensors = parse_safetensors(data)
     except (json.JSONDecodeError, UnicodeDecodeError, safetensors.SafetensorError) as error:
-        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({error}); write it again") from error
+        raise not_safetensors(path, head, f"truncated or corrupt safetensors file ({error}); write it again") from error
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            raise WeightsError(f"{path}: tensor {name} holds NaN or infinite values; these weights come from a "
+                               "diverged run: use an earlier checkpoint or train again with a lower --lr")
     metadata = {key: read_metadata_value(value) for key, value in header.get("__metadata__", {}).items()}
     return tensors, metadata
+
+
+def not_safetensors(path: Path, head: bytes, problem: str) -> WeightsError:
+    """The error for a file safetensors cannot parse: a pickle / torch.save file is named as one, else ``problem``.
+
+    Only asked after the parse failed: a valid safetensors header length may begin with 0x80 too.
+    """
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        return WeightsError(f"{path}: is a pickle/torch.save file; fedefm only reads safetensors (never unpickles); "
+                            "convert it with safetensors.torch.save_file")
+    return WeightsError(f"{path}: {problem}")
 
 
 def describe_keys(keys: list[str]) -> str:

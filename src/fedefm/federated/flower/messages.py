@@ -25,7 +25,7 @@ RUN_CONFIG_FIELDS = {
     "val-fraction": "val_fraction", "test-fraction": "test_fraction", "seed": "seed",
 }
 # Run-config keys the relay reads itself.
-RELAY_KEYS = ("data", "out", "options", "images-only", "reply-timeout", "connect-timeout")
+RELAY_KEYS = ("data", "out", "overwrite", "options", "images-only", "reply-timeout", "connect-timeout")
 
 
 def default_run_config() -> dict:
@@ -35,7 +35,8 @@ def default_run_config() -> dict:
     """
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     settings = {key: "" if defaults[field] is None else defaults[field] for key, field in RUN_CONFIG_FIELDS.items()}
-    return settings | {"data": "", "out": "runs/flower", "options": "", "images-only": "", "reply-timeout": 600.0,
+    return settings | {"data": "", "out": "runs/flower", "overwrite": False, "options": "", "images-only": "",
+                       "reply-timeout": 600.0,
                        "connect-timeout": 120.0}
 
 

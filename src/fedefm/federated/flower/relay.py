@@ -39,6 +39,7 @@ from fedefm.federated.flower.messages import (
     weights_record,
 )
 from fedefm.federated.simulator import ImageSource, finish, initial_model, read_corpus, start_run_folder, train_rounds
+from fedefm.runfolder import owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     """Run a whole pre-training over the connected SuperNodes; writes the simulator's run folder on this machine.
 
     The run config's ``data`` is a corpus on the relay's machine whose validation and test splits
-    score the global model (its training split is not used here); ``out`` the run folder.
+    score the global model (its training split is not used here); ``out`` the run folder, claimed as
+    runfolder.owned_run_folder does (another run there is refused unless ``overwrite`` is true).
 
     Returns:
         The run's summary.json: {"test_<metric>", "final_val_<metric>", "rounds", "grad_steps", "bytes_sent"}.
@@ -236,9 +238,17 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.EXCHANGE == "none":
         raise ConfigError(f"--algorithm {cfg.algorithm} pools all data in one place; run it with fedefm pretrain")
+    overwrite = run_config.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"run config overwrite = {overwrite!r}: must be true or false (unquoted)")
+    with owned_run_folder(Path(cfg.out), "flower", cfg.to_dict(), overwrite=overwrite):
+        return relay_run(grid, run_config, cfg)
+
+
+def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig) -> dict:
+    """The body of :func:`run`, in the run folder it claimed."""
     algo_cfg = cfg.algorithm_config()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     corpus = read_corpus(cfg)
     classes = corpus.class_names
     silos, sizes = connect(grid, cfg, classes, float(run_config.get("connect-timeout", 120)),

@@ -83,3 +83,13 @@ def test_data_partition_prints_disjoint_silos_at_full_unseen(tmp_path):
     result = runner.invoke(app, ["data", "partition", str(corpus), "--silos", "3", "--unseen", "1"])
     assert result.exit_code == 0, result.output
     assert "clinical" in result.output and "ct_slice" in result.output
+
+
+def test_synth_seg_full_wire_label_is_recorded_and_a_misspelt_one_is_refused(tmp_path):
+    out = tmp_path / "seg"
+    result = runner.invoke(app, ["synth", "seg", str(out), "--n", "1", "--size", "32", "--wire-label", "full"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["wire_label"] == "full"
+    result = runner.invoke(app, ["synth", "seg", str(tmp_path / "x"), "--n", "1", "--wire-label", "leed"])
+    assert result.exit_code == 1 and "did you mean 'lead'" in result.output
+    assert not (tmp_path / "x").exists()

@@ -67,11 +67,14 @@ def synth_seg(
     n: Annotated[int, typer.Option(help="Number of images.")] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+    wire_label: Annotated[str, typer.Option(
+        help="Guidewire inside the catheter: 'lead' labels only its lead beyond the catheter (catheter wins), "
+             "'full' its whole path (guidewire wins).")] = "lead",
 ) -> None:
     """Write a segmentation dataset (labels 0 background, 1 catheter, 2 guidewire)."""
     from fedefm.data.synth import write_seg_dataset
 
-    manifest = write_seg_dataset(out, domain, n, size=size, seed=seed)
+    manifest = write_seg_dataset(out, domain, n, size=size, seed=seed, wire_label=wire_label)
     console.print(f"wrote {len(manifest['images'])} {domain} images and masks to {out}")
 
 

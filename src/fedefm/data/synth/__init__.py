@@ -33,7 +33,7 @@ from fedefm.data.synth.corpora import (
     write_pretrain_corpus,
     write_seg_dataset,
 )
-from fedefm.data.synth.devices import LABEL_NAMES
+from fedefm.data.synth.devices import LABEL_NAMES, WIRE_LABELS
 from fedefm.data.synth.domains import (
     DOMAINS,
     POSITION_CLASSES,
@@ -53,6 +53,7 @@ __all__ = [
     "LABEL_NAMES",
     "POSITION_CLASSES",
     "PRETRAIN_CLASSES",
+    "WIRE_LABELS",
     "catheter_position",
     "render_fluoro",
     "render_position",

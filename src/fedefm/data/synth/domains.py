@@ -117,6 +117,19 @@ def _contrast_mu(rng: np.random.Generator, p_none: float, high: float) -> float:
     return 0.0 if rng.random() < p_none else float(rng.uniform(0.03, high))
 
 
+def _patient_scene(domain: str, view: _View, rng: np.random.Generator, tissue: np.ndarray,
+                   splats: list[DiscSplats], tree: list[_Vessel], shutters: tuple[float, float], text_odds: float,
+                   info: dict) -> _Scene:
+    """A patient's scene (clinical or animal) from its anatomy: collimation (odds of shutters, of a round
+    field), the domain's acquisition, contrast in the vessels, burnt-in text with ``text_odds``."""
+    collimator, exposed = _collimation(view.size, rng, *shutters)
+    detector = _detector(view.mm_per_px, _EQUIPMENT[domain], rng)
+    mu = _contrast_mu(rng, _NO_CONTRAST, 0.15)
+    return _Scene(tissue=tissue, splats=splats, tree=tree, vessel_mu_px=mu * view.mm_per_px, vessel_cap_px=None,
+                  detector=detector, collimator=collimator, exposed=exposed, text=rng.random() < text_odds,
+                  device_odds=(0.12, 0.08), view=view, info=info | {"contrast_mu_per_mm": mu})
+
+
 def _clinical_scene(size: int, rng: np.random.Generator, anatomy: str | None = None) -> _Scene:
     """Human chest (aortic arch) or abdomen, at low dose, with leads, wires, clips, shutters and burnt-in text.
 
@@ -124,7 +137,6 @@ def _clinical_scene(size: int, rng: np.random.Generator, anatomy: str | None = N
     """
     anatomy = anatomy or ("thorax" if rng.random() < 0.65 else "abdomen")
     view = _random_view(size, rng, (0.85, 1.5), (-0.2, 0.15) if anatomy == "thorax" else (-0.15, 0.3), 12)
-    mm = view.mm_per_px
     distractors = []
     if anatomy == "thorax":
         tissue, splats = _thorax_anatomy(view, rng, "human", rng.uniform(-0.14, 0.14))
@@ -144,19 +156,13 @@ def _clinical_scene(size: int, rng: np.random.Generator, anatomy: str | None = N
     if rng.random() < 0.25:
         splats += _metal_clutter(view, rng, False, int(rng.integers(1, 6)))
         distractors.append("clips")
-    collimator, exposed = _collimation(size, rng, 0.45, 0.25)
-    detector = _detector(mm, _EQUIPMENT["clinical"], rng)
-    mu = _contrast_mu(rng, _NO_CONTRAST, 0.15)
-    return _Scene(tissue=tissue, splats=splats, tree=tree, vessel_mu_px=mu * mm, vessel_cap_px=None,
-                  detector=detector, collimator=collimator, exposed=exposed, text=rng.random() < 0.7,
-                  device_odds=(0.12, 0.08), view=view,
-                  info={"anatomy": anatomy, "contrast_mu_per_mm": mu, "distractors": distractors})
+    return _patient_scene("clinical", view, rng, tissue, splats, tree, (0.45, 0.25), 0.7,
+                          {"anatomy": anatomy, "distractors": distractors})
 
 
 def _animal_scene(size: int, rng: np.random.Generator) -> _Scene:
     """Pig chest: narrower body, more and steeper ribs, no clavicles, two arch branches, endotracheal tube."""
     view = _random_view(size, rng, (1.0, 1.6), (-0.22, 0.12), 15)
-    mm = view.mm_per_px
     tissue, splats = _thorax_anatomy(view, rng, "pig", rng.uniform(-0.1, 0.1))
     tree = _thorax_tree(view, rng, "pig", 0.015, True)
     distractors = []
@@ -166,13 +172,8 @@ def _animal_scene(size: int, rng: np.random.Generator) -> _Scene:
     if rng.random() < 0.5:
         splats += _ecg_leads(view, rng, int(rng.integers(1, 4)))
         distractors.append("ecg_leads")
-    collimator, exposed = _collimation(size, rng, 0.35, 0.15)
-    detector = _detector(mm, _EQUIPMENT["animal"], rng)
-    mu = _contrast_mu(rng, _NO_CONTRAST, 0.15)
-    return _Scene(tissue=tissue, splats=splats, tree=tree, vessel_mu_px=mu * mm, vessel_cap_px=None,
-                  detector=detector, collimator=collimator, exposed=exposed, text=rng.random() < 0.15,
-                  device_odds=(0.12, 0.08), view=view,
-                  info={"anatomy": "thorax", "contrast_mu_per_mm": mu, "distractors": distractors})
+    return _patient_scene("animal", view, rng, tissue, splats, tree, (0.35, 0.15), 0.15,
+                          {"anatomy": "thorax", "distractors": distractors})
 
 
 def _phantom_scene(size: int, rng: np.random.Generator) -> _Scene:

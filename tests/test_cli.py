@@ -273,3 +273,13 @@ def test_an_error_naming_a_path_with_brackets_prints_the_brackets(tmp_path):
     (tmp_path / "data").mkdir()
     result = runner.invoke(app, ["pretrain", "--data", str(tmp_path / "data"), "--out", str(out), "--silos", "2"])
     one_line_error(result, f"--out {out}: holds 1 entries that are not a fedefm run (notes.txt)")
+
+
+def test_synth_seg_full_wire_label_is_recorded_and_a_misspelt_one_is_refused(tmp_path):
+    out = tmp_path / "seg"
+    result = runner.invoke(app, ["synth", "seg", str(out), "--n", "1", "--size", "32", "--wire-label", "full"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["wire_label"] == "full"
+    result = runner.invoke(app, ["synth", "seg", str(tmp_path / "x"), "--n", "1", "--wire-label", "leed"])
+    assert result.exit_code == 1 and "did you mean 'lead'" in result.output
+    assert not (tmp_path / "x").exists()

@@ -8,10 +8,12 @@ from typer.testing import CliRunner
 
 from fedefm.cli import app
 from fedefm.config import FinetuneConfig
+from fedefm.data.datasets import find_segmentation_splits
 from fedefm.data.synth import write_seg_dataset
 from fedefm.errors import ConfigError, DataError, WeightsError
 from fedefm.finetune import train
 from fedefm.finetune.evaluate import evaluate_model
+from fedefm.finetune import predict as predict_module
 from fedefm.finetune.predict import predict
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
@@ -179,7 +181,7 @@ def test_cli_finetune_names_a_bad_option_without_a_traceback(dataset, tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("arch", ["unet", "swinunetr"])
+@pytest.mark.parametrize("arch", ["unet", "resunet", "swinunetr"])
 def test_finetune_trains_the_monai_baselines(dataset, tmp_path, arch):
     cfg = FinetuneConfig(data=dataset, out=tmp_path, arch=arch, shots=4, epochs=1, batch_size=4, samples_per_epoch=4,
                          image_size=SIZE)
@@ -195,3 +197,115 @@ def test_foundation_init_of_a_baseline_without_an_encoder_is_refused(dataset, tm
     cfg = FinetuneConfig(data=dataset, out=tmp_path / "run", arch="unet", init=str(foundation), image_size=SIZE)
     with pytest.raises(ConfigError, match="unet has no foundation encoder"):
         train.run(cfg, progress=False)
+
+
+@pytest.mark.parametrize("loss", ["dicece", "cldice", "dicecldice"])
+@pytest.mark.parametrize("shape", [(33, 47), (64, 64)])
+def test_every_loss_option_runs_forward_and_backward_at_odd_sizes(dataset, tmp_path, loss, shape):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE).validate()
+    loss_fn = train.segmentation_loss(cfg, torch.device("cpu"))
+    # shape: logits (2, 3, H, W), labels (2, 1, H, W) with a catheter block and a 1-px guidewire
+    logits = torch.randn(2, 3, *shape, requires_grad=True)
+    labels = torch.zeros(2, 1, *shape, dtype=torch.long)
+    labels[:, 0, 5:9, 4:20] = 1
+    labels[:, 0, 20, 3:30] = 2
+    value = loss_fn(logits, labels)
+    value.backward()
+    assert value.ndim == 0 and torch.isfinite(value) and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["cldice", "dicecldice"])
+def test_cldice_losses_are_lowest_for_a_confident_prediction_equal_to_the_mask(dataset, tmp_path, loss):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE).validate()
+    loss_fn = train.segmentation_loss(cfg, torch.device("cpu"))
+    labels = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    labels[0, 0, 4:8, 2:30] = 1
+    labels[0, 0, 16, 2:30] = 2
+    perfect = 20.0 * torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float()
+    shifted = perfect.roll(3, dims=2)
+    assert loss_fn(perfect, labels) < 0.05 < loss_fn(shifted, labels)
+
+
+def test_crops_are_the_crop_size_and_centre_on_devices_more_often_than_chance(dataset):
+    items = train.select_shots(find_segmentation_splits(dataset, 0, 0.15, 0.15)["train"], 8, 0)
+    samples = train.load_samples(items, SIZE)
+    batches = train.training_batches(samples, 4, train.train_transforms(0, crop=32), seed=0)
+    device_share = []
+    for _ in range(8):
+        batch = next(batches)
+        assert batch["image"].shape == (4, 1, 32, 32) and batch["mask"].shape == (4, 32, 32)
+        device_share.append((batch["mask"] > 0).float().mean().item())
+    whole = (samples["mask"] > 0).float().mean().item()
+    assert np.mean(device_share) > 1.5 * whole
+
+
+@pytest.mark.parametrize(
+    "image_size, shots, epochs, samples_per_epoch",
+    [(128, 16, 30, 64), (256, 16, 60, 64), (256, 64, 60, 256), (64, None, 30, 64)],
+)
+def test_the_default_budget_scales_with_image_size_and_shots(dataset, tmp_path, image_size, shots, epochs,
+                                                             samples_per_epoch):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, image_size=image_size, shots=shots).validate()
+    assert (cfg.epochs, cfg.samples_per_epoch) == (epochs, samples_per_epoch)
+
+
+@pytest.mark.parametrize("crop, match", [(40, "--crop 40: must be a multiple of 32"), (96, "--crop 96")])
+def test_a_crop_that_is_not_a_multiple_of_32_or_exceeds_the_image_is_refused(dataset, tmp_path, crop, match):
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig(data=dataset, out=tmp_path, image_size=SIZE, crop=crop).validate()
+
+
+def test_unknown_loss_suggests_the_right_one(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'cldice'"):
+        FinetuneConfig(data=dataset, out=tmp_path, image_size=SIZE, loss="cldic").validate()
+
+
+def test_finetune_on_crops_with_the_cldice_loss_selects_on_whole_validation_images(dataset, tmp_path):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, shots=8, epochs=2, batch_size=4, samples_per_epoch=8,
+                         warmup_steps=2, image_size=SIZE, crop=32, loss="cldice")
+    result = train.run(cfg, progress=False)
+    assert result["val"]["n_images"] >= 1 and 1 <= result["best_epoch"] <= 2
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["crop"] == 32
+
+
+def test_predict_writes_per_class_probabilities_whose_argmax_is_the_mask(finetuned, dataset, tmp_path):
+    out, _ = finetuned
+    images = sorted((dataset / "images").glob("*.png"))[:2]
+    report = predict(out, images, tmp_path / "pred", probabilities=True)
+    assert [p.name for p in report.probabilities] == [f"{p.stem}_probabilities.npy" for p in images]
+    probability = np.load(report.probabilities[0], allow_pickle=False)
+    assert probability.dtype == np.float32 and probability.shape == (3, SIZE, SIZE)
+    np.testing.assert_allclose(probability.sum(0), 1.0, atol=1e-5)
+    mask = np.asarray(Image.open(tmp_path / "pred" / f"{images[0].stem}_mask.png"))
+    np.testing.assert_array_equal(probability.argmax(0), mask)
+
+
+def test_small_components_go_and_a_thin_diagonal_wire_stays():
+    # shape: (16, 16) labels; a 1-px diagonal guidewire of 10 px (8-connected), a 3-px catheter speck, a 6-px bar
+    labels = np.zeros((16, 16), np.uint8)
+    labels[np.arange(3, 13), np.arange(2, 12)] = 2
+    labels[0, 13:16] = 1
+    labels[14, 2:8] = 1
+    cleaned = predict_module.remove_small_components(labels, 5)
+    assert (cleaned == 2).sum() == 10  # kept whole: diagonal neighbours connect
+    assert (cleaned[0] == 0).all() and (cleaned[14, 2:8] == 1).all()
+    np.testing.assert_array_equal(predict_module.remove_small_components(labels, 0), labels)
+
+
+def test_predict_with_component_clean_up_removes_only_foreground(finetuned, dataset, tmp_path):
+    out, _ = finetuned
+    image = sorted((dataset / "images").glob("*.png"))[0]
+    predict(out, [image], tmp_path / "plain")
+    predict(out, [image], tmp_path / "clean", min_component_px=10**6)
+    assert (np.asarray(Image.open(tmp_path / "clean" / f"{image.stem}_mask.png")) == 0).all()
+    with pytest.raises(ConfigError, match="--min-component-px -1"):
+        predict(out, [image], tmp_path / "bad", min_component_px=-1)
+
+
+def test_cli_predict_writes_probabilities(finetuned, dataset, tmp_path):
+    out, _ = finetuned
+    image = sorted((dataset / "images").glob("*.png"))[0]
+    result = CliRunner().invoke(app, ["predict", "--model", str(out), str(image), "--out", str(tmp_path / "p"),
+                                      "--probabilities", "--min-component-px", "3"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / f"{image.stem}_probabilities.npy").is_file()

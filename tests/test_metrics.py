@@ -69,3 +69,16 @@ def test_aggregate_keys_follow_the_evaluate_contract():
     assert set(result["per_class"]) == {"catheter", "guidewire"}
     assert set(result["mean"]) == set(result["per_class"]["catheter"]) == {"dice", "iou", "cldice", "hd95"}
     assert result["n_images"] == 1
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_cldice_of_a_prediction_equal_to_a_thin_curved_wire_is_1(width):
+    # shape: (64, 64) mask of a 1-2 px sine-shaped wire, the way a guidewire is labelled
+    wire = np.zeros((64, 64), bool)
+    cols = np.arange(4, 60)
+    rows = np.round(32 + 12 * np.sin(cols / 9)).astype(int)
+    for offset in range(width):
+        wire[rows + offset, cols] = True
+    assert cldice(wire, wire.copy()) == 1.0
+    labels = torch.from_numpy(wire.astype(np.int64) * 2)[None]
+    assert score_batch(labels.clone(), labels)["cldice"][0, 1] == 1.0

@@ -181,10 +181,31 @@ def test_n_skip_0_decoder_concatenates_no_cnn_features():
         assert model(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
 
 
-def test_n_skip_3_decoder_concatenates_stride_8_4_2_features():
-    tiny = get_preset("tiny")  # width 16: skips of 128, 64, 16 channels
+def test_n_skip_3_decoder_concatenates_stride_8_4_2_features_and_the_full_resolution_stem():
+    tiny = get_preset("tiny")  # width 16: skips of 128, 64, 16 channels; the stride-1 stem gives 8
     model = TransUNet(tiny, n_skip=3)
-    assert [block.conv1[0].in_channels for block in model.decoder.blocks] == [128 + 128, 64 + 64, 32 + 16, 16]
+    assert [block.conv1[0].in_channels for block in model.decoder.blocks] == [128 + 128, 64 + 64, 32 + 16, 16 + 8]
+    plain = TransUNet(tiny, n_skip=3, full_resolution=False)
+    assert plain.decoder.blocks[-1].conv1[0].in_channels == 16 and plain.decoder.full_resolution is None
+
+
+@pytest.mark.parametrize("shape", [(80, 112), (112, 80), (48, 48)])  # token grids 5x7, 7x5, 3x3
+def test_full_resolution_path_runs_forward_and_backward_at_odd_grid_sizes(shape):
+    model = build_segmenter("transunet", get_preset("tiny"))
+    logits = model(torch.randn(2, 1, *shape))
+    assert logits.shape == (2, 3, *shape)
+    logits.mean().backward()
+    stem = model.decoder.full_resolution
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_residual_encoder_unet_runs_forward_and_backward_at_odd_sizes(shape):
+    model = build_segmenter("resunet", get_preset("tiny"))
+    logits = model(torch.randn(2, 1, *shape))
+    assert logits.shape == (2, 3, *shape)
+    logits.mean().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_n_skip_above_3_is_refused():

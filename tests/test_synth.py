@@ -97,19 +97,20 @@ def test_both_devices_are_in_the_mask_of_most_frames(domain):
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_devices_are_darker_than_the_pixels_around_them(domain):
-    # Display convention: more attenuation is darker, so a device's pixels beat a ring 2-3 px outside it.
-    darker, cases = 0, 0
-    for k in range(6):
+    # Display convention: more attenuation is darker, so a device's pixels beat a ring 2-3 px outside it
+    # (not always: a sub-pixel wire's short lead can sit in the bright halo that edge enhancement draws
+    # around the catheter tip; test_synth_devices checks the wire alone at 128 px).
+    darker: dict[int, list[bool]] = {1: [], 2: []}
+    for k in range(10):
         image, mask, _ = _render(domain, k)
         for label in (1, 2):
             inside = mask == label
             if inside.sum() < 10:
                 continue
             ring = ndimage.binary_dilation(inside, iterations=3) & ~ndimage.binary_dilation(mask > 0, iterations=1)
-            cases += 1
-            darker += image[inside].mean() < image[ring].mean()
-    assert cases >= 6
-    assert darker / cases >= 0.8
+            darker[label].append(image[inside].mean() < image[ring].mean())
+    assert len(darker[1]) >= 5 and len(darker[2]) >= 5
+    assert np.mean(darker[1] + darker[2]) >= 0.8
 
 
 def test_tip_segment_names_a_vessel_segment_of_the_tree():
@@ -198,7 +199,7 @@ def test_existing_empty_output_folder_is_filled(tmp_path):
 def test_a_failure_midway_leaves_no_folder_behind(tmp_path, monkeypatch):
     calls = []
 
-    def failing(domain, size, rng):
+    def failing(domain, size, rng, wire_label="lead"):
         calls.append(domain)
         if len(calls) == 2:
             raise RuntimeError("disk full")

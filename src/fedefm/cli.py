@@ -113,11 +113,14 @@ def synth_seg(
     n: Annotated[int, typer.Option(help="Number of images.")] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+    wire_label: Annotated[str, typer.Option(
+        help="Guidewire inside the catheter: 'lead' labels only its lead beyond the catheter (catheter wins), "
+             "'full' its whole path (guidewire wins).")] = "lead",
 ) -> None:
     """Write a segmentation dataset (labels 0 background, 1 catheter, 2 guidewire)."""
     from fedefm.data.synth import write_seg_dataset
 
-    manifest = write_seg_dataset(out, domain, n, size=size, seed=seed)
+    manifest = write_seg_dataset(out, domain, n, size=size, seed=seed, wire_label=wire_label)
     console.print(f"wrote {len(manifest['images'])} {domain} images and masks to {out}")
 
 
@@ -211,14 +214,16 @@ def finetune(
     init: Annotated[str, typer.Option(help="'scratch' or a foundation .safetensors file.")] = "scratch",
     init_parts: Annotated[str, typer.Option(help="What --init gives a segmenter: encoder, all (encoder, decoder, head "
                                                  "by class name) or auto (all when the file holds a decoder).")] = "auto",
-    arch: Annotated[str, typer.Option(help="segment: transunet, unet or swinunetr.")] = "transunet",
+    arch: Annotated[str, typer.Option(help="segment: transunet, unet, resunet or swinunetr.")] = "transunet",
     preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "tiny",
     shots: Annotated[Optional[int], typer.Option(help="K labelled training images; per class for classify (default: all).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs of max(training images, --samples-per-epoch) augmented samples each.")] = 30,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of max(training images, --samples-per-epoch) augmented samples each (default: 30 at 128 px, in proportion to the image side; classify 30).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-2 segment, 1e-3 classify).")] = None,
-    samples_per_epoch: Annotated[int, typer.Option(help="Augmented samples per epoch (at least K).")] = 64,
+    samples_per_epoch: Annotated[Optional[int], typer.Option(help="Augmented samples per epoch (at least K; default max(64, 4 K) for segment, 64 for classify).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
+    loss: Annotated[str, typer.Option(help="segment: dicece (Dice + cross-entropy), cldice (the same + soft clDice) or dicecldice (Dice + clDice).")] = "dicece",
+    crop: Annotated[Optional[int], typer.Option(help="segment: train on crops of this side (multiple of 32), centred on devices 3 times in 4 (default: whole images).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, shots, init and augmentation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last intact checkpoint.")] = False,
@@ -231,7 +236,7 @@ def finetune(
     cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, init=init,
                          init_parts=init_parts, arch=arch, preset=preset,
                          shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
-                         image_size=image_size, device=device, seed=seed)
+                         image_size=image_size, loss=loss, crop=crop, device=device, seed=seed)
     result = (train if task == "segment" else classify).run(cfg, resume=resume, overwrite=overwrite)
     if result["transfer"]:
         console.print(f"foundation weights: {result['transfer']}")
@@ -372,6 +377,8 @@ def predict(
                                                      "(classifier: predictions.jsonl, optional).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs (listed in OUT/skipped.txt).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the predictions already in --out (deleted first).")] = False,
+    probabilities: Annotated[bool, typer.Option(help="Segmenter: also NAME_probabilities.npy, float32 (3, H, W) softmax per class.")] = False,
+    min_component_px: Annotated[int, typer.Option(help="Segmenter: drop predicted components (8-connected, per class) under this many pixels (0: keep all).")] = 0,
 ) -> None:
     """Segmenter: a label mask and colour overlay per input. Classifier: one JSON line per input (class, probabilities)."""
     from fedefm.errors import ConfigError
@@ -387,7 +394,8 @@ def predict(
     elif out is None:
         raise ConfigError(f"--out: {model} is a segmenter; name a folder for its masks and overlays")
     else:
-        report = run_predict(model, inputs, out, skip_bad=skip_bad, overwrite=overwrite)
+        report = run_predict(model, inputs, out, skip_bad=skip_bad, overwrite=overwrite, probabilities=probabilities,
+                             min_component_px=min_component_px)
         console.print(f"{len(report.outputs)} images in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s) → {out}")
     for path, reason in report.skipped:
         err_console.print(f"[yellow]skipped[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)

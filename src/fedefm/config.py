@@ -43,17 +43,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 FINETUNE_TASKS = ("segment", "classify")
+# Segmentation losses (finetune/train.py segmentation_loss): MONAI Dice + cross-entropy; the same plus
+# MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy.
+SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice")
 
 
 @dataclass
 class FinetuneConfig:
     """Few-shot fine-tuning of a segmenter (``fedefm finetune``).
 
-    An epoch shows the model ``max(shots, samples_per_epoch)`` augmented training samples, so runs
-    with different K take the same number of optimisation steps and differ only in the data seen.
+    An epoch shows the model ``max(shots, samples_per_epoch)`` augmented training samples.
     ``class_weights`` weigh background, catheter and guidewire in the Dice-CE loss: devices cover about
     1% of the pixels (0.9% catheter, 0.2% guidewire in the synthetic clinical domain), and without
     weights few-shot runs often settle on predicting background everywhere.
+
+    The budget scales with the image and the shots when left unset: ``epochs`` 30 at 128 px, in
+    proportion to the image side beyond (60 at 256 px), ``samples_per_epoch`` max(64, 4 K). ``crop``
+    trains on crops of that side (a multiple of 32) centred on a guidewire, catheter or background
+    pixel in the ratio 2 : 1 : 1, so that a 1-2 px wire fills more of each sample; validation and
+    prediction see whole images. ``loss`` is one of SEGMENTATION_LOSSES.
 
     ``task="classify"`` fine-tunes an image classifier instead (folder-per-class data, ``shots`` images
     per class; with ``multilabel`` a CSV ``image,LABEL_1,LABEL_2,...`` of 0/1 columns and ``shots``
@@ -74,15 +82,17 @@ class FinetuneConfig:
     arch: str = "transunet"
     preset: str = "tiny"
     shots: int | None = None
-    epochs: int = 30
+    epochs: int | None = None
     batch_size: int = 8
     lr: float | None = None
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     class_weights: tuple[float, float, float] = (1.0, 10.0, 20.0)
     grad_clip: float = 1.0
-    samples_per_epoch: int = 64
+    samples_per_epoch: int | None = None
     image_size: int | None = None
+    loss: str = "dicece"
+    crop: int | None = None
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     device: str = "auto"
@@ -107,6 +117,14 @@ class FinetuneConfig:
             raise ConfigError(f"--image-size {self.image_size}: must be a multiple of {stride}")
         if self.lr is None:
             self.lr = 1e-2 if self.task == "segment" else 1e-3
+        choose("--loss", self.loss, SEGMENTATION_LOSSES)
+        if self.crop is not None and (self.crop % 32 or not 32 <= self.crop <= self.image_size):
+            raise ConfigError(f"--crop {self.crop}: must be a multiple of 32 between 32 and --image-size "
+                              f"{self.image_size}; omit it to train on whole images")
+        if self.epochs is None:
+            self.epochs = max(30, round(30 * self.image_size / 128)) if self.task == "segment" else 30
+        if self.samples_per_epoch is None:
+            self.samples_per_epoch = max(64, 4 * self.shots) if self.shots and self.task == "segment" else 64
         if self.init != "scratch" and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
         choose("--init-parts", self.init_parts, INIT_PARTS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,12 +24,15 @@ from monai.transforms import (
     Compose,
     RandAdjustContrastd,
     RandAffined,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
     RandRotate90d,
 )
 
 _KEYS = ("image", "mask")
+# Crop centres: a background, catheter or guidewire pixel in this ratio (a class absent from the mask drops out).
+CROP_CLASS_RATIOS = (1, 1, 2)
 
 
 class TrainTransforms:
@@ -36,10 +40,15 @@ class TrainTransforms:
 
     A sample is ``{"image": (1, H, W) float in [0, 1], "mask": (H, W) long labels}``; the mask may
     be absent (classification). The result has the same keys and dtypes, the image clipped to
-    [0, 1]; square samples keep their shape (rot90 swaps H and W of others).
+    [0, 1]; square samples keep their shape (rot90 swaps H and W of others). With ``crop``, a
+    (crop, crop) window centred on a pixel of a class drawn by CROP_CLASS_RATIOS is cut out first
+    (segmentation only: it needs the mask).
     """
 
-    def __init__(self, seed: int, keep_orientation: bool = False):
+    def __init__(self, seed: int, keep_orientation: bool = False, crop: int | None = None):
+        self.crop = None if crop is None else RandCropByLabelClassesd(
+            _KEYS, label_key="mask", spatial_size=(crop, crop), ratios=list(CROP_CLASS_RATIOS),
+            num_classes=len(CROP_CLASS_RATIOS), num_samples=1)
         # A label that depends on up and down (where a catheter tip lies in the chest) must not be
         # flipped upside down or turned by 90 degrees; left-right flips keep it.
         upside_down = RandFlipd(_KEYS, prob=0.5, spatial_axis=0, allow_missing_keys=True)
@@ -65,6 +74,8 @@ class TrainTransforms:
     def set_random_state(self, seed: int) -> TrainTransforms:
         """Reseed every transform from ``seed`` (e.g. once per DataLoader worker)."""
         self.transforms.set_random_state(seed)
+        if self.crop is not None:
+            self.crop.set_random_state(seed + 1)
         return self
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +83,10 @@ class TrainTransforms:
         if "mask" in sample:
             channel_first["mask"] = sample["mask"][None]
         with _without_meta_tracking():
+            if self.crop is not None:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="no available indices of class")
+                    channel_first = self.crop(channel_first)[0]
             out = self.transforms(channel_first)
         result = {**out, "image": out["image"].clamp(0.0, 1.0)}
         if "mask" in sample:
@@ -79,9 +94,12 @@ class TrainTransforms:
         return result
 
 
-def train_transforms(seed: int, keep_orientation: bool = False) -> TrainTransforms:
-    """Seeded training augmentation for ``{"image": (1, H, W), "mask": (H, W)}`` samples (no up-down turns if asked)."""
-    return TrainTransforms(seed, keep_orientation)
+def train_transforms(seed: int, keep_orientation: bool = False, crop: int | None = None) -> TrainTransforms:
+    """Seeded training augmentation for ``{"image": (1, H, W), "mask": (H, W)}`` samples (no up-down turns if asked).
+
+    With ``crop``, samples come out (1, crop, crop) and (crop, crop), centred on devices more often than not.
+    """
+    return TrainTransforms(seed, keep_orientation, crop)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from fedefm.data.datasets import resize_image
 from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image
@@ -37,6 +38,7 @@ class PredictReport:
     """What a predict call wrote, what it skipped and how fast it ran."""
 
     outputs: list[tuple[Path, Path]] = field(default_factory=list)
+    probabilities: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -94,11 +96,37 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.nda
 
 
 @torch.no_grad()
-def segment(model: torch.nn.Module, image: np.ndarray, size: int) -> np.ndarray:
-    """Label map (H, W) uint8 of one image (H, W) in [0, 1], predicted at ``size`` and resized back."""
+def class_probabilities(model: torch.nn.Module, image: np.ndarray, size: int) -> np.ndarray:
+    """Softmax (C, H, W) float32 of one image (H, W) in [0, 1]: predicted at ``size``, logits resized back."""
     logits = model(resize_image(image, size)[None])
     logits = F.interpolate(logits, size=image.shape, mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].numpy().astype(np.uint8)
+    return torch.softmax(logits, dim=1)[0].numpy().astype(np.float32)
+
+
+def segment(model: torch.nn.Module, image: np.ndarray, size: int) -> np.ndarray:
+    """Label map (H, W) uint8 of one image (H, W) in [0, 1]: the most probable class per pixel."""
+    return class_probabilities(model, image, size).argmax(0).astype(np.uint8)
+
+
+def remove_small_components(labels: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Labels (H, W) with every foreground component (8-connected, per class) under ``min_pixels`` set to 0.
+
+    8-connectivity keeps a 1 px diagonal wire in one piece; isolated false-positive specks go.
+    """
+    cleaned = labels.copy()
+    for value in np.unique(labels[labels > 0]):
+        components, count = ndimage.label(labels == value, structure=np.ones((3, 3), bool))
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        small = sizes < min_pixels
+        small[0] = False
+        cleaned[small[components]] = 0
+    return cleaned
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """Write an array as .npy, atomically."""
+    with atomic_write(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
@@ -189,15 +217,20 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
     return rows, report
 
 
-def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, overwrite: bool = False
-            ) -> PredictReport:
+def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, overwrite: bool = False,
+            probabilities: bool = False, min_component_px: int = 0) -> PredictReport:
     """Write NAME_mask.png (labels 0/1/2) and NAME_overlay.png for every input image or DICOM frame.
 
     OUT is claimed as a run folder of kind "predict": another run there is refused unless ``overwrite``.
-    Inputs whose names collide get names from their paths (:func:`output_names`). An unreadable input
-    raises DataError naming it and the masks this call wrote are removed again, unless ``skip_bad``: then
-    it is listed in the report and in ``OUT/skipped.txt``.
+    Inputs whose names collide get names from their paths (:func:`output_names`). With ``probabilities``,
+    also NAME_probabilities.npy: float32 (C, H, W) softmax per class (background, catheter, guidewire) at the
+    input's size, for users who threshold themselves. ``min_component_px`` > 0 drops predicted components
+    (8-connected, per class) smaller than that from the mask and overlay (the probabilities are left as
+    predicted). An unreadable input raises DataError naming it and the files this call wrote are removed
+    again, unless ``skip_bad``: then it is listed in the report and in ``OUT/skipped.txt``.
     """
+    if min_component_px < 0:
+        raise ConfigError(f"--min-component-px {min_component_px}: must be 0 (no clean-up) or more")
     network, metadata = build_from_weights(weights_path(model))
     if is_classifier(metadata):
         raise ConfigError(f"--model {model}: holds a classifier, which predicts classes, not masks; use classify_images")
@@ -209,15 +242,20 @@ def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, 
         started = time.perf_counter()
         try:
             for name, image in read_inputs(inputs, report, skip_bad):
-                labels = segment(network, image, size)
+                probability = class_probabilities(network, image, size)
+                labels = probability.argmax(0).astype(np.uint8)
+                if min_component_px > 0:
+                    labels = remove_small_components(labels, min_component_px)
+                if probabilities:
+                    report.probabilities.append(out / f"{name}_probabilities.npy")
+                    write_npy(report.probabilities[-1], probability)
                 mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
                 report.outputs.append((mask_path, overlay_path))
                 write_png(mask_path, labels)
                 write_png(overlay_path, overlay(image, labels))
         except BaseException:
-            for written in report.outputs:
-                for path in written:
-                    path.unlink(missing_ok=True)
+            for path in [*(p for written in report.outputs for p in written), *report.probabilities]:
+                path.unlink(missing_ok=True)
             raise
         report.seconds = time.perf_counter() - started
         write_skipped(out, report)

@@ -34,7 +34,7 @@ class DenseFoundation(TransUNet):
         mean encoder token, all from one pass through encoder and decoder.
         """
         tokens, grid, skips = self.encoder(x)
-        decoded = self.decoder(tokens, grid, skips)  # (B, C_last, H, W)
+        decoded = self.decoder(tokens, grid, skips, x)  # (B, C_last, H, W)
         if parts is None:
             return self.segmentation_head(decoded)
         heads = {"segmentation": self.segmentation_head, "reconstruction": self.reconstruction_head}

@@ -33,7 +33,7 @@ from fedefm.data.synth.corpora import (
     write_pretrain_corpus,
     write_seg_dataset,
 )
-from fedefm.data.synth.devices import LABEL_NAMES
+from fedefm.data.synth.devices import LABEL_NAMES, WIRE_LABELS
 from fedefm.data.synth.domains import (
     DOMAINS,
     POSITION_CLASSES,
@@ -58,6 +58,7 @@ __all__ = [
     "PRETRAIN_ANNOTATED",
     "PRETRAIN_CLASSES",
     "PRETRAIN_LABELS",
+    "WIRE_LABELS",
     "catheter_position",
     "render_fluoro",
     "render_position",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedefm.data.synth.devices import LABEL_NAMES
+from fedefm.data.synth.devices import LABEL_NAMES, WIRE_LABELS
 from fedefm.data.synth.domains import (
     _check_size,
     DOMAINS,
@@ -28,7 +28,11 @@ from fedefm.errors import ConfigError, choose
 from fedefm.files import write_json
 
 
-GENERATOR_VERSION = "1.0.0"
+# 2.0.0: devices are real products (guidewires 0.014-0.038 inch, steel or nitinol, some with a
+# platinum tip coil; catheters 4-7 Fr, barium-filled polymer, some braided) attenuating at the
+# domain's beam energy; quanta per pixel follow the detector dose and the pixel's area (automatic
+# exposure control), and the blur the focal spot, detector and motion, per domain (docs/design.md §5).
+GENERATOR_VERSION = "2.0.0"
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +78,22 @@ def _write_atomically(out: Path, fill: Callable[[Path], dict]) -> dict:
     return manifest
 
 
-def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int = 0) -> dict:
+def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int = 0,
+                      wire_label: str = "lead") -> dict:
     """Write ``n`` fluoroscopy frames of ``domain`` with masks: OUT/images, OUT/masks, OUT/manifest.json.
 
+    ``wire_label`` is how the guidewire is labelled inside the catheter (WIRE_LABELS; see render_fluoro).
+
     Returns:
-        The manifest: generator_version, kind "seg", domain, n, size, seed, and per image its name,
-        label_counts {background, catheter, guidewire} and info (see render_fluoro).
+        The manifest: generator_version, kind "seg", domain, n, size, seed, wire_label, and per image
+        its name, label_counts {background, catheter, guidewire} and info (see render_fluoro).
 
     Raises:
-        ConfigError: unknown domain, n < 1, size < 32, negative seed, or OUT exists and is not empty.
+        ConfigError: unknown domain or wire label, n < 1, size < 32, negative seed, or OUT exists and is not empty.
     """
     out = Path(out)
     choose("--domain", domain, DOMAINS)
+    choose("--wire-label", wire_label, WIRE_LABELS)
     _check_counts(n, "--n", seed)
     _check_size(size)
     _check_out(out)
@@ -96,14 +104,14 @@ def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int
         (tmp / "masks").mkdir()
         images = []
         for i in range(n):
-            image, mask, info = render_fluoro(domain, size, _image_rng(seed, 0, group, i))
+            image, mask, info = render_fluoro(domain, size, _image_rng(seed, 0, group, i), wire_label=wire_label)
             name = f"img_{i:05d}.png"
             _save_png(tmp / "images" / name, image)
             _save_png(tmp / "masks" / name, mask)
             counts = np.bincount(mask.ravel(), minlength=3)
             images.append({"name": name, "label_counts": dict(zip(LABEL_NAMES, map(int, counts))), "info": info})
         return {"generator_version": GENERATOR_VERSION, "kind": "seg", "domain": domain, "n": n, "size": size,
-                "seed": seed, "images": images}
+                "seed": seed, "wire_label": wire_label, "images": images}
 
     manifest = _write_atomically(out, fill)
     logger.info("wrote %d %s frames to %s", n, domain, out)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from fedefm.data.synth.anatomy import _Vessel
+from fedefm.data.synth.physics import _mixture_mu_per_mm
 from fedefm.data.synth.geometry import (
     _curl,
     _disc,
@@ -25,6 +27,124 @@ from fedefm.data.synth.geometry import (
 
 
 LABEL_NAMES: tuple[str, ...] = ("background", "catheter", "guidewire")
+# How the guidewire is labelled where it runs inside the catheter: "lead" labels only the wire's
+# lead beyond the catheter (catheter wins where both lie, the default, as a reader of the frame
+# would draw it); "full" labels the whole wire path, so the guidewire label runs down the middle of
+# the catheter's.
+WIRE_LABELS: tuple[str, ...] = ("lead", "full")
+
+_INCH_MM = 25.4
+# Products in use for aortic, peripheral and coronary work, and how often each is drawn.
+_WIRE_DIAMETERS_INCH = (0.014, 0.018, 0.025, 0.032, 0.035, 0.038)
+_WIRE_ODDS = (0.15, 0.1, 0.05, 0.1, 0.5, 0.1)
+_CATHETER_FRENCH = (4, 5, 6, 7)
+_CATHETER_ODDS = (0.2, 0.4, 0.25, 0.15)
+# Mask radius floors (px): a sub-pixel device is still labelled as a connected band.
+_WIRE_MASK_MIN_PX = 0.7
+_CATHETER_MASK_MIN_PX = 1.0
+
+
+@dataclass(frozen=True)
+class _Guidewire:
+    """A guidewire product: diameter, core metal, metal share of its cross-section, radiopaque tip coil length."""
+
+    diameter_inch: float
+    core: str
+    metal_fill: float
+    tip_coil_mm: float
+
+    @property
+    def radius_mm(self) -> float:
+        """Outer radius in mm."""
+        return self.diameter_inch * _INCH_MM / 2
+
+
+@dataclass(frozen=True)
+class _Catheter:
+    """A catheter product: French size (outer diameter Fr / 3 mm), wall, barium filler, steel braid, marker band."""
+
+    french: int
+    wall_mm: float
+    baso4: float
+    braid: float
+    marker_band: bool
+
+    @property
+    def radius_mm(self) -> float:
+        """Outer radius in mm."""
+        return self.french / 3 / 2
+
+
+def _draw_guidewire(rng: np.random.Generator) -> _Guidewire:
+    """A guidewire as sold: 0.014-0.038 inch, a steel spring coil over a steel core, or a nitinol core in a jacket.
+
+    Steel wires are 60-80% metal across; hydrophilic nitinol wires 35-60%, the rest a polymer jacket.
+    Most small (0.014-0.018 inch) wires and some larger ones end in a 2-4 cm platinum coil.
+    """
+    diameter = float(rng.choice(_WIRE_DIAMETERS_INCH, p=_WIRE_ODDS))
+    core = "steel" if rng.random() < 0.55 else "nitinol"
+    fill = rng.uniform(0.6, 0.8) if core == "steel" else rng.uniform(0.35, 0.6)
+    coil = rng.uniform(20.0, 40.0) if rng.random() < (0.6 if diameter <= 0.018 else 0.3) else 0.0
+    return _Guidewire(diameter, core, float(fill), float(coil))
+
+
+def _draw_catheter(rng: np.random.Generator, radiopaque: bool) -> _Catheter:
+    """A catheter as sold: 4-5 Fr diagnostic (wall 0.2-0.3 mm) or 6-7 Fr guiding (thin braided wall 0.12-0.2 mm).
+
+    The polymer holds 20-40% barium sulfate by mass (35-45% for a ``radiopaque`` line on a check
+    film); guiding catheters and half the diagnostic ones carry a steel braid (8-15% of the wall).
+    """
+    french = int(rng.choice(_CATHETER_FRENCH, p=_CATHETER_ODDS))
+    wall = rng.uniform(0.2, 0.3) if french <= 5 else rng.uniform(0.12, 0.2)
+    baso4 = rng.uniform(0.35, 0.45) if radiopaque else rng.uniform(0.2, 0.4)
+    braid = rng.uniform(0.08, 0.15) if french >= 6 or rng.random() < 0.5 else 0.0
+    return _Catheter(french, float(wall), float(baso4), float(braid), bool(rng.random() < 0.35))
+
+
+def _arc_from_end(path: np.ndarray) -> np.ndarray:
+    """Arc length (px) from each point of a path (N, 2) to its last point (N,)."""
+    step = np.hypot(*np.diff(path, axis=0).T)
+    return np.concatenate([np.cumsum(step[::-1])[::-1], [0.0]])
+
+
+def _guidewire_splats(path: np.ndarray, wire: _Guidewire, mm: float, kev: float) -> list[DiscSplats]:
+    """Disc splats of a guidewire along ``path`` (N, 2) px with ``mm`` per px at beam energy ``kev``.
+
+    The wire is a solid tube whose attenuation is its cross-section's mean: metal share times the
+    core metal's, the rest jacket (nitinol wires: polyurethane loaded with a tungsten filler, counted as
+    barium sulfate of equal weight). A tip coil adds platinum over its length.
+    """
+    radius = wire.radius_mm / mm
+    jacket = 0.0 if wire.core == "steel" else _mixture_mu_per_mm({"baso4": 0.25, "polymer": 0.75}, kev)
+    body = wire.metal_fill * _mixture_mu_per_mm({wire.core: 1.0}, kev) + (1 - wire.metal_fill) * jacket
+    splats = [_tube(path, radius, body * mm)]
+    if wire.tip_coil_mm > 0:
+        coil = path[_arc_from_end(path) <= wire.tip_coil_mm / mm]
+        if len(coil) >= 2:
+            # The coil (about 60% platinum across) replaces the shaft's metal where it is wound.
+            splats.append(_tube(coil, radius, (0.6 * _mixture_mu_per_mm({"platinum": 1.0}, kev) - body) * mm))
+    return splats
+
+
+def _catheter_splats(path: np.ndarray, catheter: _Catheter, mm: float, kev: float, lumen_mu_px: float
+                     ) -> list[DiscSplats]:
+    """Disc splats of a catheter along ``path`` (N, 2) px: a hollow tube of filled polymer and braid, and its band.
+
+    The wall's attenuation is its volume mean: barium-filled polymer, with the braid's share steel.
+    A platinum-iridium marker band (1-1.5 mm long, 0.05 mm thick) sits at the tip when the product has one.
+    """
+    outer = catheter.radius_mm / mm
+    inner = (catheter.radius_mm - catheter.wall_mm) / mm
+    polymer = _mixture_mu_per_mm({"baso4": catheter.baso4, "polymer": 1 - catheter.baso4}, kev)
+    wall = (1 - catheter.braid) * polymer + catheter.braid * _mixture_mu_per_mm({"steel": 1.0}, kev)
+    splats = _hollow_tube(path, outer, inner, wall * mm, lumen_mu_px)
+    if catheter.marker_band:
+        band = path[_arc_from_end(path) <= 1.25 / mm]
+        if len(band) < 2:
+            band = path[-2:]
+        band_inner = (catheter.radius_mm - 0.05) / mm
+        splats += _hollow_tube(band, outer, band_inner, _mixture_mu_per_mm({"platinum": 1.0}, kev) * mm)
+    return splats
 
 
 def _route(tree: Sequence[_Vessel], vessel: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,16 +198,19 @@ def _pick_tip(tree: Sequence[_Vessel], size: int, rng: np.random.Generator,
 
 
 def _devices(tree: Sequence[_Vessel], view: _View, rng: np.random.Generator, guidewire_only: float,
-             catheter_only: float, tip_segments: Collection[str] | None = None, loop: bool | None = None,
-             wall_mu: tuple[float, float] = (0.3, 0.7)) -> tuple[list[DiscSplats], np.ndarray, dict]:
+             catheter_only: float, kev: float, tip_segments: Collection[str] | None = None,
+             loop: bool | None = None, radiopaque: bool = False, wire_label: str = "lead"
+             ) -> tuple[list[DiscSplats], np.ndarray, dict]:
     """Catheter and guidewire inside the vessel tree: splats, label mask (H, W) in {0, 1, 2}, and their info.
 
     Both devices enter at the tree's entry and share one centreline; the guidewire runs through the
-    catheter and leads beyond its tip. The mask is painted from those centrelines (pixel centre
-    within the device radius), catheter over guidewire where both lie. ``tip_segments`` restricts
-    where the tip may stop; ``loop`` forces a buckled catheter (True) or a plain one without loop
-    or pigtail (False) instead of drawing that by chance (None). ``wall_mu`` bounds the catheter wall's
-    excess attenuation per mm (higher for barium-striped, radiopaque lines).
+    catheter and leads beyond its tip. Sizes and materials are real products' (_draw_guidewire,
+    _draw_catheter), attenuating at the beam's effective energy ``kev``. The mask is painted from
+    those centrelines (pixel centre within the device radius, at least _WIRE_MASK_MIN_PX and
+    _CATHETER_MASK_MIN_PX); where both lie, ``wire_label`` decides (see WIRE_LABELS). ``tip_segments``
+    restricts where the tip may stop; ``loop`` forces a buckled catheter (True) or a plain one without
+    loop or pigtail (False) instead of drawing that by chance (None); ``radiopaque`` makes the catheter
+    a densely barium-filled line, as on a check film.
     """
     size, mm = view.size, view.mm_per_px
     draw = rng.random()
@@ -99,9 +222,8 @@ def _devices(tree: Sequence[_Vessel], view: _View, rng: np.random.Generator, gui
     end = tip + (max(int(np.argmin(in_view)) - 1, 0) if not in_view.all() else len(ahead) - 1)
     points, radius, segment = _route(tree, vessel, end)
     n_tip = len(points) - 1 - (end - tip)
-    cath_r = max(rng.uniform(0.9, 1.5) / mm, 1.0)
-    cath_inner = cath_r * rng.uniform(0.55, 0.75)
-    wire_r = max(rng.uniform(0.3, 0.5) / mm, 0.4)
+    guidewire, catheter_product = _draw_guidewire(rng), _draw_catheter(rng, radiopaque)
+    cath_r, wire_r = catheter_product.radius_mm / mm, guidewire.radius_mm / mm
     lateral = _smooth_offsets(len(points), rng, (0.6 * size, 3.0 * size)) * 0.85
     room = ndimage.gaussian_filter1d(np.maximum(radius - (cath_r if has_catheter else wire_r), 0.0), 8.0)
     # A device cannot turn a corner where a branch leaves its parent: smoothing rounds it off.
@@ -138,22 +260,28 @@ def _devices(tree: Sequence[_Vessel], view: _View, rng: np.random.Generator, gui
     splats: list[DiscSplats] = []
     mask = np.zeros((size, size), np.uint8)
     info: dict = {"tip_segment": str(segment[n_tip]), "looped": bool(looped or pigtail), **loop_info}
+    wire_mask = _paint_tube(mask.shape, wire, max(wire_r, _WIRE_MASK_MIN_PX)) if has_guidewire else None
     if has_guidewire:
-        splats.append(_tube(wire, wire_r, rng.uniform(1.5, 3.0) * mm))
-        mask[_paint_tube(mask.shape, wire, max(wire_r, 0.7))] = 2
-        info["guidewire"] = _describe_device(wire, wire_r, size) | {"tip_shape": tip_shape}
+        splats += _guidewire_splats(wire, guidewire, mm, kev)
+        mask[wire_mask] = 2
+        info["guidewire"] = _describe_device(wire, wire_r, size) | {
+            "tip_shape": tip_shape, "diameter_inch": guidewire.diameter_inch, "core": guidewire.core,
+            "tip_coil_mm": round(guidewire.tip_coil_mm, 1)}
     else:
         info["guidewire"] = {"present": False}
     if has_catheter:
-        wall, lumen = rng.uniform(*wall_mu) * mm, (rng.uniform(0.0, 0.05) * mm if rng.random() < 0.3 else 0.0)
-        splats += _hollow_tube(catheter, cath_r, cath_inner, wall, lumen)
-        if rng.random() < 0.35:
-            # Radiopaque marker band at the tip.
-            splats.append(_tube(catheter[-max(int(2.5 * cath_r), 3) :], cath_r, rng.uniform(0.3, 0.6) * mm))
-        mask[_paint_tube(mask.shape, catheter, cath_r)] = 1
-        info["catheter"] = _describe_device(catheter, cath_r, size) | {"inner_radius_px": round(float(cath_inner), 2)}
+        # A contrast-flushed lumen holds iodine; otherwise saline, which attenuates as tissue does.
+        lumen = rng.uniform(0.0, 0.05) * mm if rng.random() < 0.3 else 0.0
+        splats += _catheter_splats(catheter, catheter_product, mm, kev, lumen)
+        mask[_paint_tube(mask.shape, catheter, max(cath_r, _CATHETER_MASK_MIN_PX))] = 1
+        inner = cath_r - catheter_product.wall_mm / mm
+        info["catheter"] = _describe_device(catheter, cath_r, size) | {
+            "inner_radius_px": round(float(inner), 2), "french": catheter_product.french,
+            "baso4": round(catheter_product.baso4, 3), "braided": catheter_product.braid > 0}
     else:
         info["catheter"] = {"present": False}
+    if wire_label == "full" and wire_mask is not None:
+        mask[wire_mask] = 2
     return splats, mask, info
 
 

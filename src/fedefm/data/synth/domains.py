@@ -21,6 +21,7 @@ from fedefm.data.synth.anatomy import (
 )
 from fedefm.data.synth.devices import (
     LABEL_NAMES,
+    WIRE_LABELS,
     _devices,
     _ecg_leads,
     _endotracheal_tube,
@@ -30,6 +31,7 @@ from fedefm.data.synth.devices import (
     _tip_candidates,
 )
 from fedefm.data.synth.geometry import (
+    _DEVICE_ANTIALIAS_SIGMA,
     _add_ellipsoid,
     _disc,
     DiscSplats,
@@ -42,7 +44,16 @@ from fedefm.data.synth.geometry import (
     _View,
     _wander,
 )
-from fedefm.data.synth.physics import _burn_in_text, _collimation, _Detector, _expose, _process, _to_display
+from fedefm.data.synth.physics import (
+    _burn_in_text,
+    _collimation,
+    _detector,
+    _Detector,
+    _Equipment,
+    _expose,
+    _process,
+    _to_display,
+)
 from fedefm.errors import ConfigError, choose
 
 
@@ -85,9 +96,49 @@ class _Scene:
     info: dict
 
 
+# The X-ray systems behind each domain. Clinical and animal: flat-panel angiography systems in
+# low-dose pulsed fluoroscopy (8-80 nGy per frame at the detector, 0.15-0.2 mm pixels read out
+# binned 2x2, 70-90 kV), with an anti-scatter grid (scatter 5-25% of the local mean primary, so the
+# scatter-to-primary ratio stays near 1 behind the mediastinum and rises only behind dense contrast);
+# phantom: a bench set-up at higher dose and lower kV through a thin block; simulation: a
+# rendering, practically noise-free, with only a little blur.
+_EQUIPMENT = {
+    "clinical": _Equipment(kerma_ngy=(8.0, 60.0), kev=(45.0, 55.0), magnification=(1.2, 1.6), pitch_mm=(0.3, 0.4),
+                           focal_mm=(0.3, 0.7), motion_mm=(0.0, 0.3), dqe=(0.55, 0.7), scatter=(0.05, 0.25), heel=0.25,
+                           range_compression=(0.3, 0.7), edge_enhancement=(0.2, 1.0)),
+    "animal": _Equipment(kerma_ngy=(10.0, 80.0), kev=(42.0, 52.0), magnification=(1.2, 1.5), pitch_mm=(0.3, 0.4),
+                         focal_mm=(0.3, 0.7), motion_mm=(0.0, 0.3), dqe=(0.55, 0.7), scatter=(0.05, 0.2), heel=0.25,
+                         range_compression=(0.2, 0.6), edge_enhancement=(0.0, 0.8)),
+    "phantom": _Equipment(kerma_ngy=(50.0, 500.0), kev=(40.0, 50.0), magnification=(1.1, 1.4), pitch_mm=(0.15, 0.4),
+                          focal_mm=(0.3, 0.6), motion_mm=(0.0, 0.0), dqe=(0.6, 0.75), scatter=(0.05, 0.2), heel=0.15,
+                          range_compression=(0.0, 0.3), edge_enhancement=(0.0, 0.5)),
+    "simulation": _Equipment(kerma_ngy=(5e3, 5e4), kev=(50.0, 50.0), magnification=(1.0, 1.0), pitch_mm=(0.0, 0.0),
+                             focal_mm=(0.0, 0.0), motion_mm=(0.0, 0.25), dqe=(1.0, 1.0), scatter=(0.0, 0.0), heel=0.0,
+                             range_compression=(0.0, 0.0), edge_enhancement=(0.0, 0.0)),
+}
+
+
+# Devices are navigated mostly under plain fluoroscopy, with contrast puffs or an injection in
+# some frames: the share of clinical and animal frames without contrast.
+_NO_CONTRAST = 0.35
+
+
 def _contrast_mu(rng: np.random.Generator, p_none: float, high: float) -> float:
     """Excess attenuation per mm of iodinated blood: from none (plain fluoroscopy) to a dense injection."""
     return 0.0 if rng.random() < p_none else float(rng.uniform(0.03, high))
+
+
+def _patient_scene(domain: str, view: _View, rng: np.random.Generator, tissue: np.ndarray,
+                   splats: list[DiscSplats], tree: list[_Vessel], shutters: tuple[float, float], text_odds: float,
+                   info: dict) -> _Scene:
+    """A patient's scene (clinical or animal) from its anatomy: collimation (odds of shutters, of a round
+    field), the domain's acquisition, contrast in the vessels, burnt-in text with ``text_odds``."""
+    collimator, exposed = _collimation(view.size, rng, *shutters)
+    detector = _detector(view.mm_per_px, _EQUIPMENT[domain], rng)
+    mu = _contrast_mu(rng, _NO_CONTRAST, 0.15)
+    return _Scene(tissue=tissue, splats=splats, tree=tree, vessel_mu_px=mu * view.mm_per_px, vessel_cap_px=None,
+                  detector=detector, collimator=collimator, exposed=exposed, text=rng.random() < text_odds,
+                  device_odds=(0.12, 0.08), view=view, info=info | {"contrast_mu_per_mm": mu})
 
 
 def _clinical_scene(size: int, rng: np.random.Generator, anatomy: str | None = None) -> _Scene:
@@ -97,7 +148,6 @@ def _clinical_scene(size: int, rng: np.random.Generator, anatomy: str | None = N
     """
     anatomy = anatomy or ("thorax" if rng.random() < 0.65 else "abdomen")
     view = _random_view(size, rng, (0.85, 1.5), (-0.2, 0.15) if anatomy == "thorax" else (-0.15, 0.3), 12)
-    mm = view.mm_per_px
     distractors = []
     if anatomy == "thorax":
         tissue, splats = _thorax_anatomy(view, rng, "human", rng.uniform(-0.14, 0.14))
@@ -117,22 +167,13 @@ def _clinical_scene(size: int, rng: np.random.Generator, anatomy: str | None = N
     if rng.random() < 0.25:
         splats += _metal_clutter(view, rng, False, int(rng.integers(1, 6)))
         distractors.append("clips")
-    collimator, exposed = _collimation(size, rng, 0.45, 0.25)
-    detector = _Detector(dose=float(np.exp(rng.uniform(np.log(3e3), np.log(4e4)))),
-                         psf_px=rng.uniform(0.3, 0.7) / mm, correlation_px=rng.uniform(0.4, 0.8),
-                         scatter=rng.uniform(0.1, 0.5), heel=rng.uniform(-0.25, 0.25),
-                         range_compression=rng.uniform(0.3, 0.7), edge_enhancement=rng.uniform(0.2, 1.0))
-    mu = _contrast_mu(rng, 0.12, 0.15)
-    return _Scene(tissue=tissue, splats=splats, tree=tree, vessel_mu_px=mu * mm, vessel_cap_px=None,
-                  detector=detector, collimator=collimator, exposed=exposed, text=rng.random() < 0.7,
-                  device_odds=(0.12, 0.08), view=view,
-                  info={"anatomy": anatomy, "contrast_mu_per_mm": mu, "distractors": distractors})
+    return _patient_scene("clinical", view, rng, tissue, splats, tree, (0.45, 0.25), 0.7,
+                          {"anatomy": anatomy, "distractors": distractors})
 
 
 def _animal_scene(size: int, rng: np.random.Generator) -> _Scene:
     """Pig chest: narrower body, more and steeper ribs, no clavicles, two arch branches, endotracheal tube."""
     view = _random_view(size, rng, (1.0, 1.6), (-0.22, 0.12), 15)
-    mm = view.mm_per_px
     tissue, splats = _thorax_anatomy(view, rng, "pig", rng.uniform(-0.1, 0.1))
     tree = _thorax_tree(view, rng, "pig", 0.015, True)
     distractors = []
@@ -142,16 +183,8 @@ def _animal_scene(size: int, rng: np.random.Generator) -> _Scene:
     if rng.random() < 0.5:
         splats += _ecg_leads(view, rng, int(rng.integers(1, 4)))
         distractors.append("ecg_leads")
-    collimator, exposed = _collimation(size, rng, 0.35, 0.15)
-    detector = _Detector(dose=float(np.exp(rng.uniform(np.log(4e3), np.log(6e4)))),
-                         psf_px=rng.uniform(0.3, 0.8) / mm, correlation_px=rng.uniform(0.4, 0.9),
-                         scatter=rng.uniform(0.1, 0.4), heel=rng.uniform(-0.25, 0.25),
-                         range_compression=rng.uniform(0.2, 0.6), edge_enhancement=rng.uniform(0.0, 0.8))
-    mu = _contrast_mu(rng, 0.12, 0.15)
-    return _Scene(tissue=tissue, splats=splats, tree=tree, vessel_mu_px=mu * mm, vessel_cap_px=None,
-                  detector=detector, collimator=collimator, exposed=exposed, text=rng.random() < 0.15,
-                  device_odds=(0.12, 0.08), view=view,
-                  info={"anatomy": "thorax", "contrast_mu_per_mm": mu, "distractors": distractors})
+    return _patient_scene("animal", view, rng, tissue, splats, tree, (0.35, 0.15), 0.15,
+                          {"anatomy": "thorax", "distractors": distractors})
 
 
 def _phantom_scene(size: int, rng: np.random.Generator) -> _Scene:
@@ -165,10 +198,7 @@ def _phantom_scene(size: int, rng: np.random.Generator) -> _Scene:
     else:
         tree = _constant_radius(_abdomen_tree(view, rng, 0.006, False))
     collimator, exposed = _collimation(size, rng, 0.3, 0.0)
-    detector = _Detector(dose=float(np.exp(rng.uniform(np.log(2e4), np.log(3e5)))),
-                         psf_px=rng.uniform(0.25, 0.6) / mm, correlation_px=rng.uniform(0.2, 0.5),
-                         scatter=rng.uniform(0.05, 0.2), heel=rng.uniform(-0.15, 0.15),
-                         range_compression=rng.uniform(0.0, 0.3), edge_enhancement=rng.uniform(0.0, 0.5))
+    detector = _detector(mm, _EQUIPMENT["phantom"], rng)
     water = rng.random() < 0.3
     # Water is slightly less attenuating than silicone, so water-filled channels show up light.
     mu = -0.004 if water else float(rng.uniform(0.02, 0.08))
@@ -185,9 +215,7 @@ def _simulation_scene(size: int, rng: np.random.Generator) -> _Scene:
     mm = view.mm_per_px
     arch = str(rng.choice(["human", "pig"]))
     tree = _constant_radius(_thorax_tree(view, rng, arch, 0.004, False))
-    detector = _Detector(dose=float(np.exp(rng.uniform(np.log(3e5), np.log(3e6)))),
-                         psf_px=rng.uniform(0.0, 0.25) / mm, correlation_px=0.0, scatter=0.0, heel=0.0,
-                         range_compression=0.0, edge_enhancement=0.0)
+    detector = _detector(mm, _EQUIPMENT["simulation"], rng)
     mu = float(rng.uniform(0.006, 0.025))
     return _Scene(tissue=np.full((size, size), rng.uniform(0.3, 1.5), np.float32), splats=[], tree=tree,
                   vessel_mu_px=mu * mm, vessel_cap_px=mu * rng.uniform(3, 7), detector=detector,
@@ -206,17 +234,20 @@ def _check_size(size: int) -> None:
         raise ConfigError(f"--size {size}: images must be at least 32 px; pass --size 32 or more (default 256)")
 
 
-def render_fluoro(domain: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+def render_fluoro(domain: str, size: int, rng: np.random.Generator, wire_label: str = "lead"
+                  ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Render one fluoroscopy frame of ``domain``.
 
     Args:
         domain: one of DOMAINS.
         size: image side in px (>= 32).
         rng: the image's own generator; nothing else is random.
+        wire_label: one of WIRE_LABELS: "lead" labels the guidewire only beyond the catheter (the
+            catheter wins where both lie), "full" along its whole path (the guidewire wins).
 
     Returns:
         image: (size, size) uint8, more attenuation darker.
-        mask: (size, size) uint8 labels, 0 background, 1 catheter, 2 guidewire (catheter wins where both lie).
+        mask: (size, size) uint8 labels, 0 background, 1 catheter, 2 guidewire (where both lie: see wire_label).
         info: JSON-serialisable acquisition and device facts: dose, zoom, tip positions (row, col) in px,
             path lengths, the named vessel segment where the catheter (or lone guidewire) tip lies, loops.
 
@@ -231,9 +262,11 @@ def _render_fluoro_scene(domain: str, size: int, rng: np.random.Generator
                          ) -> tuple[np.ndarray, np.ndarray, dict, _Scene]:
     """render_fluoro's (image, device mask, info) and the scene they came from."""
     choose("--domain", domain, DOMAINS)
+    choose("--wire-label", wire_label, WIRE_LABELS)
     _check_size(size)
     scene = _SCENES[domain](size, rng)
-    device_splats, mask, device_info = _devices(scene.tree, scene.view, rng, *scene.device_odds)
+    device_splats, mask, device_info = _devices(scene.tree, scene.view, rng, *scene.device_odds, scene.detector.kev,
+                                                wire_label=wire_label)
     image = _film(scene, device_splats, rng)
     # Devices behind a collimator blade are invisible, so they are not labelled there.
     mask[~scene.exposed] = 0
@@ -256,11 +289,10 @@ def _film(scene: _Scene, device_splats: list[DiscSplats], rng: np.random.Generat
     size = scene.view.size
     vessel_splats = _tree_splats(scene.tree, scene.vessel_mu_px)
     if scene.vessel_cap_px is None:
-        p = _project(scene.splats + vessel_splats + device_splats, size)
+        p = _project(scene.splats + vessel_splats, size)
     else:
-        p = np.minimum(_project(vessel_splats, size), scene.vessel_cap_px)
-        p += _project(scene.splats + device_splats, size)
-    p += scene.tissue + scene.collimator
+        p = np.minimum(_project(vessel_splats, size), scene.vessel_cap_px) + _project(scene.splats, size)
+    p += _project(device_splats, size, _DEVICE_ANTIALIAS_SIGMA) + scene.tissue + scene.collimator
     log_image = _process(_expose(p, scene.detector, rng), scene.detector)
     image = _to_display(log_image, rng, ndimage.binary_erosion(scene.exposed, iterations=2))
     return _burn_in_text(image, rng) if scene.text else image
@@ -268,8 +300,10 @@ def _film(scene: _Scene, device_splats: list[DiscSplats], rng: np.random.Generat
 
 def _frame_info(domain: str, size: int, scene: _Scene, device_info: dict) -> dict:
     """JSON facts of a rendered frame: acquisition, view, the scene's own facts and the devices'."""
-    info = {"domain": domain, "size": size, "dose": round(scene.detector.dose, 1),
-            "psf_sigma_px": round(scene.detector.psf_px, 3), "zoom": round(scene.view.scale / size, 4),
+    detector = scene.detector
+    info = {"domain": domain, "size": size, "dose": round(detector.dose, 1), "kev": round(detector.kev, 1),
+            "magnification": round(detector.magnification, 3), "detector_pitch_mm": round(detector.pitch_mm, 3),
+            "psf_sigma_px": round(detector.psf_px, 3), "zoom": round(scene.view.scale / size, 4),
             "view_angle_deg": round(float(np.rad2deg(scene.view.angle)), 2),
             "mm_per_px": round(scene.view.mm_per_px, 4), "exposed_fraction": round(float(scene.exposed.mean()), 4),
             **scene.info, **device_info}
@@ -534,8 +568,8 @@ def render_position(cls: str, size: int, rng: np.random.Generator) -> tuple[np.n
         # Check films are plain or taken with a faint test injection: the catheter must show against the aorta.
         mu = _contrast_mu(rng, 0.5, 0.03)
         scene.vessel_mu_px, scene.info["contrast_mu_per_mm"] = mu * scene.view.mm_per_px, mu
-        device_splats, mask, device_info = _devices(scene.tree, scene.view, rng, 0.0, 1.0, segments,
-                                                    loop=cls == "looped", wall_mu=(0.8, 1.6))
+        device_splats, mask, device_info = _devices(scene.tree, scene.view, rng, 0.0, 1.0, scene.detector.kev,
+                                                    segments, loop=cls == "looped", radiopaque=True)
         seen = [device_info["catheter"]["tip"], *([device_info["loop_at"]] if "loop_at" in device_info else [])]
         if all(_is_exposed(scene.exposed, point) for point in seen) and catheter_position(device_info) == cls:
             image = _film(scene, device_splats, rng)

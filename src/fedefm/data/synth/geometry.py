@@ -20,6 +20,9 @@ _WIDE_DISC_PX = 3.0
 _NARROW_LEVELS = 0.4 * 1.5 ** np.arange(7)
 _WIDE_LEVELS = 1.5 * 1.15 ** np.arange(50)
 _ANTIALIAS_SIGMA = 0.55
+# Devices are thinner than a pixel: their discs get about a pixel's own aperture (a 1 px box has
+# sigma 0.29 px) instead, so a wire's profile is as deep as the detector would record it.
+_DEVICE_ANTIALIAS_SIGMA = 0.3
 _ANTIALIAS_SIGMA_HALF = 0.4
 
 DiscSplats = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -229,8 +232,10 @@ def _half_grid_shift(n: int) -> np.ndarray:
     return (4 * np.exp(-1j * np.pi * (ky + kx))).astype(np.complex64)
 
 
-def _project(splats: Sequence[DiscSplats], size: int) -> np.ndarray:
+def _project(splats: Sequence[DiscSplats], size: int, antialias: float = _ANTIALIAS_SIGMA) -> np.ndarray:
     """Sum of all disc splats on the (size, size) grid: the tubes' attenuation line integrals.
+
+    ``antialias`` (px) is the Gaussian that narrow discs are smoothed with (_DEVICE_ANTIALIAS_SIGMA for devices).
 
     Discs narrower than _WIDE_DISC_PX go on the full grid; wider ones on a half-resolution grid with
     finer radius levels (a quarter of the cost per level), whose spectrum is zero-padded into the
@@ -252,7 +257,7 @@ def _project(splats: Sequence[DiscSplats], size: int) -> np.ndarray:
     spectrum = np.zeros((n, n // 2 + 1), np.complex64)
     if narrow.any():
         spectrum += _splat_levels(y[narrow], x[narrow], radii[narrow], weights[narrow], n, _NARROW_LEVELS,
-                                  _ANTIALIAS_SIGMA)
+                                  antialias)
     if wide.any():
         h = n // 2
         levels = _WIDE_LEVELS[: max(int(np.searchsorted(_WIDE_LEVELS, pad / 2, side="right")), 2)]

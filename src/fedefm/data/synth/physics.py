@@ -20,6 +20,35 @@ _MU_TRABECULAR = 0.008
 _MU_AIR = -0.019
 _MU_LEAD_SHUTTER = 14.0  # total line integral of a lead collimator blade: no quanta get through
 
+# Device materials: density (g/cm^3) and mass attenuation (cm^2/g, with coherent scattering) at 40, 50
+# and 60 keV, the effective energies of fluoroscopy beams at 60-90 kV (NIST XCOM; alloys and compounds
+# by mass fraction: stainless steel as iron, nitinol 56% Ni 44% Ti, the tip coil as platinum, the
+# catheter filler as 30-40% BaSO4 in a polymer that attenuates like water). Anatomy keeps the
+# calibrated values above; devices see the domain's tube voltage.
+_KEV = np.array([40.0, 50.0, 60.0])
+_MATERIALS = {
+    "water": (1.0, (0.268, 0.227, 0.206)),
+    "steel": (7.9, (3.63, 1.96, 1.21)),
+    "nitinol": (6.45, (0.56 * 4.55 + 0.44 * 1.21, 0.56 * 2.45 + 0.44 * 0.70, 0.56 * 1.50 + 0.44 * 0.46)),
+    "platinum": (21.45, (11.4, 6.4, 4.0)),
+    "baso4": (4.5, (15.2, 8.5, 5.3)),
+    "polymer": (1.1, (0.255, 0.216, 0.196)),
+}
+# Quanta per mm^2 per nGy of air kerma for a 70 kV beam behind 21 mm Al (IEC 62220-1 RQA5).
+_QUANTA_PER_MM2_NGY = 29.65
+
+
+def _mixture_mu_per_mm(weights: dict[str, float], kev: float) -> float:
+    """Linear attenuation (1/mm) at ``kev`` (40-60 keV) of a mixture of materials by mass fraction, minus water's.
+
+    The mixture's density follows from its parts' (volumes add); the excess over water is what a
+    device adds to the soft tissue it displaces.
+    """
+    density = 1.0 / sum(w / _MATERIALS[name][0] for name, w in weights.items())
+    mass = sum(w * np.exp(np.interp(kev, _KEV, np.log(_MATERIALS[name][1]))) for name, w in weights.items())
+    water = np.exp(np.interp(kev, _KEV, np.log(_MATERIALS["water"][1])))
+    return float(density * mass - water) / 10.0
+
 
 def _collimation(size: int, rng: np.random.Generator, p_shutters: float, p_round: float
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +95,11 @@ def _burn_in_text(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Detector:
-    """Acquisition and display chain: quanta per pixel, blurs (px), scatter share, display processing."""
+    """Acquisition and display chain: quanta per pixel, blurs (px), scatter share, display processing, beam energy.
+
+    ``dose`` is the number of detected quanta per pixel where the beam reaches the detector at the
+    automatic exposure control's reference level (the median of the central field).
+    """
 
     dose: float
     psf_px: float
@@ -75,6 +108,56 @@ class _Detector:
     heel: float
     range_compression: float
     edge_enhancement: float
+    kev: float
+    magnification: float
+    pitch_mm: float
+
+
+@dataclass(frozen=True)
+class _Equipment:
+    """Ranges a domain's X-ray system draws its acquisition from (pairs are uniform bounds, kerma log-uniform).
+
+    kerma_ngy: air kerma at the detector per frame (nGy), held there by automatic exposure control.
+    kev: effective energy of the beam (keV) at the domain's tube voltage.
+    magnification: source-to-detector over source-to-object distance.
+    pitch_mm: detector pixel pitch as read out in fluoroscopy (binned), at the detector; 0 for a rendering.
+    focal_mm: focal spot size (FWHM); motion_mm: blur of the patient's motion during a pulse (sigma, mm).
+    dqe: detective quantum efficiency; the rest is the display chain as in _Detector.
+    """
+
+    kerma_ngy: tuple[float, float]
+    kev: tuple[float, float]
+    magnification: tuple[float, float]
+    pitch_mm: tuple[float, float]
+    focal_mm: tuple[float, float]
+    motion_mm: tuple[float, float]
+    dqe: tuple[float, float]
+    scatter: tuple[float, float]
+    heel: float
+    range_compression: tuple[float, float]
+    edge_enhancement: tuple[float, float]
+
+
+def _detector(mm_per_px: float, equipment: _Equipment, rng: np.random.Generator) -> _Detector:
+    """Draw an acquisition for image pixels of ``mm_per_px`` in the patient plane from a domain's equipment.
+
+    Quanta per pixel follow the detector kerma and the pixel's area at the detector, so a smaller
+    image (larger pixels) is less noisy per pixel, as a binned or downsampled real frame is. The blur
+    adds the focal spot's penumbra f (M - 1) / M, the detector's spread (half a readout pixel, over M)
+    and motion, all in the patient plane.
+    """
+    kerma = float(np.exp(rng.uniform(*np.log(equipment.kerma_ngy))))
+    kev, m = rng.uniform(*equipment.kev), rng.uniform(*equipment.magnification)
+    pitch, focal, motion = (rng.uniform(*equipment.pitch_mm), rng.uniform(*equipment.focal_mm),
+                            rng.uniform(*equipment.motion_mm))
+    quanta = kerma * _QUANTA_PER_MM2_NGY * rng.uniform(*equipment.dqe) * (mm_per_px * m) ** 2
+    spread_mm = 0.5 * pitch / m
+    blur_mm = float(np.sqrt((focal * (m - 1) / m / 2.355) ** 2 + spread_mm**2 + motion**2))
+    return _Detector(dose=quanta, psf_px=blur_mm / mm_per_px, correlation_px=spread_mm / mm_per_px,
+                     scatter=rng.uniform(*equipment.scatter), heel=rng.uniform(-equipment.heel, equipment.heel),
+                     range_compression=rng.uniform(*equipment.range_compression),
+                     edge_enhancement=rng.uniform(*equipment.edge_enhancement), kev=float(kev),
+                     magnification=float(m), pitch_mm=float(pitch))
 
 
 def _lowpass(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -97,10 +180,13 @@ def _expose(p: np.ndarray, detector: _Detector, rng: np.random.Generator) -> np.
     primary *= 1 + detector.heel * ramp[:, None]
     if detector.psf_px > 0.05:
         primary = ndimage.gaussian_filter(primary, detector.psf_px, truncate=3.0)
-    counts = rng.poisson(detector.dose * primary).astype(np.float32)
+    # Automatic exposure control: the tube output puts ``dose`` quanta per pixel at the central field's median.
+    centre = primary[size // 4 : size - size // 4, size // 4 : size - size // 4]
+    i0 = detector.dose / max(float(np.median(centre)), 1e-6)
+    counts = rng.poisson(i0 * primary).astype(np.float32)
     if detector.correlation_px > 0.05:
         counts = ndimage.gaussian_filter(counts, detector.correlation_px, truncate=3.0)
-    return -np.log(np.maximum(counts, 0.5) / detector.dose)
+    return -np.log(np.maximum(counts, 0.5) / i0)
 
 
 def _process(log_image: np.ndarray, detector: _Detector) -> np.ndarray:

@@ -24,7 +24,7 @@ EXPECTED = {
     "t6": (POSITION, {"scratch", "centralized", "dpsgd", "fedefm_ring"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
-           "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py"}
+           "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py", "t7": "t7_dense_foundation.py"}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -40,7 +40,7 @@ def run_names(table: str, rows: list[dict]) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("table", list(EXPECTED))
+@pytest.mark.parametrize("table", list(EXPECTED))  # T7 has its own test below
 def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmarks, table):
     rows = read_rows(quick_benchmarks / table / "results.jsonl")
     columns, names = EXPECTED[table]
@@ -56,6 +56,26 @@ def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmark
         else:
             assert set(row["test"]["per_class"]) == {"aortic_arch", "descending_aorta", "looped", "supra_aortic"}
             assert 0 <= row["test"]["balanced_accuracy"] <= 1 and row["shots"] == 4
+
+
+@pytest.mark.slow
+def test_t7_pretrains_in_both_settings_and_scores_every_test_image_of_every_init(quick_benchmarks):
+    rows = read_rows(quick_benchmarks / "t7" / "results.jsonl")
+    pretrained = {(r["setting"], r["name"]) for r in rows if r["kind"] == "pretrain"}
+    assert pretrained == {("joined", n) for n in ("classify_centralized", "segment_centralized", "segment_fedavg",
+                                                  "segment_dpsgd", "segment_fedefm", "mim_centralized")} | {
+        ("absent", "segment_centralized"), ("absent", "segment_fedefm")}
+    joined = next(r for r in rows if r["kind"] == "pretrain" and r["name"] == "segment_fedefm" and r["setting"] == "joined")
+    assert "images only" in (Path(joined["run"]) / "partition.txt").read_text() and "val_dice" in joined["rows"][0]
+    tuned = [r for r in rows if r["kind"] == "finetune"]
+    assert {(r["setting"], r["init"]) for r in tuned} >= {("any", "scratch"), ("any", "unet_scratch"),
+                                                          ("joined", "segment_fedefm"), ("absent", "segment_fedefm")}
+    for row in tuned:
+        assert DOWNSTREAM <= set(row) and row["shots"] == 4
+        n_test = row["test"]["n_images"]
+        assert all(len(row["per_image"][c]) == n_test for c in ("catheter", "guidewire"))
+    dense = next(r for r in tuned if r["init"] == "segment_fedefm")
+    assert dense["transfer"].startswith("all: ") and "decoder.*" in dense["transfer"]
 
 
 @pytest.mark.slow
@@ -115,8 +135,9 @@ def test_benchmarks_md_has_every_table_with_its_machine_command_and_seeds(quick_
     for table, script in SCRIPTS.items():
         assert f"## {table.upper()} — " in text
         assert f"python benchmarks/{script} --quick --threads 1 --out {quick_benchmarks / table}" in text
-    assert text.count("Machine: ") == 6 and text.count("Seeds: 0.") == 6
-    assert text.count("Quick mode (CI-sized)") == 6
+    assert text.count("Machine: ") == 7 and text.count("Seeds: 0.") == 7
+    assert text.count("Quick mode (CI-sized)") == 7
+    assert "catheter gain (Dice points, 95% CI)" in text
     assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text and "| dpsgd | 4 |" in text
     assert text.rstrip().endswith("FedEFM beats FedAvg here: a hand-written sentence.")
 

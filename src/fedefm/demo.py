@@ -22,13 +22,15 @@ from fedefm.finetune.train import run as finetune
 
 DEMO_DOMAIN = "clinical"
 DEMO_IMAGES = 160
-DEMO_SIZE = 128
-DEMO_SHOTS = 16
+DEMO_SIZE = 64
+DEMO_SHOTS = 4
 DEMO_EPOCHS = 30
 CORPUS_PER_CLASS = 120
 CORPUS_SIZE = 64
+PRETRAIN_OBJECTIVE = "segment"
 PRETRAIN_SILOS = 6
-PRETRAIN_ROUNDS = 40
+PRETRAIN_ROUNDS = 20
+PRETRAIN_BATCH = 8
 POSITION_IMAGES = 200
 POSITION_SHOTS = 16
 POSITION_EPOCHS = 20
@@ -63,20 +65,24 @@ def run_demo(out: Path, seed: int = 0, console: Console | None = None) -> dict[s
     console.print(f"pre-training corpus (6 data types) in {corpus}; {DEMO_DOMAIN} segmentation set in {data}; "
                   f"catheter position set in {positions}")
 
-    console.rule(f"2. FedEFM pre-training: {PRETRAIN_SILOS} silos, one data type each, ring over Gaia")
+    console.rule(f"2. FedEFM pre-training ({PRETRAIN_OBJECTIVE}): {PRETRAIN_SILOS} silos, one data type each, ring "
+                 "over Gaia; the clinical silo holds frames without masks")
     foundation = out / "pretrain_fedefm"
-    summary = pretrain(PretrainConfig(data=corpus, out=foundation, algorithm="fedefm", silos=PRETRAIN_SILOS,
-                                      rounds=PRETRAIN_ROUNDS, image_size=CORPUS_SIZE, seed=seed), overwrite=True)
-    console.print(f"foundation model: test accuracy {summary['test_acc']:.3f} on the 6 data types "
-                  f"(partition in {foundation / 'partition.txt'})")
+    summary = pretrain(PretrainConfig(data=corpus, out=foundation, algorithm="fedefm", objective=PRETRAIN_OBJECTIVE,
+                                      images_only=(DEMO_DOMAIN,), silos=PRETRAIN_SILOS, rounds=PRETRAIN_ROUNDS,
+                                      batch_size=PRETRAIN_BATCH, image_size=CORPUS_SIZE, eval_every=10, seed=seed),
+                       overwrite=True)
+    metric = next(key.removeprefix("test_") for key in summary if key.startswith("test_"))
+    console.print(f"foundation model: test {metric} {summary[f'test_{metric}']:.3f} on the corpus's labels "
+                  f"(silo x class and silo x label tables in {foundation / 'partition.txt'})")
 
     results: dict[str, dict[str, dict]] = {"segment": {}, "classify": {}}
     inits = (("scratch", "scratch"), ("fedefm", str(foundation / "global.safetensors")))
     for name, init in inits:
         console.rule(f"3. few-shot segmentation from {name}, K = {DEMO_SHOTS}")
         run = out / f"finetune_{name}"
-        finetune(FinetuneConfig(data=data, out=run, init=init, shots=DEMO_SHOTS, epochs=DEMO_EPOCHS, seed=seed),
-                 overwrite=True)
+        finetune(FinetuneConfig(data=data, out=run, init=init, shots=DEMO_SHOTS, epochs=DEMO_EPOCHS,
+                                image_size=DEMO_SIZE, seed=seed), overwrite=True)
         results["segment"][name] = evaluate_model(run, data, "test")
     for name, init in inits:
         console.rule(f"4. few-shot catheter position from {name}, K = {POSITION_SHOTS} per class")

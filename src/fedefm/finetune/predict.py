@@ -175,9 +175,9 @@ def write_skipped(out: Path, report: PredictReport) -> None:
             f.writelines(f"{path}\t{reason}\n" for path, reason in report.skipped)
 
 
-def prediction_config(model: Path, inputs: list[Path], skip_bad: bool) -> dict:
-    """What the manifest of a predict folder records: the weights, the inputs as given, ``skip_bad``."""
-    return {"model": str(model), "inputs": [str(path) for path in inputs], "skip_bad": skip_bad}
+def prediction_config(model: Path, inputs: list[Path], skip_bad: bool, **options) -> dict:
+    """What the manifest of a predict folder records: the weights, the inputs as given, ``skip_bad`` and ``options``."""
+    return {"model": str(model), "inputs": [str(path) for path in inputs], "skip_bad": skip_bad, **options}
 
 
 def classify_images(model: Path, inputs: list[Path], out: Path | None = None, skip_bad: bool = False,
@@ -238,7 +238,8 @@ def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, 
     size = int(metadata["image_size"])
     out = Path(out)
     report = PredictReport()
-    with owned_run_folder(out, "predict", prediction_config(model, inputs, skip_bad), overwrite=overwrite):
+    config = prediction_config(model, inputs, skip_bad, probabilities=probabilities, min_component_px=min_component_px)
+    with owned_run_folder(out, "predict", config, overwrite=overwrite):
         started = time.perf_counter()
         try:
             for name, image in read_inputs(inputs, report, skip_bad):

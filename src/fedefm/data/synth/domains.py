@@ -254,11 +254,11 @@ def render_fluoro(domain: str, size: int, rng: np.random.Generator, wire_label: 
     Raises:
         ConfigError: unknown domain or size below 32.
     """
-    image, mask, info, _ = _render_fluoro_scene(domain, size, rng)
+    image, mask, info, _ = _render_fluoro_scene(domain, size, rng, wire_label)
     return image, mask, info
 
 
-def _render_fluoro_scene(domain: str, size: int, rng: np.random.Generator
+def _render_fluoro_scene(domain: str, size: int, rng: np.random.Generator, wire_label: str = "lead"
                          ) -> tuple[np.ndarray, np.ndarray, dict, _Scene]:
     """render_fluoro's (image, device mask, info) and the scene they came from."""
     choose("--domain", domain, DOMAINS)

@@ -83,13 +83,11 @@ class ImageSource:
     def read_masks(self, index: torch.Tensor) -> torch.Tensor:
         """Decode the masks at ``index``: (B, size, size) int64 label ids, zeros for an image without a mask."""
         size = self.dataset.size
-        masks = [torch.zeros(size, size, dtype=torch.long) if self.items[int(k)].mask is None
-                 else read_label_mask(self.items[int(k)].mask, self.allowed(int(k)), size) for k in index]
+        spec, class_names = self.spec
+        masks = [torch.zeros(size, size, dtype=torch.long) if item.mask is None
+                 else read_label_mask(item.mask, spec.allowed(class_names[item.label]), size)
+                 for item in (self.items[int(k)] for k in index)]
         return torch.stack(masks).to(self.device) if masks else torch.empty(0, size, size, dtype=torch.long)
-
-    def allowed(self, k: int) -> list[int]:
-        """The label ids item ``k``'s mask may hold: 0 and the labels its class annotates."""
-        return [0, *torch.nonzero(self.annotated[k]).flatten().tolist()]
 
     def images(self, index: torch.Tensor) -> torch.Tensor:
         """Images at ``index`` (B,): (B, 1, size, size) in [0, 1]."""

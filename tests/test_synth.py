@@ -262,7 +262,9 @@ def test_vessel_masks_lie_on_the_contrast_filled_lumen(cls, sign):
         image, mask = render_pretrain_masked(cls, 96, np.random.default_rng([21, k]))
         ring = ndimage.binary_dilation(mask == vessel, iterations=3) & (mask == 0)
         difference = image[mask == vessel].mean() - image[ring].mean()
-        assert abs(difference) > 2 and (sign == 0 or np.sign(difference) == sign), (k, difference)
+        # A water-filled phantom channel differs from its block by about one grey level (generator 2.0.0's beams).
+        assert abs(difference) > (0.5 if cls == "phantom" else 2) and (sign == 0 or np.sign(difference) == sign), (
+            k, difference)
 
 
 def test_devices_win_over_the_vessel_they_lie_in():

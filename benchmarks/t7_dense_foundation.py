@@ -80,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", choices=("pretrain", "finetune"), help="run one phase (two processes can share)")
     parser.add_argument("--follow", action="store_true",
                         help="fine-tuning: wait for pre-trainings another process is still running")
+    parser.add_argument("--reverse", action="store_true",
+                        help="fine-tuning: take the plan from its end (a second process shares the work)")
     args = parser.parse_args()
     if args.quick:
         args.shots, args.seeds, args.rounds, args.per_class, args.size, args.epochs = [4], [0], 2, 10, 32, 2
@@ -192,7 +194,9 @@ def finetune_all(args: argparse.Namespace) -> None:
         done = common.recorded(args.out, lambda r: (r.get("kind"), r.get("setting"), r.get("init"), r.get("shots"),
                                                     r.get("seed")))
         todo = [run for run in plan if ("finetune", row_setting(*run[2:]), run[3], *run[:2]) not in done]
-        ready = [run for run in todo if init_weights(args, *run[2:]) is not None]
+        # A run folder that exists but is not recorded is being written by another process: leave it to that one.
+        ready = [run for run in todo if init_weights(args, *run[2:]) is not None and not run_folder(args, *run).exists()]
+        ready = ready[::-1] if args.reverse else ready
         if ready:
             finetune_one(args, data, *ready[0])
         elif todo and args.follow:
@@ -208,11 +212,16 @@ def row_setting(setting: str, init: str) -> str:
     return "any" if init.endswith("scratch") else setting
 
 
+def run_folder(args: argparse.Namespace, shots: int, seed: int, setting: str, init: str) -> Path:
+    """Where the fine-tuning of (K, seed, setting, init) writes its run."""
+    return args.out / "runs" / f"ft_{row_setting(setting, init)}_{init}_k{shots}_s{seed}"
+
+
 def finetune_one(args: argparse.Namespace, data: Path, shots: int, seed: int, setting: str, init: str) -> None:
     """Fine-tune one (K, seed, setting, init), score the test split and record the row."""
     where = row_setting(setting, init)
     started = time.perf_counter()
-    cfg = FinetuneConfig(data=data, out=args.out / "runs" / f"ft_{where}_{init}_k{shots}_s{seed}",
+    cfg = FinetuneConfig(data=data, out=run_folder(args, shots, seed, setting, init),
                          init=init_weights(args, setting, init), arch="unet" if init == "unet_scratch" else "transunet",
                          shots=shots, epochs=args.epochs, image_size=args.size, seed=seed)
     row = common.downstream_result(cfg, "clinical", init)
@@ -246,7 +255,11 @@ def paired_gain(init_rows: list[dict], scratch_rows: dict[int, dict], name: str,
 def tables(results: list[dict]) -> str:
     """The pre-training table, the downstream table and the paired-gain table (module docstring)."""
     pre = [r for r in results if r.get("kind") == "pretrain"]
-    fine = [r for r in results if r.get("kind") == "finetune"]
+    first = {}  # a run recorded twice (two processes finished it) counts once
+    for r in results:
+        if r.get("kind") == "finetune":
+            first.setdefault((r["setting"], r["init"], r["shots"], r["seed"]), r)
+    fine = list(first.values())
     lines = []
     for r in pre:
         metric = next(k for k in r["summary"] if k.startswith("final_val_"))

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from fedefm.data.synth import write_pretrain_corpus
 from fedefm.errors import ConfigError, DataError
 from fedefm.federated.algorithms import ALGORITHMS
 from fedefm.federated.health import TooFewHealthySilos
+from fedefm.federated.objectives import OBJECTIVES
+from fedefm.federated.objectives.classify import Classify
 from fedefm.federated.simulator import run
 from fedefm.models.weights import load_weights
 
@@ -69,6 +72,27 @@ def test_a_dense_run_leaves_out_the_head_its_objective_never_trains(corpus, tmp_
     assert f"test_{metric}" in summary and f"val_{metric}" in rows(tmp_path)[0]
     weights, _ = load_weights(tmp_path / "global.safetensors")
     assert not any(k.startswith(absent) for k in weights) and any(k.startswith("decoder.") for k in weights)
+
+
+@dataclass(frozen=True)
+class SmoothedClassify(Classify):
+    """A toy objective: the paper's, with label smoothing; one class and one registry line make it usable."""
+
+    name: str = "smoothed"
+
+    def loss(self, outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs["logits"], batch.labels, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_a_new_objective_is_one_class_and_one_registry_line_under_every_algorithm(corpus, tmp_path, monkeypatch,
+                                                                                   algorithm):
+    monkeypatch.setitem(OBJECTIVES, "smoothed", SmoothedClassify)
+    calls = []
+    monkeypatch.setattr(SmoothedClassify, "prepare", lambda self, batch: calls.append(1) or batch)
+    summary = run(config(corpus, tmp_path, algorithm, objective="smoothed", rounds=1), progress=False)
+    assert calls and 0.0 <= summary["test_acc"] <= 1.0
+    assert load_weights(tmp_path / "global.safetensors")[1]["objective"] == "smoothed"
 
 
 def test_segment_pretraining_on_a_corpus_without_masks_is_refused_before_training(tmp_path):

@@ -153,3 +153,13 @@ def test_a_run_whose_silo_weights_are_broken_is_left_out_of_the_consensus_distan
     page = consensus_section([good, broken], [])
     assert "good" in page and "2.5000" in page
     assert f"{broken}: left out of the consensus distance" in caplog.text and "holds NaN" in caplog.text
+
+
+def test_a_dense_run_partition_with_a_label_table_reads_its_class_table(tmp_path):
+    from fedefm.report import read_partition
+
+    path = tmp_path / "partition.txt"
+    path.write_text("silo  a  b  total\n0     2  0      2\n1     0  3      3\ntotal 2  3      5\n\n"
+                    "silo  catheter  images only\n0     2         0\n1     0         3\ntotal 2         3\n")
+    classes, counts = read_partition(path)
+    assert classes == ["a", "b"] and counts.tolist() == [[2, 0], [0, 3]]

@@ -48,7 +48,7 @@ SECTIONS = ("Accuracy vs round", "Silo × class partition", "Consensus distance"
             "Downstream tables", "Prediction overlays")
 MAX_OVERLAY_RUNS = 8
 OVERLAY_IMAGES = 2
-DOWNSTREAM_KEYS = {"T3": ("domain", "shots", "init"), "T4": ("arch", "init", "shots")}
+DOWNSTREAM_KEYS = {"T3": ("domain", "shots", "init"), "T4": ("arch", "init", "shots"), "T7": ("setting", "shots", "init")}
 # The columns of a pre-training metrics row that the report's sections read.
 METRICS_COLUMNS = ("round", "val_acc", "grad_steps", "bytes_sent", "cycle_time_s")
 
@@ -93,7 +93,9 @@ def run_label(run: Path) -> str:
 
 def foundation_records(inputs: Inputs) -> list[dict[str, Any]]:
     """Foundation rows of the result files, plus a row built from every pre-training run folder they do not cover."""
-    records = [r for path in inputs.result_files for r in read_results(path) if is_foundation(r)]
+    # The foundation sections plot data-type accuracy: dense pre-trainings (val_dice, val_psnr) are T7's table.
+    records = [r for path in inputs.result_files for r in read_results(path)
+               if is_foundation(r) and "test_acc" in r["summary"]]
     covered = {Path(r["run"]).resolve() for r in records if "run" in r}
     for run in inputs.pretrain_runs:
         summary = run / "summary.json"
@@ -104,6 +106,8 @@ def foundation_records(inputs: Inputs) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             log.warning("%s: skipped, its config.json or summary.json is broken (%s)", run, exc)
             continue
+        if "test_acc" not in summary_json:
+            continue  # a dense pre-training: no data-type accuracy to plot
         records.append({"name": run_label(run), "seed": seed, "run": str(run), "summary": summary_json,
                         "rows": read_metrics(run / "metrics.jsonl")})
     return records
@@ -167,8 +171,9 @@ def accuracy_section(records: list[dict]) -> str:
 
 
 def read_partition(path: Path) -> tuple[list[str], np.ndarray]:
-    """partition.txt (silo × class table) → (class names, counts (S, C))."""
-    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    """partition.txt's first table (silo × class; a silo × label-type table may follow) → (class names, counts (S, C))."""
+    first = path.read_text().split("\n\n")[0]
+    lines = [line.split() for line in first.splitlines() if line.strip()]
     classes = lines[0][1:-1]
     counts = np.array([[int(x) for x in line[1:-1]] for line in lines[1:] if line[0].isdigit()])
     return classes, counts

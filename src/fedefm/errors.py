@@ -1,4 +1,5 @@
-"""Errors a user can act on. The CLI prints these without a traceback; anything else is a bug."""
+"""Errors a user can act on. The CLI prints these (and OS errors, and a missing optional extra) as one line
+without a traceback; anything else is a bug."""
 
 import difflib
 from collections.abc import Iterable

@@ -101,10 +101,6 @@ class ImageSource:
         masks = self.read_masks(index) if self.decoded_masks is None else self.decoded_masks[index.to(self.device)]
         return Batch(self.images(index), labels, masks, self.annotated[index].to(self.device))
 
-    def masked(self) -> int:
-        """How many items carry a mask with at least one annotated label."""
-        return 0 if self.annotated is None else int(self.annotated[:, 1:].any(dim=1).sum())
-
 
 def annotated_labels(items: list[ClassificationItem], spec: LabelSpec, class_names: list[str]) -> torch.Tensor:
     """(N, L) bool: label l is annotated in item n (its class annotates l and the item has a mask); column 0 False."""

@@ -95,7 +95,7 @@ def test_t3_starts_foundation_runs_from_the_t1_weights_it_names(quick_benchmarks
     assert by_init["scratch"]["init_weights"] == "scratch" and by_init["scratch"]["transfer"] is None
     t1_weights = quick_benchmarks / "t1" / "runs" / "fedavg_s0" / "global.safetensors"
     assert by_init["fedavg"]["init_weights"] == str(t1_weights)
-    assert by_init["fedavg"]["transfer"].startswith("loaded ")
+    assert by_init["fedavg"]["transfer"].startswith("encoder: loaded ")
 
 
 @pytest.mark.slow

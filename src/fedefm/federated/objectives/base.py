@@ -76,7 +76,7 @@ class Objective(Protocol):
 
 def local_loss(objective: Objective, model: nn.Module, batch: Batch) -> Tensor:
     """The objective's local loss of ``model`` on ``batch`` (prepared here): ()."""
-    batch = objective.prepare(Batch(*batch))
+    batch = objective.prepare(batch)
     return objective.loss(objective.outputs(model, batch), batch)
 
 

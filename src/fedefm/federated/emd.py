@@ -15,7 +15,6 @@ features) this is exactly the gradient OptNet's implicit differentiation returns
 
 from __future__ import annotations
 
-import ot
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -245,6 +244,8 @@ def _node_transport(
 
 def _transport(cost: Tensor, a: Tensor, b: Tensor, solver: str, reg: float, iters: int) -> tuple[Tensor, Tensor]:
     """Solve the transport LP in float64; return the plan (N, M) and the differentiable cost ()."""
+    import ot  # 1.25 s to import: only the processes that compute an EMD pay it (not every Flower ClientApp)
+
     choose("EMD solver", solver, SOLVERS)
     if cost.shape != (a.shape[0], b.shape[0]):
         raise ValueError(f"cost: shape {tuple(cost.shape)} does not match a ({a.shape[0]},) and b ({b.shape[0]},)")

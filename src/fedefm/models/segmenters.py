@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import SegResNet, SwinUNETR, UNet
 from torch import Tensor, nn
 
 from fedefm.errors import ConfigError, choose
@@ -130,6 +129,9 @@ def build_segmenter(arch: str, preset: Preset, n_classes: int = 3) -> nn.Module:
     """
     if choose("--arch", arch, ARCHS) == "transunet":
         return TransUNet(preset, n_classes)
+    # MONAI's networks load in about 2 s; a Flower ClientApp, started afresh for every message, builds TransUNets only.
+    from monai.networks.nets import SegResNet, SwinUNETR, UNet
+
     if arch == "unet":
         model: nn.Module = UNet(
             spatial_dims=2,

@@ -222,7 +222,7 @@ def test_a_supernode_killed_mid_run_fails_the_run_naming_its_silo(corpus, tmp_pa
     out = tmp_path / "flower"
     try:
         # the timeout must outlast a healthy reply (a new ClientApp process per message, slow on a busy CPU)
-        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=3, **{"reply-timeout": 20}))
+        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=3, **{"reply-timeout": 60}))
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
             time.sleep(0.5)

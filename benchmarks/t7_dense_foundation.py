@@ -154,12 +154,12 @@ def pretrain_all(args: argparse.Namespace) -> None:
             print(f"{setting} {name}: {metric} {row['summary'][metric]:.3f} ({row['wall_s']:.0f} s)", flush=True)
 
 
-def init_weights(args: argparse.Namespace, setting: str, init: str) -> str | None:
-    """'scratch', the global weights of pre-training ``init`` of ``setting``, or None while it is not recorded."""
+def init_weights(args: argparse.Namespace, pretrained: set[tuple], setting: str, init: str) -> str | None:
+    """'scratch', the global weights of pre-training ``init`` of ``setting``, or None while it is not in ``pretrained``
+    (the (setting, name) of every recorded pre-training)."""
     if init in ("scratch", "unet_scratch"):
         return "scratch"
-    finished = common.recorded(args.out, lambda r: (r.get("kind"), r.get("setting"), r.get("name")))
-    if ("pretrain", setting, init) not in finished:
+    if (setting, init) not in pretrained:
         return None
     return str(args.out / "runs" / f"{setting}_{init}" / "global.safetensors")
 
@@ -191,14 +191,16 @@ def finetune_all(args: argparse.Namespace) -> None:
     plan = [(shots, seed, setting, init) for shots in args.shots for seed in args.seeds for setting in args.settings
             for init in inits(args, setting) if shots in shots_of(args, init)]
     while True:
-        done = common.recorded(args.out, lambda r: (r.get("kind"), r.get("setting"), r.get("init"), r.get("shots"),
-                                                    r.get("seed")))
-        todo = [run for run in plan if ("finetune", row_setting(*run[2:]), run[3], *run[:2]) not in done]
+        rows = read_results(args.out / common.RESULT_FILE) if (args.out / common.RESULT_FILE).is_file() else []
+        done = {(r["setting"], r["init"], r["shots"], r["seed"]) for r in rows if r.get("kind") == "finetune"}
+        pretrained = {(r["setting"], r["name"]) for r in rows if r.get("kind") == "pretrain"}
+        todo = [run for run in plan if (row_setting(*run[2:]), run[3], *run[:2]) not in done]
         # A run folder that exists but is not recorded is being written by another process: leave it to that one.
-        ready = [run for run in todo if init_weights(args, *run[2:]) is not None and not run_folder(args, *run).exists()]
+        ready = [run for run in todo
+                 if init_weights(args, pretrained, *run[2:]) is not None and not run_folder(args, *run).exists()]
         ready = ready[::-1] if args.reverse else ready
         if ready:
-            finetune_one(args, data, *ready[0])
+            finetune_one(args, data, init_weights(args, pretrained, *ready[0][2:]), *ready[0])
         elif todo and args.follow:
             time.sleep(30)  # the pre-training phase, in another process, has not finished those yet
         else:
@@ -217,12 +219,13 @@ def run_folder(args: argparse.Namespace, shots: int, seed: int, setting: str, in
     return args.out / "runs" / f"ft_{row_setting(setting, init)}_{init}_k{shots}_s{seed}"
 
 
-def finetune_one(args: argparse.Namespace, data: Path, shots: int, seed: int, setting: str, init: str) -> None:
-    """Fine-tune one (K, seed, setting, init), score the test split and record the row."""
+def finetune_one(args: argparse.Namespace, data: Path, weights: str, shots: int, seed: int, setting: str,
+                 init: str) -> None:
+    """Fine-tune one (K, seed, setting, init) from ``weights`` ('scratch' or a file), score the test split, record."""
     where = row_setting(setting, init)
     started = time.perf_counter()
     cfg = FinetuneConfig(data=data, out=run_folder(args, shots, seed, setting, init),
-                         init=init_weights(args, setting, init), arch="unet" if init == "unet_scratch" else "transunet",
+                         init=weights, arch="unet" if init == "unet_scratch" else "transunet",
                          shots=shots, epochs=args.epochs, image_size=args.size, seed=seed)
     row = common.downstream_result(cfg, "clinical", init)
     row |= {"kind": "finetune", "setting": where, "per_image": per_image_dice(cfg.out, data)}

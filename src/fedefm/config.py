@@ -155,8 +155,17 @@ class FinetuneConfig:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
 
+def cpu_kernels() -> str:
+    """The machine's CPU kernel family, e.g. "x86_64 AVX2": torch and numpy pick vector kernels by it at run time.
+
+    The same seed gives bit-identical numbers only on the same kernel family: an AVX-512 machine rounds some
+    sums and transcendental functions differently from an AVX2 one.
+    """
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+
+
 def run_record(cfg: Any, command: str) -> dict[str, Any]:
-    """What ``RUN/config.json`` holds: the command, resolved config, seed and software versions."""
+    """What ``RUN/config.json`` holds: the command, resolved config, seed, software versions and CPU kernels."""
     return {
         "command": command,
         "config": cfg.to_dict(),
@@ -164,6 +173,7 @@ def run_record(cfg: Any, command: str) -> dict[str, Any]:
         "fedefm_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
+        "cpu_kernels": cpu_kernels(),
     }
 
 

@@ -25,6 +25,7 @@ from fedefm.data.datasets import (
     list_silo_images,
     read_label_mask,
     read_label_spec,
+    resize_mask,
 )
 from fedefm.errors import ConfigError, DataError
 
@@ -417,6 +418,23 @@ def test_a_label_mask_resizes_nearest_to_int64_ids(tmp_path):
     resized = read_label_mask(path, (0, 3), 8)
     assert resized.dtype == torch.int64 and resized.shape == (8, 8)
     assert set(resized.unique().tolist()) == {0, 3} and int((resized == 3).sum()) == 16
+
+
+def test_shrinking_a_mask_keeps_a_one_pixel_wire_connected_and_each_pixel_to_its_largest_class():
+    from skimage.draw import line
+    from skimage.measure import label
+
+    mask = np.zeros((512, 512), np.uint8)
+    rows, cols = line(10, 20, 500, 300)
+    mask[rows, cols] = 2                     # a 1 px guidewire, 4x thinner than an output pixel
+    mask[100:140, 300:340] = 1               # a catheter block
+    mask[100:102, 300:302] = 2               # a cell three quarters catheter, a quarter wire: catheter wins
+    resized = resize_mask(mask, 128)
+    wire = (resized == 2).numpy()
+    assert label(wire, connectivity=2).max() == 1       # nearest-neighbour sampling leaves dozens of fragments
+    assert wire.sum() < 2 * 512 // 4 * 1.5              # about one output pixel wide, not smeared
+    assert resized[25, 75] == 1 and int((resized == 1).sum()) == 100
+    assert torch.equal(resize_mask(mask[:, :], 512), torch.from_numpy(mask).long())
 
 
 def test_a_mask_with_a_label_its_class_does_not_annotate_is_an_error_naming_the_file(tmp_path):

@@ -393,11 +393,25 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W) uint8 labels -> (size, size) long, nearest so that no label is invented."""
+    """(H, W) uint8 labels -> (size, size) long; no label is invented, and a thin device survives shrinking.
+
+    Enlarging is nearest-neighbour. Shrinking labels an output pixel with the foreground class that covers
+    most of it, wherever any foreground does, else background: nearest-neighbour sampling would keep only
+    every f-th row and column, breaking a 1-2 px guidewire into dots, while the image (resized with
+    antialiasing) still shows the wire as a continuous 1 px line.
+    """
     tensor = torch.from_numpy(mask)[None, None]
-    if mask.shape != (size, size):
-        tensor = F.interpolate(tensor, size=(size, size), mode="nearest-exact")
-    return tensor[0, 0].long()
+    if mask.shape == (size, size):
+        return tensor[0, 0].long()
+    if mask.shape[0] < size or mask.shape[1] < size:
+        return F.interpolate(tensor, size=(size, size), mode="nearest-exact")[0, 0].long()
+    labels = tensor[0, 0].long()
+    coverage = F.interpolate(F.one_hot(labels, int(labels.max()) + 1).permute(2, 0, 1)[None].float(),
+                             size=(size, size), mode="area")[0, 1:]  # (classes - 1, size, size) foreground shares
+    if coverage.shape[0] == 0:
+        return torch.zeros(size, size, dtype=torch.long)
+    share, foreground = coverage.max(0)
+    return torch.where(share > 0, foreground + 1, 0)
 
 
 def _raise_problems(problems: Problems) -> None:

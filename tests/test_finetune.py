@@ -43,6 +43,12 @@ def test_a_few_finetune_epochs_lower_the_training_loss(finetuned):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # The per-class curves are the ones the mean is made of (a class absent from every frame is null, not 0).
+    per_class = [r[f"val_dice_{c}"] for r in rows for c in ("catheter", "guidewire")]
+    assert all(v is None or 0 <= v <= 1 for v in per_class)
+    assert all(r["val_dice"] == pytest.approx(np.mean([r[f"val_dice_{c}"] for c in ("catheter", "guidewire")
+                                                       if r[f"val_dice_{c}"] is not None]))
+               for r in rows if r["val_dice"] is not None)
 
 
 def test_finetune_writes_the_run_folder_with_resolved_config(finetuned):

@@ -304,6 +304,7 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
                 "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
                 "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,
                 "val_dice": result["mean"]["dice"], "val_cldice": result["mean"]["cldice"],
+                **{f"val_dice_{name}": scores["dice"] for name, scores in result["per_class"].items()},
                 "selected": improved, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
             }
             append_jsonl(out / "metrics.jsonl", row)

@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fedefm.data.datasets import resize_image
-from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image
+from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, image_stem, image_suffix, read_image
 from fedefm.errors import ConfigError, DataError
 from fedefm.files import atomic_write
 from fedefm.finetune.classify import predict_probabilities
@@ -53,7 +53,7 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
     files: dict[Path, Path] = {}
     for path in map(Path, inputs):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and image_suffix(p) in IMAGE_SUFFIXES)
             if not found:
                 raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files.update((p.resolve(), p) for p in found if p.resolve() not in files)
@@ -76,7 +76,7 @@ def output_names(files: list[Path], n_frames: list[int]) -> list[list[str]]:
     path below the inputs' common folder (``a__x``), and if that still collides, with its suffix (``a__x.png``).
     """
     root = Path(os.path.commonpath([p.resolve().parent for p in files])) if files else Path()
-    bases = [p.stem for p in files]
+    bases = [image_stem(p) for p in files]
     for keep_suffix in (False, True):
         names = [frame_names(base, n) for base, n in zip(bases, n_frames)]
         counts = Counter(name.lower() for file_names in names for name in file_names)

@@ -123,3 +123,16 @@ def test_the_frame_rate_comes_from_cine_rate_then_frame_time(keywords, fps):
     for keyword, value in keywords.items():
         setattr(header, keyword, value)
     assert source_frame_rate(header) == (pytest.approx(fps, abs=1e-3) if fps else None)
+
+
+def test_cli_predict_dicom_seg_lists_the_seg_and_the_cine(segmenter, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedefm.cli import app
+
+    xa = write_xa_run(tmp_path / "run.dcm", n_frames=2)
+    result = CliRunner().invoke(app, ["predict", "--model", str(segmenter), str(xa), "--out", str(tmp_path / "out"),
+                                      "--format", "dicom-seg"])
+    assert result.exit_code == 0, result.output
+    printed = result.output.replace("\n", "")  # rich wraps long paths
+    assert "run_seg.dcm" in printed and "run_cine.mp4" in printed and "run_frames.csv" in printed

@@ -408,6 +408,22 @@ def predict(
 
 @app.command()
 @user_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="Finetune run folder or .safetensors file of a segmenter.")],
+    output_format: Annotated[str, typer.Option("--format", help="onnx (dynamic batch, ONNX Runtime), torchscript, or bundle (a MONAI Bundle folder).")],
+    out: Annotated[Path, typer.Option(help="File (onnx, torchscript) or folder (bundle) to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it exists.")] = False,
+) -> None:
+    """Export a segmenter for deployment, checked against torch (max abs logit difference <= 1e-4)."""
+    from fedefm.finetune.export import TOLERANCE, export_model
+
+    report = export_model(model, output_format, out, overwrite=overwrite)
+    console.print(f"{escape(str(report.path))}: max abs logit difference to torch {report.max_abs_difference:.2e} "
+                  f"(tolerance {TOLERANCE:g})", highlight=False)
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data and runs.")] = Path("demo_out"),
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,

@@ -22,6 +22,7 @@ Every failure raises
 from __future__ import annotations
 
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -280,7 +281,8 @@ def _open_nifti(path: Path):
     _check_exists(path)
     try:
         return nibabel.load(path)
-    except (nibabel.filebasedimages.ImageFileError, *_DECODER_ERRORS) as exc:
+    except (nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError, zlib.error,
+            *_DECODER_ERRORS) as exc:
         raise DataError(f"{path}: unreadable or truncated NIfTI file ({exc})") from exc
 
 
@@ -301,7 +303,7 @@ def _read_nifti(path: Path, frame: int | None) -> np.ndarray:
     _check_frame(path, frame, 1)
     try:
         array = np.asanyarray(nifti.dataobj).reshape(x, y).T
-    except _DECODER_ERRORS as exc:
+    except (zlib.error, *_DECODER_ERRORS) as exc:
         raise DataError(f"{path}: NIfTI voxels cannot be read ({exc}); the file may be truncated") from exc
     return _check_numeric(np.ascontiguousarray(array), path)
 

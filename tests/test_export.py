@@ -108,6 +108,9 @@ def test_an_existing_output_is_kept_unless_overwrite(segmenter, tmp_path):
     with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
         export_model(segmenter, "torchscript", tmp_path / "model.ts")
     assert (tmp_path / "model.ts").read_text() == "keep me"
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ConfigError, match="not a fedefm bundle; --overwrite replaces only those"):
+        export_model(segmenter, "bundle", tmp_path / "notes", overwrite=True)
     with pytest.raises(ConfigError, match="did you mean 'onnx'"):
         export_model(segmenter, "onxx", tmp_path / "m.onnx")
 

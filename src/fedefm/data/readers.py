@@ -22,6 +22,7 @@ Every failure raises
 from __future__ import annotations
 
 import struct
+import tokenize
 import zlib
 from pathlib import Path
 
@@ -249,7 +250,8 @@ def _open_npy(path: Path) -> np.ndarray:
     _check_exists(path)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError, OverflowError, MemoryError) as exc:  # Overflow: a header's shape too large to map
+    # Overflow: a header's shape too large to map; SyntaxError / TokenError: numpy parses a mangled header as Python.
+    except (OSError, ValueError, EOFError, OverflowError, MemoryError, SyntaxError, tokenize.TokenError) as exc:
         raise DataError(f"{path}: unreadable or truncated NPY file ({exc}); save it with numpy.save") from exc
 
 

@@ -104,13 +104,16 @@ def export_model(model: Path, output_format: str, out: Path, overwrite: bool = F
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out}: already exists; pass --overwrite to replace it")
+    if out.is_dir() and not _is_fedefm_bundle(out):
+        raise ConfigError(f"--out {out}: is a folder that is not a fedefm bundle; --overwrite replaces only those")
     network.eval()
     size = int(metadata["image_size"])
     info = provenance(model, metadata)
     inputs = check_inputs(size)
     with torch.no_grad():
         expected = network(inputs).numpy()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # beside out: the rename stays on one disk
     try:
         if output_format == "onnx":
             staged = staging / "model.onnx"
@@ -123,7 +126,6 @@ def export_model(model: Path, output_format: str, out: Path, overwrite: bool = F
         else:
             staged = staging / "bundle"
             difference = _write_bundle(network, size, inputs, expected, staged, info, path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staged, out)
@@ -131,6 +133,14 @@ def export_model(model: Path, output_format: str, out: Path, overwrite: bool = F
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s (max abs logit difference %.2e)", path, out, difference)
     return ExportReport(out, difference, info)
+
+
+def _is_fedefm_bundle(folder: Path) -> bool:
+    """Whether ``folder`` is a bundle fedefm export wrote (its metadata.json has a "fedefm" block)."""
+    try:
+        return "fedefm" in json.loads((folder / "configs" / "metadata.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _write_onnx(network: torch.nn.Module, inputs: torch.Tensor, path: Path, info: dict) -> None:

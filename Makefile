@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,flower]'
+	$(BIN)/python -m pip install --quiet -e '.[test,flower,clinical]'
 	touch $@
 
 install: $(STAMP)

@@ -8,6 +8,7 @@ number of cases that ran is printed at the end of the module (``pytest -s``).
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
 import zlib
@@ -15,6 +16,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 import pytest
@@ -69,6 +71,8 @@ def valid_files(tmp: Path) -> dict[str, bytes]:
         Image.fromarray(grey).save(out, format=fmt)
         files[suffix] = out.getvalue()
     files[".dcm"] = write_dicom(tmp / "seed.dcm", np.stack([grey, grey]).astype(np.uint16)).read_bytes()
+    files[".nii"] = nibabel.Nifti1Image(grey.T[..., None], np.eye(4)).to_bytes()
+    files[".nii.gz"] = gzip.compress(files[".nii"])
     return files
 
 
@@ -77,7 +81,7 @@ def seeds(tmp_path_factory):
     return valid_files(tmp_path_factory.mktemp("seeds"))
 
 
-SUFFIXES = st.sampled_from([".png", ".jpg", ".tif", ".npy", ".dcm"])
+SUFFIXES = st.sampled_from([".png", ".jpg", ".tif", ".npy", ".dcm", ".nii", ".nii.gz"])
 
 
 @BOUNDED

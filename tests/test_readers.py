@@ -256,7 +256,7 @@ def test_bad_npy_arrays_raise_data_error_naming_the_file(tmp_path, array, messag
 
 
 def test_image_suffixes_cover_every_supported_format():
-    assert set(IMAGE_SUFFIXES) == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm"}
+    assert set(IMAGE_SUFFIXES) == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm", ".nii", ".nii.gz"}
 
 
 def test_float64_tiff_that_pillow_cannot_open_is_read_by_tifffile(tmp_path):

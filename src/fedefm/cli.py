@@ -372,15 +372,18 @@ def classification_table(result: dict, title: str) -> Table:
 @user_errors
 def predict(
     model: Annotated[Path, typer.Option(help="Finetune run folder or .safetensors file.")],
-    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, NPY, DICOM).")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder for NAME_mask.png and NAME_overlay.png "
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, NPY, NIfTI, DICOM).")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for NAME_mask.png (or NAME_seg.dcm) and NAME_overlay.png "
                                                      "(classifier: predictions.jsonl, optional).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs (listed in OUT/skipped.txt).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the predictions already in --out (deleted first).")] = False,
     probabilities: Annotated[bool, typer.Option(help="Segmenter: also NAME_probabilities.npy, float32 (3, H, W) softmax per class.")] = False,
     min_component_px: Annotated[int, typer.Option(help="Segmenter: drop predicted components (8-connected, per class) under this many pixels (0: keep all).")] = 0,
+    output_format: Annotated[str, typer.Option("--format", help="Segmenter: png (NAME_mask.png per frame) or dicom-seg (NAME_seg.dcm per DICOM input, for viewers and PACS).")] = "png",
+    cine: Annotated[bool, typer.Option(help="Segmenter: the inputs are the frames of one run: one cine_cine.mp4 and cine_frames.csv (a multi-frame DICOM gets them anyway).")] = False,
+    fps: Annotated[Optional[float], typer.Option(help="Segmenter: frame rate of the cine overlay (default: the DICOM's CineRate / FrameTime, else 15).")] = None,
 ) -> None:
-    """Segmenter: a label mask and colour overlay per input. Classifier: one JSON line per input (class, probabilities)."""
+    """Segmenter: a label mask (or DICOM SEG) and colour overlay per input, a cine overlay per run. Classifier: one JSON line per input."""
     from fedefm.errors import ConfigError
     from fedefm.finetune.evaluate import holds_classifier
     from fedefm.finetune.predict import classify_images
@@ -395,10 +398,28 @@ def predict(
         raise ConfigError(f"--out: {model} is a segmenter; name a folder for its masks and overlays")
     else:
         report = run_predict(model, inputs, out, skip_bad=skip_bad, overwrite=overwrite, probabilities=probabilities,
-                             min_component_px=min_component_px)
+                             min_component_px=min_component_px, output_format=output_format, cine=cine, fps=fps)
         console.print(f"{len(report.outputs)} images in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s) → {out}")
+        for path in (*report.segmentations, *report.cines, *report.tables):
+            console.print(f"  {escape(str(path))}", highlight=False)
     for path, reason in report.skipped:
         err_console.print(f"[yellow]skipped[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="Finetune run folder or .safetensors file of a segmenter.")],
+    output_format: Annotated[str, typer.Option("--format", help="onnx (dynamic batch, ONNX Runtime), torchscript, or bundle (a MONAI Bundle folder).")],
+    out: Annotated[Path, typer.Option(help="File (onnx, torchscript) or folder (bundle) to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it exists.")] = False,
+) -> None:
+    """Export a segmenter for deployment, checked against torch (max abs logit difference <= 1e-4)."""
+    from fedefm.finetune.export import TOLERANCE, export_model
+
+    report = export_model(model, output_format, out, overwrite=overwrite)
+    console.print(f"{escape(str(report.path))}: max abs logit difference to torch {report.max_abs_difference:.2e} "
+                  f"(tolerance {TOLERANCE:g})", highlight=False)
 
 
 @app.command()

@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedefm.data.datasets import find_segmentation_splits  # noqa: E402
-from fedefm.data.readers import read_image, read_mask  # noqa: E402
+from fedefm.data.datasets import find_segmentation_splits, read_item_mask  # noqa: E402
+from fedefm.data.readers import read_image  # noqa: E402
 from fedefm.errors import ConfigError, DataError, FedefmError  # noqa: E402
 from fedefm.files import atomic_write  # noqa: E402
 from fedefm.finetune.evaluate import split_settings  # noqa: E402
@@ -287,7 +287,7 @@ def overlay_tiles(run: Path) -> list[tuple[str, np.ndarray]]:
     tiles = []
     for item in items:
         image = read_image(item.image, item.frame)
-        truth = read_mask(item.mask, item.mask_frame)
+        truth = read_item_mask(item)
         prediction = segment(model, image, int(metadata["image_size"]))
         grey = np.repeat((image[..., None] * 255).astype(np.uint8), 3, axis=-1)
         tiles += [(item.name, grey), ("truth", overlay(image, truth)), ("prediction", overlay(image, prediction))]

@@ -12,6 +12,10 @@ names are sorted and a label is the index of its class. A dense pre-training cor
 into ``labels``, 0 means none of its class's annotated labels, and a label its class does not annotate
 is unknown there. A class not in ``annotated`` holds images only, whatever its ``masks/`` folder holds.
 
+An nnU-Net v2 raw or MSD folder (``dataset.json`` beside ``imagesTr/``, :mod:`fedefm.data.nnunet`) is a
+segmentation root too: its labelled training cases are the train pool, its label values map to fedefm's
+labels by name, and val and test are carved from the pool (``imagesTs/`` has no labels).
+
 Missing splits are carved from train: the sorted source files are shuffled by
 ``np.random.default_rng(seed)``, then test (only when no test split exists at all) and val are
 taken off the front. Every frame of a file lands in the same split, so frames of one sequence
@@ -36,7 +40,9 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.utils.data import Dataset
 
-from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image, read_label_values, read_mask
+from fedefm.data.readers import (IMAGE_SUFFIXES, count_frames, image_stem, image_suffix, read_image, read_label_values,
+                                 read_mask)
+from fedefm.data.nnunet import is_nnunet_root, read_layout
 from fedefm.errors import ConfigError, DataError, choose
 
 SPLITS = ("train", "val", "test")
@@ -54,13 +60,18 @@ Problems = list[tuple[Path, str]]
 
 @dataclass(frozen=True)
 class SegmentationItem:
-    """One image (or its frame ``frame``) and its mask (or the mask's frame ``mask_frame``)."""
+    """One image (or its frame ``frame``) and its mask (or the mask's frame ``mask_frame``).
+
+    ``label_map`` (nnU-Net / MSD datasets) maps a stored mask value to a fedefm label (index = value, -1 for a
+    value the dataset.json does not list); None reads the mask as fedefm's own labels (:func:`read_mask`).
+    """
 
     name: str
     image: Path
     mask: Path
     frame: int | None = None
     mask_frame: int | None = None
+    label_map: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,26 @@ def read_label_mask(path: Path, allowed: Collection[int], size: int) -> torch.Te
     return resize_mask(_label_values(Path(path), allowed), _check_size(size))
 
 
+def read_item_mask(item: SegmentationItem) -> np.ndarray:
+    """The mask of a segmentation item as fedefm labels: (H, W) uint8 {0, 1, 2}, mapped through ``item.label_map``.
+
+    Raises:
+        DataError: naming the mask file, when it is unreadable or holds a value its dataset.json does not list.
+    """
+    if item.label_map is None:
+        return read_mask(item.mask, item.mask_frame)
+    values = read_label_values(item.mask, item.mask_frame)
+    lookup = np.asarray(item.label_map, dtype=np.int16)
+    found = np.unique(values)
+    unknown = [v for v in found.tolist() if v != int(v) or not 0 <= v < len(lookup) or lookup[int(v)] < 0]
+    if unknown:
+        listed = ", ".join(str(i) for i, ours in enumerate(item.label_map) if ours >= 0)
+        raise DataError(f"{item.mask}: holds label value(s) {', '.join(f'{v:g}' for v in unknown[:10])}, which "
+                        f"dataset.json's \"labels\" does not list (values {listed}); fix the label image or add "
+                        "the label")
+    return lookup[values.astype(np.int64)].astype(np.uint8)
+
+
 def check_label_masks(items: Sequence[ClassificationItem], spec: LabelSpec) -> None:
     """Read every item's mask and raise one DataError listing each that is unreadable or holds a label its class
     does not annotate (the class is the image's folder)."""
@@ -307,7 +338,7 @@ class SegmentationDataset(_ItemDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         image = read_image(item.image, item.frame)
-        mask = read_mask(item.mask, item.mask_frame)
+        mask = read_item_mask(item)
         _check_same_size(item, image, mask)
         sample = {"image": resize_image(image, self.size), "mask": resize_mask(mask, self.size)}
         if self.transform is not None:
@@ -468,13 +499,13 @@ def _list_files(folder: Path, problems: Problems, skip: Collection[str] = ()) ->
             continue
         if path.is_dir():
             problems.append((path, f"unexpected folder inside {folder.name}/; files must sit directly in {folder}"))
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+        elif image_suffix(path) not in IMAGE_SUFFIXES:
             supported = ", ".join(IMAGE_SUFFIXES)
             problems.append((path, f"unsupported file type '{path.suffix}'; use one of {supported} or move it out"))
-        elif path.stem in by_stem:
-            problems.append((path, f"has the same name as {by_stem[path.stem].name}; keep one file per name"))
+        elif image_stem(path) in by_stem:
+            problems.append((path, f"has the same name as {by_stem[image_stem(path)].name}; keep one file per name"))
         else:
-            by_stem[path.stem] = path
+            by_stem[image_stem(path)] = path
     return by_stem
 
 
@@ -551,7 +582,8 @@ def _pair_frame_masks(
 
 
 def _is_segmentation_root(root: Path) -> bool:
-    return (root / "images").is_dir() or any((root / split / "images").is_dir() for split in SPLITS)
+    return (is_nnunet_root(root) or (root / "images").is_dir()
+            or any((root / split / "images").is_dir() for split in SPLITS))
 
 
 def _present_splits(root: Path) -> list[str]:
@@ -565,17 +597,14 @@ def _discover_segmentation(
     problems: Problems = []
     if not root.is_dir():
         return {split: [] for split in SPLITS}, [(root, "dataset folder not found")]
-    given = _present_splits(root)
-    if (root / "images").is_dir() and given:
-        problems.append((root, f"holds both images/ and split folders ({', '.join(given)}); keep one layout"))
-    if not given and not (root / "images").is_dir():
-        problems.append((
-            root,
-            "no images/ + masks/ folders and no train/val/test folders; expected ROOT/images and ROOT/masks",
-        ))
-        return {split: [] for split in SPLITS}, problems
-    folders = {split: root / split for split in given} if given else {"train": root}
-    groups = {split: _pair_folder(folder / "images", folder / "masks", problems) for split, folder in folders.items()}
+    if is_nnunet_root(root):
+        groups = {"train": _layout_groups(root, problems)}
+        given = []
+    else:
+        given = _present_splits(root)
+        groups = _our_layout_groups(root, given, problems)
+        if groups is None:
+            return {split: [] for split in SPLITS}, problems
     splits = {split: _flatten(groups.get(split, [])) for split in SPLITS}
     pool = groups.get("train", [])
     n_test = 0 if "test" in given else _carve_count(len(pool), test_fraction)
@@ -594,6 +623,39 @@ def _discover_segmentation(
     return _sorted_by_name(splits), problems
 
 
+def _our_layout_groups(root: Path, given: list[str], problems: Problems
+                       ) -> dict[str, list[list[SegmentationItem]]] | None:
+    """The item groups per split folder of our own layout (ROOT/images or ROOT/SPLIT/images); None when neither."""
+    if (root / "images").is_dir() and given:
+        problems.append((root, f"holds both images/ and split folders ({', '.join(given)}); keep one layout"))
+    if not given and not (root / "images").is_dir():
+        problems.append((
+            root,
+            "no images/ + masks/ folders and no train/val/test folders; expected ROOT/images and ROOT/masks "
+            "(or an nnU-Net / MSD dataset.json beside imagesTr/)",
+        ))
+        return None
+    folders = {split: root / split for split in given} if given else {"train": root}
+    return {split: _pair_folder(folder / "images", folder / "masks", problems) for split, folder in folders.items()}
+
+
+def _layout_groups(root: Path, problems: Problems) -> list[list[SegmentationItem]]:
+    """One single-item group per labelled case of an nnU-Net v2 / MSD folder; a multi-frame case is a problem."""
+    spec = read_layout(root)
+    groups = []
+    for case in spec.training:
+        try:
+            n_frames = count_frames(case.image)
+        except DataError as exc:
+            problems.append((case.image, _reason(exc, case.image)))
+            continue
+        if n_frames != 1:
+            problems.append((case.image, f"holds {n_frames} frames; an nnU-Net 2-D case is one image"))
+            continue
+        groups.append([SegmentationItem(case.name, case.image, case.label, label_map=spec.label_map)])
+    return groups
+
+
 def _list_class_folders(folder: Path, problems: Problems) -> dict[str, Path]:
     classes: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
@@ -601,7 +663,7 @@ def _list_class_folders(folder: Path, problems: Problems) -> dict[str, Path]:
             continue
         if path.is_dir():
             classes[path.name] = path
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
+        elif image_suffix(path) in IMAGE_SUFFIXES:
             problems.append((path, f"image outside any class folder; move it into {folder}/CLASS_NAME/"))
     return classes
 
@@ -710,7 +772,7 @@ def _check_segmentation(root: Path, seed: int) -> DatasetReport:
             _add_bad(bad, exc, item.image)
             continue
         try:
-            mask = read_mask(item.mask, item.mask_frame)
+            mask = read_item_mask(item)
             _check_same_size(item, image, mask)
         except DataError as exc:
             _add_bad(bad, exc, item.mask)

@@ -1,4 +1,4 @@
-"""Image and mask readers: PNG, JPEG, TIFF, NPY and DICOM (single- or multi-frame) to numpy arrays.
+"""Image and mask readers: PNG, JPEG, TIFF, NPY, NIfTI and DICOM (single- or multi-frame) to numpy arrays.
 
 An image comes back as ``float32 (H, W)`` in [0, 1], grey: RGB is reduced by ITU-R 601 luminance
 (as Pillow's ``L`` mode), 8-bit data is divided by 255, 16-bit data by 65535, anything else
@@ -12,13 +12,18 @@ are kept. An RGB mask is accepted when its three channels are equal.
 
 Multi-frame containers are DICOM files with NumberOfFrames > 1, NPY stacks ``(N, H, W)`` (a 3-D
 NPY whose last axis is 1, 3 or 4 is read as channels instead) and multi-page TIFFs; ``frame``
-picks one frame and is required for them. Every failure raises
+picks one frame and is required for them. A NIfTI file (``.nii``, ``.nii.gz``, as nnU-Net stores 2-D cases)
+holds one 2-D image: every axis beyond two must be singleton, and its (x, y) voxel axes become (columns,
+rows), so an array saved as ``nibabel.Nifti1Image(image.T[..., None], affine)`` reads back as ``image``.
+Every failure raises
 :class:`~fedefm.errors.DataError` whose message starts with the file path.
 """
 
 from __future__ import annotations
 
 import struct
+import tokenize
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 from fedefm.errors import DataError
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm", ".nii", ".nii.gz")
 
 # Larger than any detector panel; beyond them a header is corrupt or a file is a decompression bomb.
 # Both are checked on the header, before any pixel is decoded.
@@ -53,6 +58,7 @@ _DICOM_ERRORS = (
     RuntimeError,
 )
 _MASK_LABELS = {0, 1, 2}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def read_image(path: Path, frame: int | None = None) -> np.ndarray:
@@ -72,6 +78,8 @@ def read_image(path: Path, frame: int | None = None) -> np.ndarray:
     path = Path(path)
     if _suffix(path) == ".dcm":
         return _read_dicom_image(path, frame)
+    if _suffix(path) in NIFTI_SUFFIXES:
+        return _scale_to_unit(_read_nifti(path, frame), by_dtype=False)
     return _to_grey(_scale_to_unit(_read_array(path, frame, palette_indices=False), by_dtype=True), path)
 
 
@@ -104,6 +112,8 @@ def read_label_values(path: Path, frame: int | None = None) -> np.ndarray:
     path = Path(path)
     if _suffix(path) == ".dcm":
         array = _read_dicom_pixels(path, frame)[0]
+    elif _suffix(path) in NIFTI_SUFFIXES:
+        array = _read_nifti(path, frame)
     else:
         # Palette masks store labels as palette indices.
         array = _read_array(path, frame, palette_indices=True)
@@ -126,6 +136,9 @@ def count_frames(path: Path) -> int:
         n_frames = _npy_frame_count(_open_npy(path).shape)
     elif suffix in (".tif", ".tiff"):
         n_frames = _tiff_page_count(path)
+    elif suffix in NIFTI_SUFFIXES:
+        _nifti_plane_shape(_open_nifti(path), path)
+        n_frames = 1
     else:
         _check_exists(path)
         n_frames = 1
@@ -134,8 +147,19 @@ def count_frames(path: Path) -> int:
     return n_frames
 
 
+def image_suffix(path: Path) -> str:
+    """A file's suffix as :data:`IMAGE_SUFFIXES` spells it, lower case: ``.nii.gz`` for gzipped NIfTI, else the last."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def image_stem(path: Path) -> str:
+    """A file's name without its image suffix: ``case_0000`` for ``case_0000.nii.gz`` (``Path.stem`` keeps ``.nii``)."""
+    return Path(path).name[: len(Path(path).name) - len(image_suffix(path))]
+
+
 def _suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
+    suffix = image_suffix(path)
     if suffix not in IMAGE_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(IMAGE_SUFFIXES)}")
     return suffix
@@ -226,7 +250,8 @@ def _open_npy(path: Path) -> np.ndarray:
     _check_exists(path)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError, OverflowError, MemoryError) as exc:  # Overflow: a header's shape too large to map
+    # Overflow: a header's shape too large to map; SyntaxError / TokenError: numpy parses a mangled header as Python.
+    except (OSError, ValueError, EOFError, OverflowError, MemoryError, SyntaxError, tokenize.TokenError) as exc:
         raise DataError(f"{path}: unreadable or truncated NPY file ({exc}); save it with numpy.save") from exc
 
 
@@ -249,6 +274,40 @@ def _read_npy(path: Path, frame: int | None) -> np.ndarray:
         array = array[0]
     _check_shape(path, array.shape)
     return _check_numeric(np.array(array), path)
+
+
+def _open_nifti(path: Path):
+    """The NIfTI image at ``path`` with only its header read (nibabel maps the voxels lazily)."""
+    import nibabel  # a few hundred ms; only NIfTI inputs pay it
+
+    _check_exists(path)
+    try:
+        return nibabel.load(path)
+    except (nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError, zlib.error,
+            *_DECODER_ERRORS) as exc:
+        raise DataError(f"{path}: unreadable or truncated NIfTI file ({exc})") from exc
+
+
+def _nifti_plane_shape(nifti, path: Path) -> tuple[int, int]:
+    """(x, y) of a NIfTI that holds one 2-D image: its axes beyond the first two must all be 1."""
+    shape = tuple(int(n) for n in nifti.shape)
+    if len(shape) < 2 or any(n != 1 for n in shape[2:]):
+        raise DataError(f"{path}: NIfTI of shape {shape} is not a 2-D image; fedefm reads 2-D cases stored as "
+                        "(x, y) or (x, y, 1) - save one file per frame")
+    _check_shape(path, shape[1::-1])
+    return shape[0], shape[1]
+
+
+def _read_nifti(path: Path, frame: int | None) -> np.ndarray:
+    """The voxels of a 2-D NIfTI as stored, (rows, columns) = (y, x)."""
+    nifti = _open_nifti(path)
+    x, y = _nifti_plane_shape(nifti, path)
+    _check_frame(path, frame, 1)
+    try:
+        array = np.asanyarray(nifti.dataobj).reshape(x, y).T
+    except (zlib.error, *_DECODER_ERRORS) as exc:
+        raise DataError(f"{path}: NIfTI voxels cannot be read ({exc}); the file may be truncated") from exc
+    return _check_numeric(np.ascontiguousarray(array), path)
 
 
 def _check_numeric(array: np.ndarray, path: Path) -> np.ndarray:

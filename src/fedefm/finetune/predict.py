@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
 from fedefm.data.datasets import resize_image
-from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, read_image
-from fedefm.errors import ConfigError, DataError
+from fedefm.data.readers import IMAGE_SUFFIXES, count_frames, image_stem, image_suffix, read_image
+from fedefm.errors import ConfigError, DataError, choose
 from fedefm.files import atomic_write
+from fedefm.finetune.cine import DEFAULT_FPS, cine_path, device_pixels, source_frame_rate, write_cine, write_device_table
 from fedefm.finetune.classify import predict_probabilities
+from fedefm.finetune.dicom_seg import require_dicom_suffix, write_dicom_seg
 from fedefm.finetune.evaluate import is_classifier, weights_path
 from fedefm.models.weights import build_from_weights
 from fedefm.runfolder import owned_run_folder
@@ -31,16 +35,25 @@ log = logging.getLogger(__name__)
 
 # RGB per label; catheter orange and guidewire cyan stay distinct for colour-blind readers too.
 LABEL_COLOURS = np.array([[0, 0, 0], [255, 120, 0], [0, 210, 255]], dtype=np.float32)
+OUTPUT_FORMATS = ("png", "dicom-seg")
 
 
 @dataclass
 class PredictReport:
     """What a predict call wrote, what it skipped and how fast it ran."""
 
-    outputs: list[tuple[Path, Path]] = field(default_factory=list)
+    outputs: list[tuple[Path | None, Path]] = field(default_factory=list)  # (mask PNG or None, overlay PNG)
     probabilities: list[Path] = field(default_factory=list)
+    segmentations: list[Path] = field(default_factory=list)
+    cines: list[Path] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
+
+    def written(self) -> list[Path]:
+        """Every file this predict call wrote."""
+        return [*(p for pair in self.outputs for p in pair if p is not None), *self.probabilities,
+                *self.segmentations, *self.cines, *self.tables]
 
     @property
     def images_per_s(self) -> float:
@@ -53,7 +66,7 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
     files: dict[Path, Path] = {}
     for path in map(Path, inputs):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and image_suffix(p) in IMAGE_SUFFIXES)
             if not found:
                 raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files.update((p.resolve(), p) for p in found if p.resolve() not in files)
@@ -76,7 +89,7 @@ def output_names(files: list[Path], n_frames: list[int]) -> list[list[str]]:
     path below the inputs' common folder (``a__x``), and if that still collides, with its suffix (``a__x.png``).
     """
     root = Path(os.path.commonpath([p.resolve().parent for p in files])) if files else Path()
-    bases = [p.stem for p in files]
+    bases = [image_stem(p) for p in files]
     for keep_suffix in (False, True):
         names = [frame_names(base, n) for base, n in zip(bases, n_frames)]
         counts = Counter(name.lower() for file_names in names for name in file_names)
@@ -135,8 +148,19 @@ def write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(f, format="PNG")
 
 
-def read_inputs(inputs: list[Path], report: PredictReport, skip_bad: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """(output name, image (H, W) in [0, 1]) of every input image and DICOM frame.
+@dataclass(frozen=True)
+class InputFrame:
+    """One image or DICOM frame to predict: its output name, pixels (H, W) in [0, 1], file and frame index there."""
+
+    name: str
+    image: np.ndarray
+    path: Path
+    frame: int
+    n_frames: int
+
+
+def read_inputs(inputs: list[Path], report: PredictReport, skip_bad: bool) -> Iterator[InputFrame]:
+    """Every input image and DICOM frame, file by file and frame by frame.
 
     Every file's header is read before the first image is returned, so an unreadable input stops the run
     before anything is written. An unreadable file or frame raises DataError, or with ``skip_bad`` is
@@ -157,7 +181,7 @@ def read_inputs(inputs: list[Path], report: PredictReport, skip_bad: bool) -> It
             except DataError as exc:
                 skip(exc, path, report, skip_bad)
                 continue
-            yield name, image
+            yield InputFrame(name, image, path, k, len(names))
 
 
 def skip(error: DataError, path: Path, report: PredictReport, skip_bad: bool) -> None:
@@ -204,8 +228,9 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
               owned_run_folder(Path(out), "predict", prediction_config(model, inputs, skip_bad), overwrite=overwrite))
     with folder:
         started = time.perf_counter()
-        for name, image in read_inputs(inputs, report, skip_bad):
-            probabilities = predict_probabilities(network, resize_image(image, size)[None], multilabel)[0].tolist()
+        for frame in read_inputs(inputs, report, skip_bad):
+            name = frame.name
+            probabilities = predict_probabilities(network, resize_image(frame.image, size)[None], multilabel)[0].tolist()
             chosen = ([c for c, p in zip(classes, probabilities) if p >= 0.5] if multilabel
                       else classes[int(np.argmax(probabilities))])
             rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
@@ -218,8 +243,15 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
 
 
 def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, overwrite: bool = False,
-            probabilities: bool = False, min_component_px: int = 0) -> PredictReport:
-    """Write NAME_mask.png (labels 0/1/2) and NAME_overlay.png for every input image or DICOM frame.
+            probabilities: bool = False, min_component_px: int = 0, output_format: str = "png", cine: bool = False,
+            fps: float | None = None) -> PredictReport:
+    """Write the masks and overlays of every input image or DICOM frame into the run folder ``out``.
+
+    ``output_format`` "png" writes NAME_mask.png (labels 0/1/2) per frame; "dicom-seg" writes NAME_seg.dcm, one
+    DICOM Segmentation per input DICOM file (:mod:`fedefm.finetune.dicom_seg`); both write NAME_overlay.png per
+    frame. A multi-frame input (or, with ``cine``, all inputs in order, named "cine") also gets NAME_cine.mp4 (GIF
+    without ffmpeg) at the source frame rate (``fps`` overrides it; 15 when neither is known) and NAME_frames.csv,
+    the device pixel counts per frame (:mod:`fedefm.finetune.cine`).
 
     OUT is claimed as a run folder of kind "predict": another run there is refused unless ``overwrite``.
     Inputs whose names collide get names from their paths (:func:`output_names`). With ``probabilities``,
@@ -228,36 +260,76 @@ def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, 
     (8-connected, per class) smaller than that from the mask and overlay (the probabilities are left as
     predicted). An unreadable input raises DataError naming it and the files this call wrote are removed
     again, unless ``skip_bad``: then it is listed in the report and in ``OUT/skipped.txt``.
+
+    Raises:
+        ConfigError: a bad option (format, ``min_component_px``, ``fps``) or the weights are a classifier's.
+        DataError: an unreadable input, or a non-DICOM input under "dicom-seg" (before anything is written).
     """
     if min_component_px < 0:
         raise ConfigError(f"--min-component-px {min_component_px}: must be 0 (no clean-up) or more")
+    if fps is not None and fps <= 0:
+        raise ConfigError(f"--fps {fps}: must be a positive frame rate")
+    output_format = choose("--format", output_format, OUTPUT_FORMATS)
     network, metadata = build_from_weights(weights_path(model))
     if is_classifier(metadata):
         raise ConfigError(f"--model {model}: holds a classifier, which predicts classes, not masks; use classify_images")
+    if output_format == "dicom-seg":
+        for path in collect_inputs(inputs):
+            require_dicom_suffix(path)
     network.eval()
     size = int(metadata["image_size"])
     out = Path(out)
     report = PredictReport()
-    config = prediction_config(model, inputs, skip_bad, probabilities=probabilities, min_component_px=min_component_px)
+    config = prediction_config(model, inputs, skip_bad, probabilities=probabilities, min_component_px=min_component_px,
+                               output_format=output_format, cine=cine, fps=fps)
     with owned_run_folder(out, "predict", config, overwrite=overwrite):
         started = time.perf_counter()
         try:
-            for name, image in read_inputs(inputs, report, skip_bad):
-                probability = class_probabilities(network, image, size)
-                labels = probability.argmax(0).astype(np.uint8)
-                if min_component_px > 0:
-                    labels = remove_small_components(labels, min_component_px)
-                if probabilities:
-                    report.probabilities.append(out / f"{name}_probabilities.npy")
-                    write_npy(report.probabilities[-1], probability)
-                mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
-                report.outputs.append((mask_path, overlay_path))
-                write_png(mask_path, labels)
-                write_png(overlay_path, overlay(image, labels))
+            frames = read_inputs(inputs, report, skip_bad)
+            runs = [frames] if cine else (group for _, group in itertools.groupby(frames, key=lambda f: f.path))
+            for run in runs:
+                _predict_run(network, size, run, out, report, probabilities, min_component_px, output_format,
+                             cine, fps, str(model))
         except BaseException:
-            for path in [*(p for written in report.outputs for p in written), *report.probabilities]:
+            for path in report.written():
                 path.unlink(missing_ok=True)
             raise
         report.seconds = time.perf_counter() - started
         write_skipped(out, report)
     return report
+
+
+def _predict_run(network: torch.nn.Module, size: int, frames: Iterable[InputFrame], out: Path, report: PredictReport,
+                 probabilities: bool, min_component_px: int, output_format: str, cine: bool, fps: float | None,
+                 model: str) -> None:
+    """Predict the frames of one input file (with ``cine``, of all inputs) and write their outputs, frame by frame."""
+    overlays, rows, first = [], [], None
+    seg_labels: dict[Path, tuple[str, list[np.ndarray]]] = {}  # source file -> (output name, its frames' labels)
+    for frame in frames:
+        first = first or frame
+        probability = class_probabilities(network, frame.image, size)
+        labels = probability.argmax(0).astype(np.uint8)
+        if min_component_px > 0:
+            labels = remove_small_components(labels, min_component_px)
+        if probabilities:
+            report.probabilities.append(out / f"{frame.name}_probabilities.npy")
+            write_npy(report.probabilities[-1], probability)
+        mask_path = out / f"{frame.name}_mask.png" if output_format == "png" else None
+        report.outputs.append((mask_path, out / f"{frame.name}_overlay.png"))
+        if mask_path is not None:
+            write_png(mask_path, labels)
+        coloured = overlay(frame.image, labels)
+        write_png(report.outputs[-1][1], coloured)
+        if output_format == "dicom-seg":
+            seg_labels.setdefault(frame.path, (frame.name.removesuffix("_f000"), []))[1].append(labels)
+        if cine or frame.n_frames > 1:
+            overlays.append(coloured)
+            rows.append((frame.name, str(frame.path), frame.frame, *device_pixels(labels)))
+    for path, (name, stack) in seg_labels.items():
+        report.segmentations.append(write_dicom_seg(path, np.stack(stack), out / f"{name}_seg.dcm", model))
+    if overlays:
+        base = "cine" if cine else first.name.removesuffix("_f000")
+        header = pydicom.dcmread(first.path, stop_before_pixels=True) if image_suffix(first.path) == ".dcm" else None
+        rate = fps or source_frame_rate(header) or DEFAULT_FPS
+        report.cines.append(write_cine(cine_path(out, base), overlays, rate))
+        report.tables.append(write_device_table(out / f"{base}_frames.csv", rows))

@@ -9,14 +9,15 @@ seeds, shared by every seed and model: a training pool of 400 frames (seed 1000;
 the seed), a validation set of 80 (1001) and a test set of 200 (1002, 50 per class: accuracy is balanced
 accuracy). Models (``--pooling``): ``mean`` (the plain classifier, mean token → linear) and ``tip``
 (models/position.py: segment the catheter, pool features at its tip). Initialisations: ``scratch`` and
-``segmenter``, a TransUNet fine-tuned once (seed 0, the 70 training frames of 100 of the synthetic clinical
-domain, generator seed 1003, 30 epochs) — ``mean`` takes its encoder, ``tip`` the whole segmenter; with
+``segmenter``, a TransUNet fine-tuned once on catheter masks of the same kind of frames (seed 0, 70 of 100
+position frames with their masks, generator seed 1003, disjoint from the splits; 30 epochs) — ``mean`` takes its encoder, ``tip`` the whole segmenter; with
 ``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its ``centralized`` pre-training of
 the same seed. K in {4, 16}, seeds 0-2,
 20 epochs of 64 samples, the epoch selected on validation balanced accuracy, the test set scored once.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
-* the segmenter (``kind`` "segmenter"): ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test split);
+* the segmenter (``kind`` "segmenter"): ``seed``, ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test
+  split);
 * position runs (``kind`` "position"): ``pooling``, ``init``, ``shots``, ``seed``, ``init_weights``, ``epochs``,
   ``image_size``, ``run``, ``transfer``, ``best_epoch``, ``val_balanced_accuracy``, ``test`` (evaluate JSON)
   and ``correct`` (0/1 per test image, in the test split's order).
@@ -28,16 +29,18 @@ K, seed and test image: mean and a 95% interval from a two-level bootstrap (seed
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
 import common
 import numpy as np
 import torch
+from PIL import Image
 
 from fedefm.config import FinetuneConfig
 from fedefm.data.datasets import find_classification_splits
-from fedefm.data.synth import write_position_dataset, write_seg_dataset
+from fedefm.data.synth import POSITION_CLASSES, render_position, write_position_dataset
 from fedefm.finetune.classify import load_samples, predict_probabilities
 from fedefm.finetune.classify import run as finetune_classifier
 from fedefm.finetune.evaluate import evaluate_model
@@ -83,19 +86,36 @@ def position_data(args: argparse.Namespace) -> Path:
     return root
 
 
+def write_position_masks(root: Path, n: int, size: int, seed: int) -> None:
+    """ROOT/images/NAME.png and ROOT/masks/NAME.png: ``n`` position frames, classes in turn, with their device masks.
+
+    Written in ROOT.partial and renamed at the end, so a killed run leaves no half set that the next one reuses.
+    """
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for folder in ("images", "masks"):
+        (partial / folder).mkdir(parents=True)
+    for i in range(n):
+        image, mask, _ = render_position(POSITION_CLASSES[i % len(POSITION_CLASSES)], size,
+                                         np.random.default_rng([seed, i]))
+        Image.fromarray(image).save(partial / "images" / f"img_{i:05d}.png")
+        Image.fromarray(mask).save(partial / "masks" / f"img_{i:05d}.png")
+    partial.rename(root)
+
+
 def segmenter(args: argparse.Namespace) -> Path:
     """Weights of the TransUNet the ``segmenter`` init starts from, fine-tuned (and recorded) once."""
     out = args.out / "runs" / "segmenter"
     if ("segmenter",) in common.recorded(args.out, lambda r: (r.get("kind"),)):
         return out / "model.safetensors"
     started = time.perf_counter()
-    data = args.out / "data" / f"clinical_{args.size}"
-    if not (data / "manifest.json").is_file():
-        write_seg_dataset(data, "clinical", 100 if not args.quick else 12, size=args.size, seed=1003)
+    data = args.out / "data" / f"position_masks_{args.size}"
+    if not data.is_dir():
+        write_position_masks(data, 100 if not args.quick else 12, args.size, seed=1003)
     cfg = FinetuneConfig(data=data, out=out, epochs=30 if not args.quick else 1,
                          image_size=args.size, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
-    row = {"kind": "segmenter", "run": str(out), "val_dice": selected["best_val"],
+    row = {"kind": "segmenter", "seed": cfg.seed, "run": str(out), "val_dice": selected["best_val"],
            "test": evaluate_model(out, data, "test")}
     row = common.record(args.out, TABLE, row, started)
     print(f"segmenter: test catheter Dice {row['test']['per_class']['catheter']['dice']:.3f} "

@@ -144,7 +144,7 @@ def test_benchmarks_md_has_every_table_with_its_machine_command_and_seeds(quick_
     assert text.count("Machine: ") == 7 and text.count("Seeds: 0.") == 7
     assert text.count("Quick mode (CI-sized)") == 7
     assert "catheter gain (Dice points, 95% CI)" in text
-    assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text and "| dpsgd | 4 |" in text
+    assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text and "| 2 | tip | foundation |" in text
     assert text.rstrip().endswith("FedEFM beats FedAvg here: a hand-written sentence.")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedefm import __version__
@@ -181,6 +182,21 @@ def run_pretrainings(args: argparse.Namespace, table: str, plan: list[Pretrainin
             print(f"{spec.name:16s} seed {seed}: test {row['summary']['test_acc']:.3f}, "
                   f"val (last 5) {row['summary']['final_val_acc']:.3f} ({row['wall_s']:.0f} s)", flush=True)
     return appended
+
+
+def paired_bootstrap(seeds: list[np.ndarray], draws: int = 2000) -> tuple[float, float, float, int]:
+    """Mean of paired differences (one array per seed, one value per test image) and its 95% two-level bootstrap
+    interval (seeds, then images); nan and 0 pairs when there are none. Returns (mean, low, high, pairs).
+    """
+    if not seeds:
+        return float("nan"), float("nan"), float("nan"), 0
+    rng = np.random.default_rng(0)
+    boot = np.empty(draws)
+    for k in range(draws):
+        picked = rng.integers(len(seeds), size=len(seeds))
+        boot[k] = np.mean([rng.choice(seeds[s], size=seeds[s].size).mean() for s in picked])
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(np.mean([s.mean() for s in seeds])), float(low), float(high), sum(s.size for s in seeds)
 
 
 def run_script(main: Callable[[], None]) -> None:

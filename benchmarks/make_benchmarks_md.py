@@ -35,7 +35,8 @@ TABLES: dict[str, tuple[str, str, Callable[[list[dict]], str]]] = {
     "T3": ("Downstream few-shot segmentation", "t3_downstream.py", t3_downstream.tables),
     "T4": ("Backbones", "t4_backbones.py", t4_backbones.tables),
     "T5": ("FedEFM ablations", "t5_fedefm_ablation.py", t5_fedefm_ablation.tables),
-    "T6": ("Downstream few-shot catheter position classification", "t6_position.py", t6_position.tables),
+    "T6": ("Few-shot catheter position: mean pooling against the tip-anchored model on a fixed test set",
+           "t6_position.py", t6_position.tables),
     "T7": ("Dense foundations and whole-model transfer: few-shot segmentation on a fixed test set",
            "t7_dense_foundation.py", t7_dense_foundation.tables),
 }
@@ -75,7 +76,7 @@ def section(table: str, path: Path) -> str:
     rows = read_results(path)
     machines = sorted({describe_machine(r["machine"]) for r in rows if "machine" in r})
     commands = sorted({r["command"] for r in rows if "command" in r})
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows if "seed" in r})  # T6's first segmenter row predates its seed column
     wall = sum(r.get("wall_s", 0.0) for r in rows)
     lines = [f"## {table} — {title}", "", f"Result file: `{path}` ({len(rows)} runs, {wall / 60:.1f} min of wall "
              f"time, summed over the runs). Seeds: {', '.join(map(str, seeds))}.", ""]

@@ -1,89 +1,219 @@
-"""T6 — downstream few-shot catheter position classification, from scratch or from foundation weights.
+"""T6 — few-shot catheter position classification: the global mean-pooling head against the tip-anchored model.
 
-    python benchmarks/t6_position.py --out bench_out/t6 --foundation bench_out/t1 --threads 1   # full
-    python benchmarks/t6_position.py --quick --out bench_out/t6_quick --foundation bench_out/t1_quick
+    python benchmarks/t6_position.py --out benchmarks/results/t6 --threads 1     # full
+    python benchmarks/t6_position.py --quick --out bench_out/t6_quick
 
 The task is ``fedefm synth position`` (4 classes: the catheter tip in the aortic arch, the descending aorta
-or a supra-aortic branch, or a looped catheter). Full: K in {4, 16, 64, 256} images per class x 4
-initialisations (scratch and the centralized, dpsgd and fedefm_ring pre-trainings of T1, taken from
---foundation as in T3) x 3 seeds, tiny preset, 20 epochs, 2400 images of 64 px (the size T1 pre-trains at;
-70% train, 15% validation, 15% test: 360 test images). K = 256 tells whether the task is learnable with
-more labels at all. Every run selects its epoch on validation balanced accuracy and scores the test split once.
+or a supra-aortic branch, or a looped catheter), 64 px, tiny preset. Fixed splits from their own generator
+seeds, shared by every seed and model: a training pool of 400 frames (seed 1000; K per class drawn from it by
+the seed), a validation set of 80 (1001) and a test set of 200 (1002, 50 per class: accuracy is balanced
+accuracy). Models (``--pooling``): ``mean`` (the plain classifier, mean token → linear) and ``tip``
+(models/position.py: segment the catheter, pool features at its tip). Initialisations: ``scratch`` and
+``segmenter``, a TransUNet fine-tuned once on catheter masks of the same kind of frames (seed 0, 70 of 100
+position frames with their masks, generator seed 1003, disjoint from the splits; 30 epochs) — ``mean`` takes its encoder, ``tip`` the whole segmenter; with
+``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its ``centralized`` pre-training of
+the same seed. K in {4, 16}, seeds 0-2,
+20 epochs of 64 samples, the epoch selected on validation balanced accuracy, the test set scored once.
 
-Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s: ``shots`` (K), ``seed``,
-``init``, ``init_weights``, ``epochs``, ``image_size``, ``run``, ``transfer``, ``best_epoch``,
-``val_balanced_accuracy`` (of the selected epoch) and ``test`` (evaluate JSON: accuracy, balanced accuracy,
-macro F1, per class, confusion). Runs already in the file are skipped.
-Table: per initialisation and K, test accuracy, balanced accuracy and macro F1, mean ± std over seeds.
+Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
+* the segmenter (``kind`` "segmenter"): ``seed``, ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test
+  split);
+* position runs (``kind`` "position"): ``pooling``, ``init``, ``shots``, ``seed``, ``init_weights``, ``epochs``,
+  ``image_size``, ``run``, ``transfer``, ``best_epoch``, ``val_balanced_accuracy``, ``test`` (evaluate JSON)
+  and ``correct`` (0/1 per test image, in the test split's order).
+Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
+gain of every model over the baseline (mean pooling, scratch) and of tip over mean at the same init, on the same
+K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds, then test images).
 """
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import time
 from pathlib import Path
 
 import common
+import numpy as np
 import torch
-from t3_downstream import init_weights
+from PIL import Image
 
 from fedefm.config import FinetuneConfig
-from fedefm.demo import synthetic_data
-from fedefm.finetune.classify import run as finetune
+from fedefm.data.datasets import find_classification_splits
+from fedefm.data.synth import POSITION_CLASSES, render_position, write_position_dataset
+from fedefm.finetune.classify import load_samples, predict_probabilities
+from fedefm.finetune.classify import run as finetune_classifier
 from fedefm.finetune.evaluate import evaluate_model
+from fedefm.finetune.train import run as finetune_segmenter
+from fedefm.models.weights import build_from_weights
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
-INITS = ["scratch", "centralized", "dpsgd", "fedefm_ring"]
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+POOLINGS = ("mean", "tip")
+INITS = ("scratch", "segmenter", "foundation")
+SPLITS = {"train": (400, 1000), "val": (80, 1001), "test": (200, 1002)}  # frames and generator seed per split
+BASELINE = ("mean", "scratch")
 
 
-def position_result(cfg: FinetuneConfig, init: str) -> dict:
-    """Fine-tune one classifier (epoch selected on validation), score the test split once; the result row."""
-    selected = finetune(cfg, progress=False, overwrite=True)  # a run not yet recorded is a leftover
-    return {"shots": cfg.shots, "seed": cfg.seed, "init": init, "init_weights": cfg.init, "epochs": cfg.epochs,
-            "image_size": cfg.image_size, "run": str(cfg.out), "transfer": selected["transfer"],
-            "best_epoch": selected["best_epoch"], "val_balanced_accuracy": selected["val"]["balanced_accuracy"],
-            "test": evaluate_model(Path(cfg.out), Path(cfg.data), "test")}
-
-
-def tables(results: list[dict]) -> str:
-    """Test accuracy, balanced accuracy and macro F1 per initialisation and K."""
-    lines = [[init, str(shots)] + [mean_std(r["test"][m] for r in runs) for m in METRICS] + [str(len(runs))]
-             for (init, shots), runs in group(results, lambda r: (r["init"], r["shots"])).items()]
-    return markdown((["init", "K per class", "test accuracy", "balanced accuracy", "macro F1", "seeds"], lines))
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The flags of this table (common.py's plus its own)."""
     parser = common.parser_for(__doc__)
-    parser.add_argument("--foundation", type=Path, help="T1 output folder holding runs/NAME_sSEED/global.safetensors")
-    parser.add_argument("--inits", nargs="+", default=INITS, help="scratch and/or T1 run names")
-    parser.add_argument("--shots", nargs="+", type=int, default=[4, 16, 64, 256], help="K images per class")
+    parser.add_argument("--pooling", nargs="+", default=list(POOLINGS), choices=list(POOLINGS))
+    parser.add_argument("--inits", nargs="+", default=list(INITS[:2]), choices=list(INITS),
+                        help="foundation needs --foundation")
+    parser.add_argument("--foundation", type=Path, help="T1 output folder holding runs/centralized_sSEED/; "
+                                                        "adds the foundation init")
+    parser.add_argument("--shots", nargs="+", type=int, default=[4, 16], help="K images per class")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=2400, help="synthetic images in all (split over 4 classes)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
-    if not args.tables:
-        if args.quick:
-            args.shots, args.seeds, args.images, args.size, args.epochs = [4], [0], 48, 32, 1
-        weights = {(init, seed): init_weights(args, init, seed) for init in args.inits for seed in args.seeds}
-        torch.set_num_threads(args.threads)
-        data = synthetic_data(args.out / "data" / f"position_{args.size}", "position", 1000, n=args.images,
-                              size=args.size)
-        done = common.recorded(args.out, lambda r: (r["init"], r["shots"], r["seed"]))
-        for init in args.inits:
-            for shots in args.shots:
-                for seed in args.seeds:
-                    if (init, shots, seed) in done:
-                        print(f"{init} K={shots} seed {seed}: already recorded, skipped", flush=True)
+    if args.quick:
+        args.shots, args.seeds, args.epochs = [2], [0], 1
+    if args.foundation is not None and "foundation" not in args.inits:
+        args.inits.append("foundation")
+    if "foundation" in args.inits and args.foundation is None:
+        parser.error("--inits foundation needs --foundation T1_FOLDER")
+    return args
+
+
+def position_data(args: argparse.Namespace) -> Path:
+    """The position set, ROOT/{train,val,test}/CLASS, each split from its own generator seed (written once)."""
+    root = args.out / "data" / f"position_{args.size}"
+    for split, (n, seed) in SPLITS.items():
+        if not (root / split / "manifest.json").is_file():
+            write_position_dataset(root / split, n if not args.quick else 8, size=args.size, seed=seed)
+    return root
+
+
+def write_position_masks(root: Path, n: int, size: int, seed: int) -> None:
+    """ROOT/images/NAME.png and ROOT/masks/NAME.png: ``n`` position frames, classes in turn, with their device masks.
+
+    Written in ROOT.partial and renamed at the end, so a killed run leaves no half set that the next one reuses.
+    """
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for folder in ("images", "masks"):
+        (partial / folder).mkdir(parents=True)
+    for i in range(n):
+        image, mask, _ = render_position(POSITION_CLASSES[i % len(POSITION_CLASSES)], size,
+                                         np.random.default_rng([seed, i]))
+        Image.fromarray(image).save(partial / "images" / f"img_{i:05d}.png")
+        Image.fromarray(mask).save(partial / "masks" / f"img_{i:05d}.png")
+    partial.rename(root)
+
+
+def segmenter(args: argparse.Namespace) -> Path:
+    """Weights of the TransUNet the ``segmenter`` init starts from, fine-tuned (and recorded) once."""
+    out = args.out / "runs" / "segmenter"
+    if ("segmenter",) in common.recorded(args.out, lambda r: (r.get("kind"),)):
+        return out / "model.safetensors"
+    started = time.perf_counter()
+    data = args.out / "data" / f"position_masks_{args.size}"
+    if not data.is_dir():
+        write_position_masks(data, 100 if not args.quick else 12, args.size, seed=1003)
+    cfg = FinetuneConfig(data=data, out=out, epochs=30 if not args.quick else 1,
+                         image_size=args.size, seed=0)
+    selected = finetune_segmenter(cfg, progress=False, overwrite=True)
+    row = {"kind": "segmenter", "seed": cfg.seed, "run": str(out), "val_dice": selected["best_val"],
+           "test": evaluate_model(out, data, "test")}
+    row = common.record(args.out, TABLE, row, started)
+    print(f"segmenter: test catheter Dice {row['test']['per_class']['catheter']['dice']:.3f} "
+          f"({row['wall_s']:.0f} s)", flush=True)
+    return out / "model.safetensors"
+
+
+def test_correct(run: Path, data: Path) -> list[int]:
+    """1 where the selected classifier of ``run`` names a test image's class, else 0, in the test split's order."""
+    network, metadata = build_from_weights(run / "model.safetensors")
+    items = find_classification_splits(data)[0]["test"]
+    samples = load_samples(items, int(metadata["image_size"]), multilabel=False)
+    predicted = predict_probabilities(network, samples["image"], multilabel=False).argmax(1)
+    return (predicted == samples["label"]).int().tolist()
+
+
+def position_run(args: argparse.Namespace, data: Path, weights: str, pooling: str, init: str, shots: int,
+                 seed: int) -> dict:
+    """Fine-tune one classifier (epoch selected on validation), score the test split once; the result row."""
+    cfg = FinetuneConfig(data=data, out=args.out / "runs" / f"{pooling}_{init}_k{shots}_s{seed}", task="classify",
+                         pooling=pooling, init=weights, shots=shots, epochs=args.epochs, image_size=args.size,
+                         seed=seed)
+    selected = finetune_classifier(cfg, progress=False, overwrite=True)  # a run not yet recorded is a leftover
+    return {"kind": "position", "pooling": pooling, "init": init, "shots": shots, "seed": seed, "init_weights": weights,
+            "epochs": cfg.epochs, "image_size": cfg.image_size, "run": str(cfg.out), "transfer": selected["transfer"],
+            "best_epoch": selected["best_epoch"], "val_balanced_accuracy": selected["val"]["balanced_accuracy"],
+            "test": evaluate_model(Path(cfg.out), data, "test"), "correct": test_correct(Path(cfg.out), data)}
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Every (pooling, init, K, seed) not yet recorded."""
+    data = position_data(args)
+    fixed = {"scratch": "scratch"}
+    if "segmenter" in args.inits:
+        fixed["segmenter"] = str(segmenter(args))
+
+    def weights(init: str, seed: int) -> str:
+        if init == "foundation":
+            return str(common.foundation_weights(args.foundation, "centralized", seed))
+        return fixed[init]
+
+    done = common.recorded(args.out, lambda r: (r.get("pooling"), r.get("init"), r.get("shots"), r.get("seed")))
+    for shots in args.shots:
+        for seed in args.seeds:
+            for init in args.inits:
+                for pooling in args.pooling:
+                    if (pooling, init, shots, seed) in done:
+                        print(f"{pooling} {init} K={shots} seed {seed}: already recorded, skipped", flush=True)
                         continue
                     started = time.perf_counter()
-                    cfg = FinetuneConfig(data=data, out=args.out / "runs" / f"{init}_k{shots}_s{seed}",
-                                         init=weights[init, seed], task="classify", shots=shots, epochs=args.epochs,
-                                         image_size=args.size, seed=seed)
-                    row = common.record(args.out, TABLE, position_result(cfg, init), started)
-                    print(f"{init:12s} K={shots:3d} seed {seed}: test accuracy {row['test']['accuracy']:.3f} "
-                          f"({row['wall_s']:.0f} s)", flush=True)
+                    row = position_run(args, data, weights(init, seed), pooling, init, shots, seed)
+                    row = common.record(args.out, TABLE, row, started)
+                    print(f"{pooling:4s} {init:9s} K={shots:3d} seed {seed}: val {row['val_balanced_accuracy']:.3f} "
+                          f"test balanced accuracy {row['test']['balanced_accuracy']:.3f} ({row['wall_s']:.0f} s)",
+                          flush=True)
+
+
+def gain_cell(runs: list[dict], base: dict[int, dict]) -> str:
+    """Paired test-accuracy gain of ``runs`` over ``base`` (by seed), in points, with its 95% interval."""
+    seeds = [np.array(r["correct"], float) - np.array(base[r["seed"]]["correct"], float)
+             for r in runs if r["seed"] in base]
+    mean, low, high, n = common.paired_bootstrap(seeds)
+    return "-" if n == 0 else f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def tables(results: list[dict]) -> str:
+    """The segmenter's Dice, the per-model table and the paired-gain table (module docstring)."""
+    out = []
+    for r in results:
+        if r.get("kind") == "segmenter":
+            out.append(f"Segmenter of the `segmenter` init: test catheter Dice "
+                       f"{r['test']['per_class']['catheter']['dice']:.3f} ({r['wall_s']:.0f} s).")
+    runs = [r for r in results if r.get("kind") == "position"]
+    by_arm = group(runs, lambda r: (r["shots"], r["pooling"], r["init"]))
+    rows = [[str(shots), pooling, init, mean_std(r["val_balanced_accuracy"] for r in arm),
+             mean_std(r["test"]["balanced_accuracy"] for r in arm), mean_std(r["test"]["macro_f1"] for r in arm),
+             f"{np.mean([r['best_epoch'] for r in arm]):.0f}/{arm[0]['epochs']}", str(len(arm))]
+            for (shots, pooling, init), arm in sorted(by_arm.items())]
+    out.append(markdown((["K per class", "pooling", "init", "val balanced accuracy (selection)",
+                          "test balanced accuracy", "test macro F1", "best epoch", "seeds"], rows)))
+    seed_rows = {key: {r["seed"]: r for r in arm} for key, arm in by_arm.items()}
+    gains = []
+    for (shots, pooling, init), arm in sorted(by_arm.items()):
+        if (pooling, init) == BASELINE:
+            continue
+        over_baseline = gain_cell(arm, seed_rows.get((shots, *BASELINE), {}))
+        over_mean = gain_cell(arm, seed_rows.get((shots, "mean", init), {})) if pooling != "mean" else "-"
+        gains.append([str(shots), pooling, init, over_baseline, over_mean, str(len(arm))])
+    out.append(markdown((["K per class", "pooling", "init", "gain over mean/scratch (points, 95% CI)",
+                          "gain over mean, same init", "seeds"], gains)))
+    return "\n\n".join(out)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.tables:
+        run_all(args)
     print("\n" + tables(read_results(args.out / common.RESULT_FILE)))
 
 

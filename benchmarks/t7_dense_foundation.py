@@ -244,15 +244,7 @@ def paired_gain(init_rows: list[dict], scratch_rows: dict[int, dict], name: str,
         pairs = [a - b for a, b in zip(ours, base) if a is not None and b is not None]
         if pairs:
             seeds.append(np.array(pairs))
-    if not seeds:
-        return float("nan"), float("nan"), float("nan"), 0
-    rng = np.random.default_rng(0)
-    boot = np.empty(draws)
-    for k in range(draws):
-        picked = rng.integers(len(seeds), size=len(seeds))
-        boot[k] = np.mean([rng.choice(seeds[s], size=seeds[s].size).mean() for s in picked])
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return float(np.mean([s.mean() for s in seeds])), float(low), float(high), sum(s.size for s in seeds)
+    return common.paired_bootstrap(seeds, draws)
 
 
 def tables(results: list[dict]) -> str:

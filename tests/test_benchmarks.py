@@ -13,15 +13,15 @@ FOUNDATION = COMMON | {"name", "setting", "algorithm", "topology", "options", "u
                        "local_steps", "batch_size", "image_size", "run", "summary", "rows"}
 DOWNSTREAM = COMMON | {"domain", "shots", "init", "init_weights", "arch", "epochs", "image_size", "run", "transfer",
                        "best_epoch", "val_dice", "test"}
-POSITION = COMMON | {"shots", "init", "init_weights", "epochs", "image_size", "run", "transfer", "best_epoch",
-                     "val_balanced_accuracy", "test"}
+POSITION = COMMON | {"kind", "pooling", "shots", "init", "init_weights", "epochs", "image_size", "run", "transfer",
+                     "best_epoch", "val_balanced_accuracy", "test", "correct"}
 EXPECTED = {
     "t1": (FOUNDATION, {"centralized", "fedavg", "fedprox", "moon", "fedefm_star", "dpsgd", "matcha", "fedefm_ring"}),
     "t2": (FOUNDATION, {f"{a}_u{u}" for a in ("fedavg", "dpsgd", "fedefm") for u in (0, 1)}),
     "t3": (DOWNSTREAM, {"scratch", "centralized", "fedavg", "dpsgd", "fedefm_ring"}),
     "t4": (DOWNSTREAM, {"unet/scratch", "swinunetr/scratch", "transunet/scratch", "transunet/fedefm_ring"}),
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
-    "t6": (POSITION, {"scratch", "centralized", "dpsgd", "fedefm_ring"}),
+    "t6": (POSITION, {f"{pooling}/{init}" for pooling in ("mean", "tip") for init in ("scratch", "segmenter", "foundation")}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
            "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py", "t7": "t7_dense_foundation.py"}
@@ -32,8 +32,10 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def run_names(table: str, rows: list[dict]) -> set[str]:
-    if table in ("t3", "t6"):
+    if table == "t3":
         return {r["init"] for r in rows}
+    if table == "t6":
+        return {f"{r['pooling']}/{r['init']}" for r in rows if r["kind"] == "position"}
     if table == "t4":
         return {f"{r['arch']}/{r['init']}" for r in rows}
     return {r["name"] for r in rows}
@@ -43,6 +45,9 @@ def run_names(table: str, rows: list[dict]) -> set[str]:
 @pytest.mark.parametrize("table", list(EXPECTED))  # T7 has its own test below
 def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmarks, table):
     rows = read_rows(quick_benchmarks / table / "results.jsonl")
+    if table == "t6":  # the segmenter the tip model starts from is a row of its own
+        assert [r["kind"] for r in rows].count("segmenter") == 1
+        rows = [r for r in rows if r["kind"] == "position"]
     columns, names = EXPECTED[table]
     assert run_names(table, rows) == names
     for row in rows:
@@ -55,7 +60,8 @@ def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmark
             assert set(row["test"]["per_class"]) == {"catheter", "guidewire"} and row["shots"] == 4
         else:
             assert set(row["test"]["per_class"]) == {"aortic_arch", "descending_aorta", "looped", "supra_aortic"}
-            assert 0 <= row["test"]["balanced_accuracy"] <= 1 and row["shots"] == 4
+            assert 0 <= row["test"]["balanced_accuracy"] <= 1 and row["shots"] == 2
+            assert len(row["correct"]) == row["test"]["n_images"]
 
 
 @pytest.mark.slow
@@ -138,7 +144,7 @@ def test_benchmarks_md_has_every_table_with_its_machine_command_and_seeds(quick_
     assert text.count("Machine: ") == 7 and text.count("Seeds: 0.") == 7
     assert text.count("Quick mode (CI-sized)") == 7
     assert "catheter gain (Dice points, 95% CI)" in text
-    assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text and "| dpsgd | 4 |" in text
+    assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text and "| 2 | tip | foundation |" in text
     assert text.rstrip().endswith("FedEFM beats FedAvg here: a hand-written sentence.")
 
 

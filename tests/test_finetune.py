@@ -141,7 +141,7 @@ def test_whole_model_init_from_classification_weights_fails_before_training(data
 def test_whole_model_init_of_a_classifier_is_refused_by_the_config(dataset, tmp_path):
     cfg = FinetuneConfig(data=dataset, out=tmp_path, task="classify", init=str(dense_foundation(tmp_path / "w.st")),
                          init_parts="all")
-    with pytest.raises(ConfigError, match="--init-parts all: --task classify takes only the encoder"):
+    with pytest.raises(ConfigError, match="--init-parts all: --task classify --pooling mean takes only the encoder"):
         cfg.validate()
 
 

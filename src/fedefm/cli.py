@@ -211,7 +211,10 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
     task: Annotated[str, typer.Option(help="segment (masks) or classify (one class per image).")] = "segment",
     multilabel: Annotated[bool, typer.Option(help="classify: --data is a CSV image,LABEL_1,... of 0/1 columns.")] = False,
-    init: Annotated[str, typer.Option(help="'scratch' or a foundation .safetensors file.")] = "scratch",
+    pooling: Annotated[str, typer.Option(help="classify: mean (mean token over the image) or tip (segment the "
+                                              "catheter, read the features at its tip).")] = "mean",
+    init: Annotated[str, typer.Option(help="'scratch', a foundation .safetensors file, or (classify --pooling tip) "
+                                           "a fine-tuned segmenter's.")] = "scratch",
     init_parts: Annotated[str, typer.Option(help="What --init gives a segmenter: encoder, all (encoder, decoder, head "
                                                  "by class name) or auto (all when the file holds a decoder).")] = "auto",
     arch: Annotated[str, typer.Option(help="segment: transunet, unet, resunet or swinunetr.")] = "transunet",
@@ -233,7 +236,7 @@ def finetune(
     from fedefm.config import FinetuneConfig
     from fedefm.finetune import classify, train
 
-    cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, init=init,
+    cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, pooling=pooling, init=init,
                          init_parts=init_parts, arch=arch, preset=preset,
                          shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
                          image_size=image_size, loss=loss, crop=crop, device=device, seed=seed)

@@ -43,6 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 FINETUNE_TASKS = ("segment", "classify")
+POOLINGS = ("mean", "tip")  # classify: the mean token over the image, or features where the catheter tip lies
 # Segmentation losses (finetune/train.py segmentation_loss): MONAI Dice + cross-entropy; the same plus
 # MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy.
 SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice")
@@ -68,9 +69,13 @@ class FinetuneConfig:
     images in all); ``arch`` and ``class_weights`` then do not apply. ``lr`` defaults to 1e-2 for
     segmentation and 1e-3 for classification.
 
+    ``pooling`` (classify) is what the head reads: ``mean`` the mean token over the whole image (the plain
+    classifier), ``tip`` a :class:`~fedefm.models.position.PositionClassifier` that segments the catheter and
+    reads the features at and around its tip (image size a multiple of 32).
+
     ``init_parts`` says what ``init`` gives the segmenter: ``encoder``, ``all`` (every tensor whose name and
     shape match, the head by class name) or ``auto`` (``all`` when the file holds a decoder, else ``encoder``);
-    a classifier takes the encoder only.
+    a ``mean`` classifier takes the encoder only, a ``tip`` classifier also a segmenter's decoder and head.
     """
 
     data: Path
@@ -79,6 +84,7 @@ class FinetuneConfig:
     init_parts: str = "auto"
     task: str = "segment"
     multilabel: bool = False
+    pooling: str = "mean"
     arch: str = "transunet"
     preset: str = "tiny"
     shots: int | None = None
@@ -105,6 +111,9 @@ class FinetuneConfig:
         from fedefm.models.weights import INIT_PARTS
 
         choose("--task", self.task, FINETUNE_TASKS)
+        choose("--pooling", self.pooling, POOLINGS)
+        if self.pooling != "mean" and self.task != "classify":
+            raise ConfigError(f"--pooling {self.pooling} belongs to --task classify")
         choose("--arch", self.arch, ARCHS)
         if self.multilabel and self.task != "classify":
             raise ConfigError("--multilabel belongs to --task classify")
@@ -112,7 +121,7 @@ class FinetuneConfig:
         if self.image_size is None:
             self.image_size = preset.image_size
         # The segmenter's decoder needs stride 32; the classifier only the encoder's patch stride of 16.
-        stride = 32 if self.task == "segment" else 16
+        stride = 32 if self.task == "segment" or self.pooling == "tip" else 16
         if self.image_size % stride:
             raise ConfigError(f"--image-size {self.image_size}: must be a multiple of {stride}")
         if self.lr is None:
@@ -128,9 +137,9 @@ class FinetuneConfig:
         if self.init != "scratch" and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
         choose("--init-parts", self.init_parts, INIT_PARTS)
-        if self.task == "classify" and self.init_parts == "all":
-            raise ConfigError("--init-parts all: --task classify takes only the encoder of --init (its head is new); "
-                              "use --init-parts encoder or auto")
+        if self.task == "classify" and self.pooling == "mean" and self.init_parts == "all":
+            raise ConfigError("--init-parts all: --task classify --pooling mean takes only the encoder of --init (its "
+                              "head is new); use --init-parts encoder or auto, or --pooling tip")
         if self.init == "scratch" and self.init_parts != "auto":
             warnings.warn(f"--init-parts {self.init_parts} has no effect with --init scratch", stacklevel=2)
         if self.shots is not None and self.shots < 1:

@@ -28,6 +28,7 @@ from fedefm.data.datasets import (
 )
 from fedefm.errors import DataError
 from fedefm.files import append_jsonl
+from fedefm.finetune.metrics import SEGMENTATION_CLASSES
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
 from fedefm.finetune.train import (
     epoch_bar,
@@ -41,6 +42,7 @@ from fedefm.finetune.train import (
 )
 from fedefm.memory import peak_rss_mb
 from fedefm.models.heads import Classifier
+from fedefm.models.position import PositionClassifier
 from fedefm.models.presets import get_preset
 from fedefm.models.weights import TransferReport, load_pretrained, model_metadata, save_weights
 
@@ -51,6 +53,15 @@ def find_splits(cfg: FinetuneConfig) -> tuple[dict[str, list[ClassificationItem]
     """The train/val/test items and class (or label) names of the run's dataset: class folders or a multi-label CSV."""
     find = find_multilabel_splits if cfg.multilabel else find_classification_splits
     return find(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
+
+
+def check_class_sizes(splits: dict[str, list[ClassificationItem]], class_names: list[str], data: Path) -> None:
+    """Raise DataError naming the class when a class holds one image in all: it cannot be both learned and validated."""
+    counts = np.bincount([item.label for items in splits.values() for item in items], minlength=len(class_names))
+    single = [name for name, count in zip(class_names, counts) if count == 1]
+    if single:
+        raise DataError(f"{data}: class {', '.join(repr(n) for n in single)} holds a single image; a class needs at "
+                        "least two (one to train on, one to validate), so add images or drop the class folder")
 
 
 def select_class_shots(items: list[ClassificationItem], shots: int | None, seed: int, class_names: list[str]
@@ -111,12 +122,21 @@ def selection_score(result: dict) -> tuple[float, float]:
     return (-1.0 if main is None else main, -result["loss"])
 
 
-def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[Classifier, TransferReport | None]:
-    """A classifier with a new head over ``n_classes``; its encoder from scratch or any fedefm weights' encoder."""
-    model = Classifier(get_preset(cfg.preset), n_classes)
+def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[Classifier | PositionClassifier, TransferReport | None]:
+    """A classifier with a new head over ``n_classes``, by ``cfg.pooling``, from scratch or from fedefm weights.
+
+    ``mean`` takes any fedefm weights' encoder; ``tip`` also a segmenter's (or dense foundation's) decoder and
+    segmentation head (background, catheter, guidewire by name) under ``--init-parts auto`` or ``all``.
+    """
+    preset = get_preset(cfg.preset)
+    if cfg.pooling == "mean":
+        model: Classifier | PositionClassifier = Classifier(preset, n_classes)
+        parts = "encoder"
+    else:
+        model, parts = PositionClassifier(preset, n_classes), cfg.init_parts
     if cfg.init == "scratch":
         return model, None
-    return model, load_pretrained(model, Path(cfg.init), "encoder")
+    return model, load_pretrained(model, Path(cfg.init), parts, SEGMENTATION_CLASSES)
 
 
 def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
@@ -136,6 +156,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwr
 def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)
     splits, class_names = find_splits(cfg)
+    if not cfg.multilabel:
+        check_class_sizes(splits, class_names, Path(cfg.data))
     if not splits["val"]:
         raise DataError(f"{cfg.data}: no validation images after splitting; add a val/ split or raise --val-fraction")
     train_items = (select_shots(splits["train"], cfg.shots, cfg.seed) if cfg.multilabel

@@ -34,7 +34,7 @@ def split_settings(model: Path) -> dict:
 
 def is_classifier(metadata: dict) -> bool:
     """Whether a weights file's metadata describes an image classifier (fine-tuned or pre-trained), not a segmenter."""
-    return metadata.get("arch") == "classifier"
+    return metadata.get("arch") in ("classifier", "position")
 
 
 def holds_classifier(model: Path) -> bool:

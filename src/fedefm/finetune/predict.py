@@ -28,6 +28,7 @@ from fedefm.finetune.cine import DEFAULT_FPS, cine_path, device_pixels, source_f
 from fedefm.finetune.classify import predict_probabilities
 from fedefm.finetune.dicom_seg import require_dicom_suffix, write_dicom_seg
 from fedefm.finetune.evaluate import is_classifier, weights_path
+from fedefm.models.position import PositionClassifier
 from fedefm.models.weights import build_from_weights
 from fedefm.runfolder import owned_run_folder
 
@@ -211,9 +212,13 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
     With ``out``, the rows also go to OUT/predictions.jsonl (and skipped inputs to OUT/skipped.txt); OUT is
     claimed as a run folder of kind "predict" (another run there is refused unless ``overwrite``).
 
+    A position classifier (``--pooling tip``) also says where it looked: its rows add ``"tip": [row, col]`` in px
+    of the input image, and with ``out`` it writes NAME_overlay.png, the image with the predicted catheter
+    (probability >= 0.5, orange) and a cross at the tip.
+
     Returns:
         One {"image": name, "class": most likely class (multi-label: the labels at p >= 0.5, as a list),
-        "probabilities": {CLASS: p}} per image, and the report of skipped inputs and timing.
+        "probabilities": {CLASS: p}} per image (plus "tip"), and the report of skipped inputs and timing.
 
     Raises:
         ConfigError: the weights are a segmenter's (use :func:`predict`).
@@ -234,12 +239,39 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
             chosen = ([c for c, p in zip(classes, probabilities) if p >= 0.5] if multilabel
                       else classes[int(np.argmax(probabilities))])
             rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
+            if isinstance(network, PositionClassifier):
+                tip, catheter = where_it_looked(network, image, size)
+                rows[-1]["tip"] = tip
+                if out is not None:
+                    write_png(Path(out) / f"{name}_overlay.png", mark_tip(overlay(image, catheter.astype(np.uint8)), tip))
         report.seconds = time.perf_counter() - started
         if out is not None:
             with atomic_write(Path(out) / "predictions.jsonl", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
             write_skipped(Path(out), report)
     return rows, report
+
+
+@torch.no_grad()
+def where_it_looked(network: PositionClassifier, image: np.ndarray, size: int) -> tuple[list[float], np.ndarray]:
+    """The tip [row, col] in px of ``image`` (H, W) and its catheter mask (H, W) bool, as the classifier saw them."""
+    network.eval()
+    seen = network(resize_image(image, size)[None], parts=("tip", "catheter"))
+    catheter = F.interpolate(seen["catheter"][None], size=image.shape, mode="bilinear", align_corners=False)[0, 0]
+    scale = [image.shape[0] / size, image.shape[1] / size]
+    tip = [round((float(v) + 0.5) * k - 0.5, 1) for v, k in zip(seen["tip"][0], scale)]
+    return tip, catheter.numpy() >= 0.5
+
+
+def mark_tip(rgb: np.ndarray, tip: list[float], colour: tuple[int, int, int] = (255, 0, 255)) -> np.ndarray:
+    """A copy of an RGB image (H, W, 3) uint8 with a cross of ``colour`` centred at ``tip`` (row, col)."""
+    marked = rgb.copy()
+    height, width = rgb.shape[:2]
+    row, col = (int(round(v)) for v in tip)
+    arm = max(2, min(height, width) // 32)
+    marked[max(0, row - arm) : row + arm + 1, min(max(col, 0), width - 1)] = colour
+    marked[min(max(row, 0), height - 1), max(0, col - arm) : col + arm + 1] = colour
+    return marked
 
 
 def predict(model: Path, inputs: list[Path], out: Path, skip_bad: bool = False, overwrite: bool = False,

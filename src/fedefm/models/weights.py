@@ -225,9 +225,10 @@ def check_whole_model(path: Path, metadata: dict[str, Any], tensors: dict[str, T
         )
     if not hasattr(model, "decoder"):
         raise ConfigError(f"--init-parts all: a {model.arch} has no decoder to load; use --init-parts encoder")
-    if arch is not None and arch != model.arch:
+    takes = {model.arch, getattr(model, "segmenter_arch", model.arch)}  # a position classifier takes a TransUNet's
+    if arch is not None and arch not in takes:
         raise WeightsError(
-            f"{path}: --init-parts all needs weights of a {model.arch}, but these are of a {arch}; "
+            f"{path}: --init-parts all needs weights of a {' or '.join(sorted(takes))}, but these are of a {arch}; "
             f"use --init-parts encoder or --arch {arch} from scratch"
         )
     if not has_decoder:
@@ -297,6 +298,7 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             or of the wrong shape.
     """
     # Imported here: segmenters pulls in MONAI, which a Flower silo (a new process per message) never needs.
+    from fedefm.models.position import PositionClassifier
     from fedefm.models.segmenters import ARCHS, build_classifier, build_segmenter
 
     tensors, metadata = load_weights(path)
@@ -306,10 +308,11 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     arch, preset_name, n_classes = metadata["arch"], metadata["preset"], metadata["n_classes"]
     if preset_name not in PRESETS:
         raise WeightsError(f"{path}: unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
-    if arch != "classifier" and arch not in ARCHS:
-        raise WeightsError(f"{path}: unknown arch {arch!r}; known: classifier, {', '.join(ARCHS)}")
+    classifiers = {"classifier": build_classifier, PositionClassifier.arch: PositionClassifier}
+    if arch not in classifiers and arch not in ARCHS:
+        raise WeightsError(f"{path}: unknown arch {arch!r}; known: {', '.join([*classifiers, *ARCHS])}")
     preset = get_preset(preset_name)
-    model = build_classifier(preset, n_classes) if arch == "classifier" else build_segmenter(arch, preset, n_classes)
+    model = classifiers[arch](preset, n_classes) if arch in classifiers else build_segmenter(arch, preset, n_classes)
     model_state = model.state_dict()
     missing = [key for key in model_state if key not in tensors]
     unexpected = [key for key in tensors if key not in model_state]

@@ -239,6 +239,19 @@ def test_flower_cli_writes_test_certificates_node_keys_and_the_app_folder(tmp_pa
     assert declared["tool"]["flwr"]["app"]["config"]["local-steps"] == 2
 
 
+def test_flower_supernode_refuses_a_negative_silo_id_or_a_missing_data_folder_at_start_up(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedefm.cli import app
+
+    runner = CliRunner()
+    base = ["flower", "supernode", "--superlink", "127.0.0.1:9092", "--data", str(tmp_path)]
+    result = runner.invoke(app, [*base, "--silo-id", "-1"])
+    assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.output
+    result = runner.invoke(app, [*base[:-1], str(tmp_path / "absent"), "--silo-id", "0"])
+    assert result.exit_code == 1 and f"--data {tmp_path / 'absent'}: no such folder" in result.output
+
+
 # --- over a real SuperLink and SuperNodes (127.0.0.1 only) -----------------------------------------------------
 
 

@@ -354,7 +354,7 @@ def test_a_supernode_killed_mid_run_is_left_out_then_rejoins_when_restarted(corp
 
     try:
         # the timeout must outlast a healthy reply (a new ClientApp process per message, slow on a busy CPU)
-        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=4, **{"reply-timeout": 30}))
+        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=4, **{"reply-timeout": 90}))
         rows_when(lambda rows: len(rows) >= 1)
         federation.kill("silo2")
         rows_when(lambda rows: any(row["excluded"] for row in rows))

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,20 +94,127 @@ def test_a_silo_folder_with_a_class_the_federation_lacks_is_refused(tmp_path):
         list_silo_images(tmp_path / "corpus", ["animal", "phantom"])
 
 
-def test_a_silo_that_fails_or_stays_silent_stops_the_round_naming_each(monkeypatch):
-    from flwr.app import Error, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+class AnsweringGrid:
+    """A Flower grid whose nodes answer each message at once: ``answer(node, message)`` → content, an error
+    reason, or None (silent); ``nodes`` are the node ids online."""
 
-    from fedefm.federated.flower.relay import SiloFailed, Silos, check_replies
+    def __init__(self, nodes, answer):
+        self.nodes, self.answer, self.replies, self.sent = list(nodes), answer, {}, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        from flwr.app import Error, Message
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
+            self.sent.append(message)
+            ids.append(message.metadata.message_id)
+            answer = self.answer(message.metadata.dst_node_id, message)
+            if answer is not None:
+                content = Error(code=0, reason=answer) if isinstance(answer, str) else answer
+                self.replies[ids[-1]] = Message(content, reply_to=message)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+    def send_and_receive(self, messages, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def silo_answers(silo_of, broken=None):
+    """Each silo trains by adding 1 to every model it gets and mixes by keeping its own; ``broken(node, message)``
+    may answer instead (non-None)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedefm.federated.flower.messages import scalars_record
+
+    def answer(node, message):
+        if broken is not None and (special := broken(node, message)) is not None:
+            return special
+        content, silo = message.content, silo_of[node]
+        if message.metadata.message_type == "query":
+            return RecordDict({"silo": ConfigRecord({"silo-id": silo, "num-examples": 10})})
+        if message.metadata.message_type == "train.mix":
+            return RecordDict({"mixed": content[f"model-{silo}"]})
+        reply = RecordDict()
+        tasks = content["tasks"]
+        for kind, model, user in zip(tasks["kinds"], tasks["models"], tasks["users"]):
+            trained = {k: v + 1 for k, v in record_weights(content[f"model-{model}"]).items()}
+            key = "home" if kind == "home" else f"expert-{model}"
+            if kind == "home" or user != silo:
+                reply[key] = weights_record(trained)
+                reply[f"{key}.scalars"] = scalars_record(SiloState(weights=trained, num_examples=10, grad_steps=1))
+        return reply
+
+    return answer
+
+
+@pytest.fixture
+def in_a_server_app(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
 
     for name in ("_run_id", "_node_id", "_task_id"):  # a message needs a run context, as inside a ServerApp
         monkeypatch.setattr(TaskIdentity, name, 1)
-    silos = Silos(grid=None, nodes=[11, 12, 13], timeout=20, round_=4)
-    sent = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in silos.nodes]
-    replies = [Message(RecordDict(), reply_to=sent[0]), Message(Error(code=0, reason="disk full"), reply_to=sent[1])]
-    with pytest.raises(SiloFailed, match=r"round 4: silo 1 \(node 12\): disk full; silo 2 \(node 13\): no reply within 20 s"):
-        check_replies(silos, replies, [0, 1, 2])
-    assert list(check_replies(silos, replies[:1], [0])) == [0]
+
+
+def ring_round(grid, round_, states, min_healthy=2, silos=None):
+    from fedefm.federated.flower.relay import Silos, relay_round
+
+    cfg = PretrainConfig(data=Path("unused"), out=Path("unused"), algorithm="fedefm", topology="ring", silos=3,
+                         min_healthy_silos=min_healthy)
+    silos = silos or Silos(grid=grid, nodes=[11, 12, 13], timeout=0.2)
+    ring = [[1, 2], [0, 2], [0, 1]]
+    W = np.full((3, 3), 1 / 3)
+    return silos, relay_round(silos, cfg, cfg.algorithm_config(), {"classes": ["a"], "outputs": 1}, round_, states,
+                              ring, W)
+
+
+def test_a_silo_that_fails_is_left_out_of_the_round_by_health_rules_and_rejoins_on_a_new_node(in_a_server_app):
+    silo_of = {11: 0, 12: 1, 13: 2, 14: 2}
+    grid = AnsweringGrid([11, 12, 13], silo_answers(silo_of, lambda node, message: "disk full" if node == 13 else None))
+    states = [SiloState(weights={"w": torch.full((2,), float(i))}, num_examples=10) for i in range(3)]
+    silos, (after, row) = ring_round(grid, 1, states)
+    assert row["excluded"] == [{"silo": 2, "reason": "node 13: disk full"}]
+    assert sorted((f["silo"], f["host"]) for f in row["dropped_experts"]) == [(0, 2), (1, 2)]
+    assert sum(m.metadata.dst_node_id == 13 for m in grid.sent) == 1  # no more messages once it failed
+    assert torch.equal(after[2].weights["w"], states[2].weights["w"]) and after[2].grad_steps == 0
+    mixes = [m.content["mix"] for m in grid.sent if m.metadata.message_type == "train.mix"]
+    assert [list(m["senders"]) for m in mixes] == [[0, 1], [0, 1]] and list(mixes[0]["row"]) == [0.5, 0.5]
+    # its SuperNode restarts under a new node id and the next round finds it
+    grid.nodes, grid.answer = [11, 12, 14], silo_answers(silo_of)
+    silos, (_, row) = ring_round(grid, 2, after, silos=silos)
+    assert silos.nodes == [11, 12, 14] and row["excluded"] == [] and row["dropped_experts"] == []
+
+
+def test_a_silent_or_malformed_silo_is_named_and_too_few_healthy_silos_stop_the_run(in_a_server_app):
+    from fedefm.federated.health import TooFewHealthySilos
+
+    silo_of = {11: 0, 12: 1, 13: 2}
+
+    def broken(node, message):
+        if node == 13:
+            return False  # never answers
+        if node == 12 and message.metadata.message_type == "train" and "home" in message.content["tasks"]["kinds"]:
+            reply = silo_answers(silo_of)(node, message)
+            reply["home"] = weights_record({"w": torch.zeros(3)})
+            return reply
+        return None
+
+    def answer(node, message):
+        special = broken(node, message)
+        return None if special is False else special or silo_answers(silo_of)(node, message)
+
+    states = [SiloState(weights={"w": torch.zeros(2)}, num_examples=10) for _ in range(3)]
+    _, (_, row) = ring_round(AnsweringGrid([11, 12, 13], answer), 1, states, min_healthy=1)
+    reasons = {f["silo"]: f["reason"] for f in row["excluded"]}
+    assert reasons[2] == "node 13: no reply within 0.2 s (is its SuperNode still running?)"
+    assert reasons[1].startswith("node 12: returned unusable weights: home: w is (3,)")
+    with pytest.raises(TooFewHealthySilos, match=r"round 1: 1 of 3 silos healthy, the run needs 2.*silo 2: node 13"):
+        ring_round(AnsweringGrid([11, 12, 13], answer), 1, states, min_healthy=2)
 
 
 def test_flower_cli_writes_test_certificates_node_keys_and_the_app_folder(tmp_path):
@@ -129,6 +237,19 @@ def test_flower_cli_writes_test_certificates_node_keys_and_the_app_folder(tmp_pa
     declared = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
     assert declared["project"]["dependencies"] == ["flwr>=1.42,<1.43"]  # nothing for Flower to install, no torch
     assert declared["tool"]["flwr"]["app"]["config"]["local-steps"] == 2
+
+
+def test_flower_supernode_refuses_a_negative_silo_id_or_a_missing_data_folder_at_start_up(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedefm.cli import app
+
+    runner = CliRunner()
+    base = ["flower", "supernode", "--superlink", "127.0.0.1:9092", "--data", str(tmp_path)]
+    result = runner.invoke(app, [*base, "--silo-id", "-1"])
+    assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.output
+    result = runner.invoke(app, [*base[:-1], str(tmp_path / "absent"), "--silo-id", "0"])
+    assert result.exit_code == 1 and f"--data {tmp_path / 'absent'}: no such folder" in result.output
 
 
 # --- over a real SuperLink and SuperNodes (127.0.0.1 only) -----------------------------------------------------
@@ -217,22 +338,36 @@ def test_fedavg_over_tls_with_supernode_authentication_writes_the_simulators_run
 
 
 @pytest.mark.slow
-def test_a_supernode_killed_mid_run_fails_the_run_naming_its_silo(corpus, tmp_path):
+def test_a_supernode_killed_mid_run_is_left_out_then_rejoins_when_restarted(corpus, tmp_path):
     federation = loopback(tmp_path, corpus)
     out = tmp_path / "flower"
+
+    def rows_when(ready, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+                if (out / "metrics.jsonl").is_file() else []
+            if ready(rows):
+                return rows
+            time.sleep(0.5)
+        raise AssertionError(f"no such metrics rows within {timeout} s")
+
     try:
         # the timeout must outlast a healthy reply (a new ClientApp process per message, slow on a busy CPU)
-        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=3, **{"reply-timeout": 60}))
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=4, **{"reply-timeout": 90}))
+        rows_when(lambda rows: len(rows) >= 1)
         federation.kill("silo2")
-        with pytest.raises(deploy.FlowerRunFailed, match=r"finished:failed.*silo 2 \(node \d+\)"):
-            deploy.wait_run(run_id, federation.home, timeout=300)
+        rows_when(lambda rows: any(row["excluded"] for row in rows))
+        federation.restart("silo2")
+        record = deploy.wait_run(run_id, federation.home, timeout=600)
     finally:
         federation.stop()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) < 3
-    assert not (out / "global.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["status"] == "finished:completed" and len(rows) == 4
+    left_out = [row for row in rows if row["excluded"]]
+    assert left_out and all([f["silo"] for f in row["excluded"]] == [2] for row in left_out)
+    assert rows[-1]["excluded"] == []  # restarted, it rejoined
+    assert (out / "global.safetensors").is_file()
 
 
 @pytest.mark.slow

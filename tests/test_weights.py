@@ -19,7 +19,15 @@ from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_classifier, build_segmenter
 from fedefm.finetune.metrics import SEGMENTATION_CLASSES
 from fedefm.models.segmenters import TransUNet
-from fedefm.models.weights import build_from_weights, load_pretrained, load_weights, model_metadata, save_weights
+from fedefm.models.weights import (
+    build_from_weights,
+    load_pretrained,
+    load_weights,
+    model_metadata,
+    pack_weights,
+    save_weights,
+    unpack_weights,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -438,3 +446,51 @@ def test_weights_holding_nan_or_inf_are_refused_naming_the_file_and_tensor(tmp_p
         build_from_weights(path)
     with pytest.raises(WeightsError, match="diverged.safetensors: tensor"):
         load_pretrained(build_segmenter("transunet", get_preset("tiny"), 3), path)
+
+
+# --- packed weights (one byte string per model, as Flower messages carry them) ---------------------------------
+
+PACKED_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8, torch.bool]
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (3, 5), (2, 0, 4), (2, 3, 1, 4)])
+def test_packed_weights_round_trip_every_dtype_and_shape_in_order(shape):
+    generator = torch.Generator().manual_seed(0)
+    weights = {f"t{k}.{dtype}".replace("torch.", ""): (torch.randn(shape, generator=generator) * 50).to(dtype)
+               for k, dtype in enumerate(reversed(PACKED_DTYPES))}
+    weights["strided"] = torch.arange(24.0).reshape(4, 6)[:, ::2]  # not contiguous
+    back = unpack_weights(pack_weights(weights), "silo 1")
+    assert list(back) == list(weights)
+    for name, tensor in weights.items():
+        assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape
+        assert torch.equal(back[name], tensor)
+    back["strided"] += 1  # writable, owned by the receiver
+    assert not torch.equal(back["strided"], weights["strided"])
+
+
+def test_truncated_packed_weights_are_refused_naming_the_sender():
+    packed = pack_weights({"w": torch.randn(4, 4), "b": torch.zeros(4)})
+    for broken in (packed[:-1], packed[:20], packed[:7], b""):
+        with pytest.raises(WeightsError, match="silo 2's reply: packed weights are truncated or inconsistent"):
+            unpack_weights(broken, "silo 2's reply")
+
+
+def test_packed_weights_with_an_inconsistent_index_are_refused():
+    packed = pack_weights({"w": torch.randn(4, 4)})
+    size = int.from_bytes(packed[:8], "little")
+    index = json.loads(packed[8 : 8 + size])
+
+    def rebuilt(index) -> bytes:
+        header = json.dumps(index).encode()
+        header += b" " * (-len(header) % 8)
+        return len(header).to_bytes(8, "little") + header + packed[8 + size :]
+
+    wrong_shape = index | {"w": index["w"] | {"shape": [4, 5]}}
+    wrong_offsets = index | {"w": index["w"] | {"data_offsets": [0, 32]}}
+    no_order = {"w": index["w"]}
+    extra_name = index | {"__metadata__": {"fedefm_order": json.dumps(["w", "v"])}}
+    for bad in (wrong_shape, wrong_offsets, no_order, extra_name):
+        with pytest.raises(WeightsError, match="packed weights are truncated or inconsistent"):
+            unpack_weights(rebuilt(bad), "silo 0")
+    assert torch.equal(unpack_weights(rebuilt(index), "silo 0")["w"], unpack_weights(packed, "silo 0")["w"])

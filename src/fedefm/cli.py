@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedefm import __version__
-from fedefm.errors import FedefmError
+from fedefm.errors import DataError, FedefmError
 
 app = typer.Typer(help="Federated endovascular foundation model: synthetic data, pre-training, few-shot segmentation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -501,7 +501,7 @@ def flower_superlink(
 @user_errors
 def flower_supernode(
     superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
-    silo_id: Annotated[int, typer.Option(help="This hospital's silo, 0 … S-1 (its place on the overlay).")],
+    silo_id: Annotated[int, typer.Option(min=0, help="This hospital's silo, 0 … S-1 (its place on the overlay).")],
     data: Annotated[Path, typer.Option(help="This hospital's images, ROOT/CLASS/*.png (never leave this machine).")],
     data_layout: Annotated[str, typer.Option(help="silo (DATA is this silo's) or corpus (take partition "
                                                   "--silo-id of a whole corpus, as fedefm pretrain does).")] = "silo",
@@ -514,6 +514,8 @@ def flower_supernode(
     """Start a hospital's SuperNode; it runs fedefm's ClientApp on DATA and sends only weights and metrics."""
     from fedefm.federated.flower.deploy import supernode_command
 
+    if not data.is_dir():
+        raise DataError(f"--data {data}: no such folder; give this hospital's images, ROOT/CLASS/*.png")
     _run_flower_process(supernode_command(superlink, silo_id, data, port, data_layout, root_certificates, auth_key))
 
 
@@ -581,7 +583,9 @@ def flower_run(
     option: Annotated[list[str], typer.Option(help="Algorithm setting NAME=VALUE; repeatable.")] = [],
     seed: Annotated[int, typer.Option(help="Seed of partition, init, batches and topology draws.")] = 0,
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
-    reply_timeout: Annotated[float, typer.Option(help="Seconds to wait for a silo's reply before the run stops.")] = 600,
+    reply_timeout: Annotated[float, typer.Option(help="Seconds to wait for a silo's reply before it is left out "
+                                                      "of that round.")] = 600,
+    min_healthy_silos: Annotated[int, typer.Option(help="Stop when fewer silos come through a round.")] = 2,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the whole run.")] = 24 * 3600,
     overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
 ) -> None:
@@ -592,7 +596,7 @@ def flower_run(
                 "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "preset": preset,
                 "image-size": image_size, "dropout": dropout, "eval-every": eval_every, "options": " ".join(option),
                 "seed": seed, "data": str(data.resolve()), "out": str(out.resolve()), "overwrite": overwrite,
-                "reply-timeout": reply_timeout}
+                "reply-timeout": reply_timeout, "min-healthy-silos": min_healthy_silos}
     record = run_federation(superlink, {k: v for k, v in settings.items() if v is not None}, root_certificates, timeout)
     traffic = record["network-traffic"]
     console.print(f"Flower run {record['run-id']} {record['status']} in {record['elapsed']:.0f} s, "

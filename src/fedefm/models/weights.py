@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "fedefm-weights-1"
 MAX_HEADER_BYTES = 100 * 2**20
 ENCODER_PREFIX = "encoder."
+PACKED_ORDER = "fedefm_order"  # the index entry of packed weights that keeps the names' order
 
 
 def model_metadata(model: nn.Module) -> dict[str, Any]:
@@ -95,6 +96,35 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                                "diverged run: use an earlier checkpoint or train again with a lower --lr")
     metadata = {key: read_metadata_value(value) for key, value in header.get("__metadata__", {}).items()}
     return tensors, metadata
+
+
+def pack_weights(weights: dict[str, Tensor]) -> bytes:
+    """Every tensor of ``weights`` (any dtype and shape) as one safetensors byte string: a JSON index, then the data.
+
+    The index also records the names' order, which ``unpack_weights`` restores.
+    """
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
+    return serialize_safetensors(tensors, metadata={PACKED_ORDER: json.dumps(list(tensors))})
+
+
+def unpack_weights(data: bytes, sender: str) -> dict[str, Tensor]:
+    """The weights ``pack_weights`` packed, in their order, as writable tensors; never unpickles.
+
+    Raises:
+        WeightsError: naming ``sender`` when the bytes are truncated, the index is inconsistent with the data
+            (offsets, dtypes, shapes) or lacks the names' order.
+    """
+    try:
+        header_bytes = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+        if not 0 < header_bytes <= len(data) - 8:
+            raise ValueError(f"{len(data)} bytes cannot hold a {header_bytes}-byte index")
+        order = json.loads(json.loads(data[8 : 8 + header_bytes]).get("__metadata__", {})[PACKED_ORDER])
+        tensors = parse_safetensors(data)
+        if sorted(order) != sorted(tensors):
+            raise ValueError(f"the index's order lists {len(order)} names for {len(tensors)} tensors")
+    except (ValueError, KeyError, TypeError, AttributeError, safetensors.SafetensorError) as error:
+        raise WeightsError(f"{sender}: packed weights are truncated or inconsistent ({error})") from error
+    return {name: tensors[name].clone() for name in order}
 
 
 def not_safetensors(path: Path, head: bytes, problem: str) -> WeightsError:

@@ -226,6 +226,7 @@ class LoopbackFederation:
         self.address = f"127.0.0.1:{free_port()}"
         self.env = flower_environment(self.home) | (env or {})
         self.processes: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
         self.runs = 0
         try:
             certificates = write_test_certificates(self.folder / "certificates") if tls else None
@@ -245,8 +246,9 @@ class LoopbackFederation:
             raise
 
     def start(self, name: str, command: list[str]) -> None:
-        """Start one process in its own group, logging to FOLDER/NAME.log."""
-        with open(self.folder / f"{name}.log", "wb") as log:
+        """Start one process in its own group, appending to FOLDER/NAME.log."""
+        self.commands[name] = command
+        with open(self.folder / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                     start_new_session=True)
 
@@ -256,6 +258,10 @@ class LoopbackFederation:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        """Start process ``name`` again as it was first started (a SuperNode registers under a new node id)."""
+        self.start(name, self.commands[name])
 
     def stop(self) -> None:
         """Kill every process this federation started."""

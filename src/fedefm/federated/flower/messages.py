@@ -1,6 +1,8 @@
 """What travels between the relay and the silos: weights as ArrayRecords, scalars as MetricRecords, the run's settings.
 
-Weights travel as numpy arrays (``np.save`` without pickle) and come back bit for bit. The run's
+A model travels as one Flower Array: its tensors packed into one safetensors byte string (a JSON
+index, then the data; ``models.weights.pack_weights``), so a message moves one object per model
+instead of one per tensor, and comes back bit for bit, in any dtype. The run's
 settings are Flower's run config (``[tool.flwr.app.config]`` of the app, overridden by
 ``flwr run --run-config``); relay and silos read the same ``PretrainConfig`` from it.
 """
@@ -10,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from flwr.app import ArrayRecord, MetricRecord, UserConfig
+from flwr.app import Array, ArrayRecord, MetricRecord, UserConfig
 
 from fedefm.config import PretrainConfig, parse_settings
-from fedefm.errors import ConfigError
+from fedefm.errors import ConfigError, WeightsError
 from fedefm.federated.algorithms.base import SiloState, Weights
+from fedefm.models.weights import pack_weights, unpack_weights
 
 # Run-config keys (Flower's spelling) → PretrainConfig fields; "options" holds "NAME=VALUE NAME=VALUE".
 RUN_CONFIG_FIELDS = {
@@ -23,6 +26,7 @@ RUN_CONFIG_FIELDS = {
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "preset": "preset",
     "image-size": "image_size", "dropout": "dropout", "shots": "shots", "eval-every": "eval_every",
     "val-fraction": "val_fraction", "test-fraction": "test_fraction", "seed": "seed",
+    "min-healthy-silos": "min_healthy_silos",
 }
 # Run-config keys the relay reads itself.
 RELAY_KEYS = ("data", "out", "overwrite", "options", "images-only", "reply-timeout", "connect-timeout")
@@ -61,14 +65,25 @@ def pretrain_config(run_config: UserConfig, data: str | Path | None = None) -> P
                           images_only=tuple(str(run_config.get("images-only", "")).split()), **fields)
 
 
+PACKED = "safetensors"  # the one Array of a weights record
+
+
 def weights_record(weights: Weights) -> ArrayRecord:
-    """An ArrayRecord holding every tensor of ``weights`` (copied to CPU)."""
-    return ArrayRecord.from_torch_state_dict({name: tensor.detach().cpu() for name, tensor in weights.items()})
+    """An ArrayRecord of one Array: every tensor of ``weights`` packed (copied to CPU)."""
+    packed = pack_weights(weights)
+    return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(packed),), stype=PACKED, data=packed)})
 
 
-def record_weights(record: ArrayRecord) -> Weights:
-    """The weights an ArrayRecord holds, as writable tensors."""
-    return {name: tensor.clone() for name, tensor in record.to_torch_state_dict().items()}
+def record_weights(record: ArrayRecord, sender: str = "a message") -> Weights:
+    """The weights an ArrayRecord holds, as writable tensors.
+
+    Raises:
+        WeightsError: naming ``sender`` when the record is not one packed model, or its bytes are truncated or
+            inconsistent.
+    """
+    if list(record) != [PACKED]:
+        raise WeightsError(f"{sender}: weights record holds {sorted(record)[:3]}, not one packed model")
+    return unpack_weights(bytes(record[PACKED].data), sender)
 
 
 def scalars_record(state: SiloState) -> MetricRecord:
@@ -77,8 +92,8 @@ def scalars_record(state: SiloState) -> MetricRecord:
                          "grad-steps": state.grad_steps})
 
 
-def record_state(weights: ArrayRecord, scalars: MetricRecord) -> SiloState:
+def record_state(weights: ArrayRecord, scalars: MetricRecord, sender: str = "a message") -> SiloState:
     """A SiloState from its weights and scalars records (memory stays at the silo)."""
-    return SiloState(weights=record_weights(weights), num_examples=int(scalars["num-examples"]),
+    return SiloState(weights=record_weights(weights, sender), num_examples=int(scalars["num-examples"]),
                      train_loss=float(scalars["train-loss"]), grad_steps=int(scalars["grad-steps"]))
 

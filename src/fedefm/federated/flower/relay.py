@@ -11,15 +11,19 @@ A round is a series of waves. Each silo runs its tasks in the order a single pro
 longest run of its next tasks whose inputs exist (a home update waits for the experts of its model).
 With the same seed, data and dropout = 0 the run reproduces the simulator bit for bit.
 
-Every reply is checked before anything is mixed (``check_replies``): a silo that answers with an
-error or not at all within ``reply-timeout`` seconds stops the run with its silo id, node id and reason.
+Every reply is checked before anything is mixed, with federated/health.py's rules: a silo whose
+SuperNode answers with an error, not at all within ``reply-timeout`` seconds, or with weights that
+cannot be mixed is left out of the round (its hosted experts dropped, its own update excluded, the
+others' rows of W renormalised) and gets no more messages that round; the run stops only when fewer
+than ``min-healthy-silos`` silos come through. At the next round the relay looks for the silo again
+(a restarted SuperNode registers under a new node id), and it rejoins.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +31,11 @@ from flwr.app import ConfigRecord, Message, RecordDict, UserConfig
 from flwr.serverapp import Grid
 
 from fedefm.config import PretrainConfig, resolve_device
-from fedefm.errors import ConfigError, FedefmError
+from fedefm.errors import ConfigError, FedefmError, WeightsError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
-from fedefm.federated.algorithms.base import NonFiniteLoss, SiloState, Task, home_tasks
+from fedefm.federated.algorithms.base import SiloState, Task, home_tasks, mix_row
+from fedefm.federated.health import Fault, check_quorum, renormalise, weights_fault
 from fedefm.federated.flower.messages import (
     pretrain_config,
     record_state,
@@ -45,61 +50,89 @@ log = logging.getLogger(__name__)
 
 
 class SiloFailed(FedefmError, RuntimeError):
-    """A silo replied with an error or not at all; the message names the silo, its node and the reason."""
+    """Too few SuperNodes connected, or one answered the first query with an error."""
 
 
 @dataclass
 class Silos:
-    """The federation as the relay sees it: silo i's Flower node id, and the payload bytes sent and received."""
+    """The federation as the relay sees it: silo i's Flower node id, and the payload bytes sent and received.
+
+    ``down`` holds the silos whose SuperNode failed in the current or last round, with why; such a silo
+    gets no more messages that round, and is looked for again (``rejoin``) at the next round's start.
+    """
 
     grid: Grid
     nodes: list[int]
     timeout: float
     bytes_moved: int = 0
     round_: int = 0
+    down: dict[int, str] = field(default_factory=dict)
 
-    def exchange(self, contents: dict[int, RecordDict], message_type: str) -> dict[int, RecordDict]:
-        """Send each silo its content, wait for the replies, and return them by silo once all are good."""
-        messages = [Message(content, dst_node_id=self.nodes[i], message_type=message_type, group_id=str(self.round_))
-                    for i, content in contents.items()]
+    def exchange(self, contents: dict[int, RecordDict], message_type: str) -> tuple[dict[int, RecordDict], dict[int, str]]:
+        """Send each silo its content; returns the replies by silo, and why each other silo gave none.
+
+        Pulls with a short, growing pause (POLL_S … POLL_MAX_S) until every reply is in or ``timeout`` passes.
+        """
+        silos = list(contents)
+        messages = [Message(contents[i], dst_node_id=self.nodes[i], message_type=message_type,
+                            group_id=str(self.round_)) for i in silos]
         self.bytes_moved += sum(record_bytes(content) for content in contents.values())
-        replies = check_replies(self, list(self.grid.send_and_receive(messages, timeout=self.timeout)), list(contents))
-        self.bytes_moved += sum(record_bytes(content) for content in replies.values())
-        return replies
+        waiting = dict(zip(self.grid.push_messages(messages), silos, strict=True))
+        replies: dict[int, RecordDict] = {}
+        failures: dict[int, str] = {}
+        deadline, pause = time.monotonic() + self.timeout, POLL_S
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(waiting)):
+                silo = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if silo is None:
+                    continue
+                if reply.has_error():
+                    failures[silo] = reply.error.reason
+                else:
+                    replies[silo] = reply.content
+                    self.bytes_moved += record_bytes(reply.content)
+            if waiting:
+                time.sleep(pause)
+                pause = min(2 * pause, POLL_MAX_S)
+        for silo in waiting.values():
+            failures[silo] = f"no reply within {self.timeout:g} s (is its SuperNode still running?)"
+        return replies, failures
+
+    def fail(self, silo: int, reason: str) -> str:
+        """Mark ``silo``'s SuperNode down for the rest of the round; returns the reason, naming its node."""
+        self.down[silo] = f"node {self.nodes[silo]}: {reason}"
+        log.warning("round %d, silo %d (%s)", self.round_, silo, self.down[silo])
+        return self.down[silo]
+
+    def rejoin(self, run_info: dict) -> None:
+        """Look for a new SuperNode of each down silo (a restarted one registers under a new node id)."""
+        if not self.down:
+            return
+        online = set(self.grid.get_node_ids())
+        new = sorted(online - set(self.nodes))
+        if new:
+            content = RecordDict({"run": ConfigRecord({"classes": run_info["classes"]})})
+            messages = [Message(content, dst_node_id=node, message_type="query") for node in new]
+            for reply in self.grid.send_and_receive(messages, timeout=min(self.timeout, QUERY_TIMEOUT_S)):
+                if reply.has_error():
+                    continue
+                silo = int(reply.content["silo"]["silo-id"])
+                if silo in self.down:
+                    log.info("round %d: silo %d rejoins on node %d", self.round_, silo, reply.metadata.src_node_id)
+                    self.nodes[silo] = reply.metadata.src_node_id
+                    del self.down[silo]
+        for silo in list(self.down):
+            if self.nodes[silo] in online:  # the same node answers again (it failed one message, not its process)
+                del self.down[silo]
+
+
+POLL_S, POLL_MAX_S = 0.02, 0.5  # pauses between pulls of a wave's replies
+QUERY_TIMEOUT_S = 60.0  # how long a rejoining SuperNode has to answer the query
 
 
 def record_bytes(content: RecordDict) -> int:
     """Payload bytes of a message's records (weights, metrics, settings)."""
     return sum(record.count_bytes() for record in content.values())
-
-
-def check_replies(silos: Silos, replies: list[Message], expected: list[int]) -> dict[int, RecordDict]:
-    """The replies' contents by silo; a missing or failed reply raises SiloFailed naming every such silo.
-
-    Raises:
-        NonFiniteLoss: a silo's local loss became NaN or infinite (the silo's own message).
-        SiloFailed: a silo sent an error or no reply within the timeout.
-    """
-    silo_of = {node: i for i, node in enumerate(silos.nodes)}
-    good: dict[int, RecordDict] = {}
-    failures: dict[int, str] = {}
-    for reply in replies:
-        silo = silo_of.get(reply.metadata.src_node_id)
-        if silo is None:
-            continue
-        if reply.has_error():
-            failures[silo] = reply.error.reason
-        else:
-            good[silo] = reply.content
-    for silo in expected:
-        if silo not in good and silo not in failures:
-            failures[silo] = f"no reply within {silos.timeout:g} s (is its SuperNode still running?)"
-    if failures:
-        reasons = "; ".join(f"silo {i} (node {silos.nodes[i]}): {reason}" for i, reason in sorted(failures.items()))
-        if any("NonFiniteLoss" in reason for reason in failures.values()):
-            raise NonFiniteLoss(reasons)
-        raise SiloFailed(f"round {silos.round_}: {reasons}. The run stops: every silo takes part in every round")
-    return good
 
 
 def connect(grid: Grid, cfg: PretrainConfig, classes: list[str], wait_s: float, timeout: float) -> tuple[Silos, list[int]]:
@@ -145,35 +178,85 @@ def mixing_place(cfg: PretrainConfig, algorithm, algo_cfg) -> str:
     return "silos"
 
 
-def run_waves(silos: Silos, tasks: list[Task], states: list[SiloState], run_info: dict) -> list[SiloState]:
+def run_waves(silos: Silos, tasks: list[Task], states: list[SiloState], run_info: dict,
+              faults: list[Fault]) -> list[SiloState]:
     """Run the round's tasks wave by wave; returns every silo's state after its home update.
 
     ``run_info`` travels in every message: {"classes": the data types, "outputs": the model's output count}.
+    A silo whose SuperNode fails (an error, no reply, unusable weights) fails all its tasks of the
+    round, recorded in ``faults`` as health.py records them: the experts it hosts are dropped, its own
+    update is excluded and it keeps its round-start state.
     """
     queues = {i: [t for t in tasks if t.silo == i] for i in range(len(states))}
     awaited = {i: [t for t in tasks if t.kind == "expert" and t.user == i and t.silo != i] for i in range(len(states))}
     experts: dict[Task, SiloState] = {}
+    settled: set[Task] = set()
     updated = list(states)
+
+    def fail(silo: int, failed: list[Task], reason: str) -> None:
+        for task in failed:
+            settled.add(task)
+            if task.kind == "home":
+                faults.append(Fault(silo, reason))
+                updated[silo] = replace(states[silo], grad_steps=0)
+            else:
+                faults.append(Fault(task.model, f"expert trained at silo {silo} dropped: {reason}", silo))
+
     while any(queues.values()):
+        for i in [i for i in queues if i in silos.down and queues[i]]:
+            fail(i, queues[i], silos.down[i])
+            queues[i] = []
         wave = {}
         for i, queue in queues.items():
             ready = 0
-            while ready < len(queue) and (queue[ready].kind == "expert"
-                                          or all(t in experts for t in awaited[i])):
+            while ready < len(queue) and (queue[ready].kind == "expert" or all(t in settled for t in awaited[i])):
                 ready += 1
             if ready:
                 wave[i], queues[i] = queue[:ready], queue[ready:]
-        assert wave, "a round's tasks wait on each other"
-        contents = {i: wave_content(i, wave[i], states, [experts[t] for t in awaited[i]]
+        if not wave:
+            break
+        contents = {i: wave_content(i, wave[i], states, [experts[t] for t in awaited[i] if t in experts]
                                     if any(t.kind == "home" for t in wave[i]) else [], run_info)
                     for i in wave}
-        for i, reply in silos.exchange(contents, "train").items():
-            for task in wave[i]:
+        replies, failures = silos.exchange(contents, "train")
+        for i, reason in failures.items():
+            fail(i, wave[i] + queues[i], silos.fail(i, reason))
+            queues[i] = []
+        for i, reply in replies.items():
+            try:
+                results = wave_results(i, wave[i], reply, states)
+            except (KeyError, WeightsError) as exc:
+                fail(i, wave[i] + queues[i], silos.fail(i, f"returned unusable weights: {exc}"))
+                queues[i] = []
+                continue
+            for task, state in results.items():
+                settled.add(task)
                 if task.kind == "home":
-                    updated[i] = record_state(reply["home"], reply["home.scalars"])
-                elif task.user != i:
-                    experts[task] = record_state(reply[f"expert-{task.model}"], reply[f"expert-{task.model}.scalars"])
+                    updated[i] = state
+                else:
+                    experts[task] = state
     return updated
+
+
+def wave_results(silo: int, tasks: list[Task], reply: RecordDict, states: list[SiloState]) -> dict[Task, SiloState]:
+    """The states a silo's "train" reply holds for its wave's tasks (a kept expert has none), each checked.
+
+    Raises:
+        WeightsError: a state is missing, cannot be unpacked, or is not mixable with its model (health.weights_fault).
+        KeyError: a record the task needs is missing.
+    """
+    sender = f"silo {silo}'s reply"
+    results = {}
+    for task in tasks:
+        if task.kind == "expert" and task.user == silo:
+            continue
+        key = "home" if task.kind == "home" else f"expert-{task.model}"
+        state = record_state(reply[key], reply[f"{key}.scalars"], sender)
+        reason = weights_fault(state.weights, states[task.model].weights)
+        if reason is not None:
+            raise WeightsError(f"{key}: {reason}")
+        results[task] = state
+    return results
 
 
 def wave_content(silo: int, tasks: list[Task], states: list[SiloState], trained: list[SiloState],
@@ -192,33 +275,72 @@ def wave_content(silo: int, tasks: list[Task], states: list[SiloState], trained:
     return content
 
 
-def mix_at_silos(silos: Silos, states: list[SiloState], W: np.ndarray) -> list[SiloState]:
-    """Forward every silo the updated models j with W_ij > 0 (its own included); each mixes its own row."""
+def mix_at_silos(silos: Silos, states: list[SiloState], start: list[SiloState], W: np.ndarray, algo_cfg,
+                 mix, faults: list[Fault]) -> list[SiloState]:
+    """Forward every silo the updated models j with W_ij > 0 (its own included); each mixes its own row.
+
+    A row that is e_i (an excluded silo's, or one whose senders all failed) needs no other silo's model
+    and is mixed here; a silo that fails its mix message is excluded and keeps its round-start state ``start``.
+    """
+    mixed = list(states)
     contents = {}
     for i in range(len(states)):
         senders = [j for j in range(len(states)) if W[i, j] > 0]
+        if senders == [i]:
+            mixed[i] = mix_row(mix, i, {i: states[i]}, {i: float(W[i, i])}, algo_cfg)
+            continue
         content = RecordDict({"mix": ConfigRecord({"senders": senders, "row": [float(W[i, j]) for j in senders]})})
         for j in senders:
             content[f"model-{j}"] = weights_record(states[j].weights)
         contents[i] = content
-    replies = silos.exchange(contents, "train.mix")
-    return [replace(state, weights=record_weights(replies[i]["mixed"])) for i, state in enumerate(states)]
+    replies, failures = silos.exchange(contents, "train.mix")
+    for i, reply in replies.items():
+        try:
+            weights = record_weights(reply["mixed"], f"silo {i}'s mix reply")
+            reason = weights_fault(weights, states[i].weights)
+        except (KeyError, WeightsError) as exc:
+            weights, reason = {}, str(exc)
+        if reason is None:
+            mixed[i] = replace(states[i], weights=weights)
+        else:
+            failures[i] = f"returned unusable weights: {reason}"
+    for i, reason in failures.items():
+        faults.append(Fault(i, f"mix: {silos.fail(i, reason)}"))
+        mixed[i] = replace(start[i], grad_steps=0)
+    return mixed
 
 
 def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, run_info: dict, round_: int,
                 states: list[SiloState], neighbours: list[list[int]], W: np.ndarray) -> tuple[list[SiloState], dict]:
-    """One round over Flower: the tasks in waves, then the mix where the algorithm does it."""
+    """One round over Flower: the tasks in waves, then the mix where the algorithm does it, over the healthy silos.
+
+    The metrics row's "excluded" and "dropped_experts" name each silo left out and why, as the simulator's do.
+
+    Raises:
+        TooFewHealthySilos: fewer than ``cfg.min_healthy_silos`` silos came through (health.check_quorum).
+    """
     algorithm = get_algorithm(cfg.algorithm)
     silos.round_, silos.bytes_moved = round_, 0
+    silos.rejoin(run_info)
     tasks = (algorithm.round_tasks(neighbours, algo_cfg) if algorithm.EXCHANGE == "overseas"
              else home_tasks(len(states)))
-    updated = run_waves(silos, tasks, states, run_info)
+    faults: list[Fault] = []
+    updated = run_waves(silos, tasks, states, run_info, faults)
+    for i in sorted(set(silos.down) - {f.silo for f in faults if f.host is None}):  # failed after its home update
+        faults.append(Fault(i, silos.down[i]))
+        updated[i] = replace(states[i], grad_steps=0)
+    check_quorum(faults, len(states), cfg.min_healthy_silos, round_)
+    excluded = {f.silo for f in faults if f.host is None}
+    mixing = renormalise(W, [i not in excluded for i in range(len(states))])
     place = mixing_place(cfg, algorithm, algo_cfg)
     if place == "relay":
-        updated = algorithm.mix(updated, W, algo_cfg)
+        updated = algorithm.mix(updated, mixing, algo_cfg)
     elif place == "silos":
-        updated = mix_at_silos(silos, updated, W)
-    return updated, {"relay_bytes": silos.bytes_moved}
+        updated = mix_at_silos(silos, updated, states, mixing, algo_cfg, algorithm.mix, faults)
+        check_quorum(faults, len(states), cfg.min_healthy_silos, round_)
+    return updated, {"excluded": [f.to_dict() for f in faults if f.host is None],
+                     "dropped_experts": [f.to_dict() for f in faults if f.host is not None],
+                     "relay_bytes": silos.bytes_moved}
 
 
 def run(grid: Grid, run_config: UserConfig) -> dict:

@@ -240,10 +240,11 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
                       else classes[int(np.argmax(probabilities))])
             rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
             if isinstance(network, PositionClassifier):
-                tip, catheter = where_it_looked(network, image, size)
+                tip, catheter = where_it_looked(network, frame.image, size)
                 rows[-1]["tip"] = tip
                 if out is not None:
-                    write_png(Path(out) / f"{name}_overlay.png", mark_tip(overlay(image, catheter.astype(np.uint8)), tip))
+                    write_png(Path(out) / f"{name}_overlay.png",
+                              mark_tip(overlay(frame.image, catheter.astype(np.uint8)), tip))
         report.seconds = time.perf_counter() - started
         if out is not None:
             with atomic_write(Path(out) / "predictions.jsonl", "w") as f:

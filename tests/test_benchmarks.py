@@ -22,9 +22,11 @@ EXPECTED = {
     "t4": (DOWNSTREAM, {"unet/scratch", "swinunetr/scratch", "transunet/scratch", "transunet/fedefm_ring"}),
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
     "t6": (POSITION, {"scratch", "centralized", "dpsgd", "fedefm_ring"}),
+    "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "budget", "train_s"}, {"scratch"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
-           "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py", "t7": "t7_dense_foundation.py"}
+           "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py", "t7": "t7_dense_foundation.py",
+           "t8": "t8_guidewire.py"}
 
 
 def read_rows(path: Path) -> list[dict]:

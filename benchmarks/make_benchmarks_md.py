@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from the benchmark result files only: no number in it is typed by hand.
 
-    python benchmarks/make_benchmarks_md.py                      # benchmarks/results/t1 ... t7 → BENCHMARKS.md
+    python benchmarks/make_benchmarks_md.py                      # benchmarks/results/t1 ... t8 → BENCHMARKS.md
     python benchmarks/make_benchmarks_md.py --results bench_out --file T3=bench_out/t3_long/results.jsonl
 
 Table Tn is read from RESULTS/tn/results.jsonl (or the file given by --file Tn=PATH). A table whose result file
@@ -23,6 +23,7 @@ import t4_backbones
 import t5_fedefm_ablation
 import t6_position
 import t7_dense_foundation
+import t8_guidewire
 from common import RESULT_FILE, run_script
 
 from fedefm.errors import DataError
@@ -39,12 +40,14 @@ TABLES: dict[str, tuple[str, str, Callable[[list[dict]], str]]] = {
            "t6_position.py", t6_position.tables),
     "T7": ("Dense foundations and whole-model transfer: few-shot segmentation on a fixed test set",
            "t7_dense_foundation.py", t7_dense_foundation.tables),
+    "T8": ("Catheter and guidewire from scratch at 256 px: Dice, clDice and HD95 on a fixed test set",
+           "t8_guidewire.py", t8_guidewire.tables),
 }
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder holding t1/ ... t7/")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="folder holding t1/ ... t8/")
     parser.add_argument("--file", action="append", default=[], help="Tn=PATH: read table Tn from PATH instead")
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
     parser.add_argument("--claims", type=Path, default=Path("benchmarks/claims.md"), help="hand-written statement")

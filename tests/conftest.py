@@ -31,7 +31,7 @@ def run_benchmark(script: str, *args: str) -> None:
 
 @pytest.fixture(scope="session")
 def quick_benchmarks(tmp_path_factory) -> Path:
-    """ROOT/t1 ... ROOT/t7: every table script's --quick output (T3, T4 and T6 start from T1's weights)."""
+    """ROOT/t1 ... ROOT/t8: every table script's --quick output (T3, T4 and T6 start from T1's weights)."""
     root = tmp_path_factory.mktemp("bench")
     run_benchmark("t1_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t1"))
     run_benchmark("t2_unseen.py", "--quick", "--threads", "1", "--out", str(root / "t2"))
@@ -39,4 +39,5 @@ def quick_benchmarks(tmp_path_factory) -> Path:
         run_benchmark(script, "--quick", "--threads", "1", "--out", str(root / table), "--foundation", str(root / "t1"))
     run_benchmark("t5_fedefm_ablation.py", "--quick", "--threads", "1", "--out", str(root / "t5"))
     run_benchmark("t7_dense_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t7"))
+    run_benchmark("t8_guidewire.py", "--quick", "--threads", "1", "--out", str(root / "t8"))
     return root

@@ -22,9 +22,11 @@ EXPECTED = {
     "t4": (DOWNSTREAM, {"unet/scratch", "swinunetr/scratch", "transunet/scratch", "transunet/fedefm_ring"}),
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
     "t6": (POSITION, {f"{pooling}/{init}" for pooling in ("mean", "tip") for init in ("scratch", "segmenter", "foundation")}),
+    "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "budget", "train_s"}, {"scratch"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
-           "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py", "t7": "t7_dense_foundation.py"}
+           "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py", "t7": "t7_dense_foundation.py",
+           "t8": "t8_guidewire.py"}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -141,8 +143,8 @@ def test_benchmarks_md_has_every_table_with_its_machine_command_and_seeds(quick_
     for table, script in SCRIPTS.items():
         assert f"## {table.upper()} — " in text
         assert f"python benchmarks/{script} --quick --threads 1 --out {quick_benchmarks / table}" in text
-    assert text.count("Machine: ") == 7 and text.count("Seeds: 0.") == 7
-    assert text.count("Quick mode (CI-sized)") == 7
+    assert text.count("Machine: ") == 8 and text.count("Seeds: 0.") == 8
+    assert text.count("Quick mode (CI-sized)") == 8
     assert "catheter gain (Dice points, 95% CI)" in text
     assert "| fedefm_ring |" in text and "| transunet | fedefm_ring | 4 |" in text and "| 2 | tip | foundation |" in text
     assert text.rstrip().endswith("FedEFM beats FedAvg here: a hand-written sentence.")

@@ -41,3 +41,13 @@ def quick_benchmarks(tmp_path_factory) -> Path:
     run_benchmark("t7_dense_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t7"))
     run_benchmark("t8_guidewire.py", "--quick", "--threads", "1", "--out", str(root / "t8"))
     return root
+
+
+@pytest.fixture(scope="module")
+def positions(tmp_path_factory) -> Path:
+    """A 4-class catheter-position dataset at 32 px, the size test_classify and test_position train at."""
+    from fedefm.data.synth import write_position_dataset
+
+    root = tmp_path_factory.mktemp("data") / "position"
+    write_position_dataset(root, 32, size=32, seed=2)
+    return root

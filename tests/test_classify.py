@@ -32,13 +32,6 @@ def quick_config(data, out, **changes):
 
 
 @pytest.fixture(scope="module")
-def positions(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "position"
-    write_position_dataset(root, 32, size=SIZE, seed=2)
-    return root
-
-
-@pytest.fixture(scope="module")
 def foundation(tmp_path_factory):
     """Pre-training weights: a 6-class classifier whose tensors differ from a fresh model's."""
     torch.manual_seed(123)

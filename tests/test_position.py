@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from fedefm.config import FinetuneConfig
-from fedefm.data.synth import write_position_dataset
 from fedefm.data.synth.domains import render_position
 from fedefm.errors import DataError, WeightsError
 from fedefm.finetune import classify
@@ -26,13 +25,6 @@ def quick_config(data, out, **changes):
     settings = dict(task="classify", pooling="tip", shots=3, epochs=1, batch_size=4, samples_per_epoch=8,
                     warmup_steps=1, image_size=SIZE, seed=0)
     return FinetuneConfig(data=data, out=out, **(settings | changes))
-
-
-@pytest.fixture(scope="module")
-def positions(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "position"
-    write_position_dataset(root, 32, size=SIZE, seed=2)
-    return root
 
 
 @pytest.mark.parametrize("cls", ["aortic_arch", "descending_aorta", "supra_aortic"])

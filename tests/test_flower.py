@@ -26,6 +26,7 @@ from fedefm.federated.simulator import run as simulate  # noqa: E402
 from fedefm.models.weights import load_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 400  # each end-to-end run, bounded (seconds)
 SETTINGS = {"silos": 3, "rounds": 2, "batch-size": 8, "image-size": 32, "eval-every": 1, "local-steps": 1,
             "dropout": 0.0, "reply-timeout": 120}
 
@@ -273,7 +274,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, corpus):
-    started = loopback(tmp_path_factory.mktemp("federation"), corpus)
+    # one deployment serves every end-to-end test (the SuperNode-killing one last): TLS, SuperNode
+    # authentication, a warm worker per silo
+    started = loopback(tmp_path_factory.mktemp("federation"), corpus, tls=True, auth=True)
     try:
         yield started
     finally:
@@ -311,63 +314,25 @@ def assert_same_run(flower_run: Path, simulator_run: Path, metric: str = "acc"):
 
 @pytest.mark.slow
 def test_fedefm_on_a_ring_over_flower_writes_the_simulators_run_folder_bit_for_bit(federation, corpus, tmp_path):
-    federation.run(settings(corpus, tmp_path / "flower", algorithm="fedefm", topology="ring"))
+    federation.run(settings(corpus, tmp_path / "flower", algorithm="fedefm", topology="ring"), timeout=RUN_TIMEOUT_S)
     assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "fedefm"))
 
 
 @pytest.mark.slow
 def test_a_dense_objective_over_flower_writes_the_simulators_run_folder_bit_for_bit(federation, corpus, tmp_path):
-    # the silos read their own masks; the relay scores the global model's Dice on its validation split (one
-    # round: each ClientApp message starts a process, and make test must stay short)
-    federation.run(settings(corpus, tmp_path / "flower", algorithm="dpsgd", objective="segment", rounds=1))
+    # the silos read their own masks; the relay scores the global model's Dice on its validation split
+    federation.run(settings(corpus, tmp_path / "flower", algorithm="dpsgd", objective="segment", rounds=1),
+                   timeout=RUN_TIMEOUT_S)
     assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "dpsgd", "segment", rounds=1),
                     metric="dice")
 
 
 @pytest.mark.slow
-def test_fedavg_over_tls_with_supernode_authentication_writes_the_simulators_run_folder(corpus, tmp_path):
-    # fedavg runs only here, over TLS: one federation fewer keeps `make test` within its time
-    secure = loopback(tmp_path, corpus, tls=True, auth=True)
-    try:
-        record = secure.run(settings(corpus, tmp_path / "flower", algorithm="fedavg"))
-    finally:
-        secure.stop()
+def test_fedavg_over_tls_with_supernode_authentication_writes_the_simulators_run_folder(federation, corpus, tmp_path):
+    record = federation.run(settings(corpus, tmp_path / "flower", algorithm="fedavg"), timeout=RUN_TIMEOUT_S)
     assert record["status"] == "finished:completed" and record["network-traffic"]["total-bytes"] > 0
-    assert "insecure" not in (tmp_path / "superlink.log").read_text().lower()
+    assert "insecure" not in (federation.folder / "superlink.log").read_text().lower()
     assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "fedavg"))
-
-
-@pytest.mark.slow
-def test_a_supernode_killed_mid_run_is_left_out_then_rejoins_when_restarted(corpus, tmp_path):
-    federation = loopback(tmp_path, corpus)
-    out = tmp_path / "flower"
-
-    def rows_when(ready, timeout=300):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-                if (out / "metrics.jsonl").is_file() else []
-            if ready(rows):
-                return rows
-            time.sleep(0.5)
-        raise AssertionError(f"no such metrics rows within {timeout} s")
-
-    try:
-        # the timeout must outlast a healthy reply (a new ClientApp process per message, slow on a busy CPU)
-        run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=4, **{"reply-timeout": 90}))
-        rows_when(lambda rows: len(rows) >= 1)
-        federation.kill("silo2")
-        rows_when(lambda rows: any(row["excluded"] for row in rows))
-        federation.restart("silo2")
-        record = deploy.wait_run(run_id, federation.home, timeout=600)
-    finally:
-        federation.stop()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert record["status"] == "finished:completed" and len(rows) == 4
-    left_out = [row for row in rows if row["excluded"]]
-    assert left_out and all([f["silo"] for f in row["excluded"]] == [2] for row in left_out)
-    assert rows[-1]["excluded"] == []  # restarted, it rejoined
-    assert (out / "global.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -381,3 +346,33 @@ def test_flower_run_without_a_superlink_exits_1_saying_so(corpus, tmp_path):
                                       "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert "Connection to the SuperLink is unavailable" in result.output
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_is_left_out_then_rejoins_when_restarted(federation, corpus, tmp_path):
+    # last of the module's tests: it kills and restarts silo 2 of the shared federation
+    out = tmp_path / "flower"
+
+    def rows_when(ready, timeout=RUN_TIMEOUT_S):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+                if (out / "metrics.jsonl").is_file() else []
+            if ready(rows):
+                return rows
+            time.sleep(0.2)
+        raise AssertionError(f"no such metrics rows within {timeout} s")
+
+    # enough rounds after the kill for the restarted worker and SuperNode to start and be found
+    run_id = federation.start_run(settings(corpus, out, algorithm="dpsgd", rounds=6, **{"reply-timeout": 60}))
+    rows_when(lambda rows: len(rows) >= 1)
+    federation.kill("silo2")
+    rows_when(lambda rows: any(row["excluded"] for row in rows))
+    federation.restart("silo2")
+    record = deploy.wait_run(run_id, federation.home, timeout=RUN_TIMEOUT_S)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["status"] == "finished:completed" and len(rows) == 6
+    left_out = [row for row in rows if row["excluded"]]
+    assert left_out and all([f["silo"] for f in row["excluded"]] == [2] for row in left_out)
+    assert rows[-1]["excluded"] == []  # restarted, it rejoined
+    assert (out / "global.safetensors").is_file()

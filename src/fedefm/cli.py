@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedefm import __version__
-from fedefm.errors import DataError, FedefmError
+from fedefm.errors import DataError, FedefmError, choose
 
 app = typer.Typer(help="Federated endovascular foundation model: synthetic data, pre-training, few-shot segmentation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -510,13 +511,33 @@ def flower_supernode(
                                                                    "certificate is checked against.")] = None,
     auth_key: Annotated[Optional[Path], typer.Option(help="Private key registered with the SuperLink "
                                                           "(--enable-supernode-auth).")] = None,
+    worker: Annotated[bool, typer.Option(help="Serve the ClientApp from a warm worker that imports torch and "
+                                              "decodes DATA once (else every message does).")] = True,
+    worker_folder: Annotated[Optional[Path], typer.Option(help="Folder (yours, mode 0700) for the worker's "
+                                                               "socket; default $XDG_RUNTIME_DIR/fedefm or "
+                                                               "/tmp/fedefm-UID.")] = None,
 ) -> None:
-    """Start a hospital's SuperNode; it runs fedefm's ClientApp on DATA and sends only weights and metrics."""
-    from fedefm.federated.flower.deploy import supernode_command
+    """Start a hospital's SuperNode and its warm worker; the ClientApp runs on DATA and sends only weights and metrics."""
+    from fedefm.federated.flower import deploy, wire
+    from fedefm.federated.flower.messages import DATA_LAYOUTS
 
     if not data.is_dir():
         raise DataError(f"--data {data}: no such folder; give this hospital's images, ROOT/CLASS/*.png")
-    _run_flower_process(supernode_command(superlink, silo_id, data, port, data_layout, root_certificates, auth_key))
+    data_layout = choose("--data-layout", data_layout, DATA_LAYOUTS)
+    if not worker:
+        _run_flower_process(deploy.supernode_command(superlink, silo_id, data, port, data_layout, root_certificates,
+                                                     auth_key))
+    path = deploy.claim_worker_socket(worker_folder or wire.default_worker_folder(), superlink, silo_id)
+    console.print(f"starting silo {silo_id}'s worker at {path} (imports torch and fedefm once)", highlight=False)
+    started = time.perf_counter()
+    process = deploy.start_worker(path, silo_id, data, data_layout, env=deploy.flower_environment())
+    console.print(f"worker pid {process.pid} ready in {time.perf_counter() - started:.1f} s", highlight=False)
+    try:
+        _run_flower_process(deploy.supernode_command(superlink, silo_id, data, port, data_layout, root_certificates,
+                                                     auth_key, worker_socket=path))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @flower_app.command("certificates")

@@ -1,168 +1,106 @@
-"""The ClientApp a hospital's SuperNode runs: its silo's side of every algorithm, on its own data.
+"""The ClientApp a hospital's SuperNode runs: a thin forwarder to the silo's warm worker (no torch here).
 
-Node config (``flower-supernode --node-config``):
-    silo-id: the silo's place on the overlay, 0 … S-1 (its neighbours follow from it).
-    data-path: the silo's folder, ROOT/CLASS/*.png; every image there is a training image.
-    data-layout: "silo" (default, the folder above) or "corpus": data-path is the whole corpus and the
-        silo takes partition ``silo-id`` of its training split, exactly as ``fedefm pretrain`` does
-        (one machine playing several hospitals, for tests and comparisons).
+Flower 1.42 starts this app in a fresh ``flwr-clientapp`` process for every message. When the node
+config names a ``worker-socket`` (``fedefm flower supernode`` starts the worker and sets it), the
+message's records go to that worker (``worker``) and its reply comes back, so the process imports
+only Flower and this module. Without one (a ``flower-supernode`` started by hand) the silo's work
+(``silo``) runs here, importing torch and decoding the silo's images for every message, and what the
+silo keeps between messages lives in the Context's state.
 
-Messages (from ``relay``): "query" asks for the silo id and training-set size; "train" carries this
-wave's tasks in order (overseas experts to host, the home update) with the models they need; "train.mix"
-carries the models the silo mixes its own with. Replies hold weights and scalars, never images. What
-the silo keeps between messages (its batch generator, torch's generator for dropout, MOON's previous
-model) lives in ``context.state``, on the SuperNode.
+Every reply carries a "timing" MetricRecord, measured here and at the worker: "startup-s" (this
+process's start to the message's handler: Python, Flower, and without a worker torch and fedefm),
+"compute-s" (the silo's work, decoding included), "socket-s" (to the worker and back, less its
+compute), "replied-at" (wall-clock time the reply left the handler).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
-import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedefm.config import PretrainConfig, resolve_device
-from fedefm.data.datasets import list_silo_images, read_label_spec
-from fedefm.errors import ConfigError, DataError, choose
-from fedefm.federated.algorithms import get_algorithm
-from fedefm.federated.algorithms.base import SiloState, Weights, at_silo, mix_row
-from fedefm.federated.flower.messages import (
-    pretrain_config,
-    record_state,
-    record_weights,
-    scalars_record,
-    weights_record,
-)
-from fedefm.federated.simulator import Corpus, SiloData, silo_data, silo_partition
+from fedefm.errors import FedefmError
+from fedefm.federated.flower import wire
 
 app = ClientApp()
 
-DATA_LAYOUTS = ("silo", "corpus")
+
+class WorkerFailed(FedefmError, RuntimeError):
+    """The silo's worker answered a message with an error; the message is the worker's reason."""
 
 
-def silo_id(context: Context) -> int:
-    """The node config's silo-id; a missing or negative one is a ConfigError."""
-    if "silo-id" not in context.node_config:
-        raise ConfigError("node config has no silo-id; start the SuperNode with --node-config 'silo-id=0 data-path=...'")
-    silo = int(context.node_config["silo-id"])
-    if silo < 0:
-        raise ConfigError(f"node config silo-id={silo}: must be 0 or more")
-    return silo
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0 where it cannot be read)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return 0.0
+    started_ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, after the command name
+    return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
 
 
-def load_silo(context: Context, classes: list[str]) -> tuple[int, PretrainConfig, SiloData]:
-    """This node's silo id, the run's settings and its training data (generator restored from context.state).
+def in_process(message: Message, context: Context) -> tuple[RecordDict, float]:
+    """The silo's reply computed in this process (no worker); returns it and the seconds spent importing the work."""
+    started = time.perf_counter()
+    from fedefm.federated.flower import silo  # torch and fedefm: seconds, paid by every message without a worker
+
+    imported = time.perf_counter() - started
+    kind, node_config, run_config = message.metadata.message_type, context.node_config, context.run_config
+    session = None
+    if kind == "train":  # continue the generators and memory the last message of this run kept
+        classes = list(message.content["run"]["classes"])
+        session = silo.load_session(context.state, silo.open_session(node_config, run_config, classes))
+    reply, session = silo.answer(kind, message.content, node_config, run_config, session)
+    if kind == "train":
+        silo.save_session(context.state, session)
+    return reply, imported
+
+
+def forward(message: Message, context: Context) -> Message:
+    """Answer ``message`` through the silo's worker (or in this process without one), with the "timing" record.
 
     Raises:
-        ConfigError: node config without silo-id or data-path, or an unknown data-layout.
-        DataError: the data folder is missing, empty, or holds a class the federation does not know.
+        WorkerFailed: the worker answered with an error (Flower sends its reason to the relay).
+        WireError: the node config names a worker that cannot be reached.
     """
-    silo = silo_id(context)
-    if "data-path" not in context.node_config:
-        raise ConfigError(f"silo {silo}: node config has no data-path; add data-path=\"/path/to/ROOT\"")
-    data = str(context.node_config["data-path"])
-    layout = choose("node config data-layout", str(context.node_config.get("data-layout", "silo")), DATA_LAYOUTS)
-    cfg = pretrain_config(context.run_config, data=data)
-    if layout == "corpus":
-        corpus = silo_partition(cfg)
-        if corpus.class_names != classes:
-            raise DataError(f"silo {silo}: {data} holds classes {corpus.class_names}, the run's are {classes}")
-        if silo >= len(corpus.silo_indices):
-            raise ConfigError(f"silo {silo}: the run has only {len(corpus.silo_indices)} silos "
-                              f"(silo-id 0 … {len(corpus.silo_indices) - 1})")
-        items = [corpus.splits["train"][k] for k in corpus.silo_indices[silo]]
+    startup = process_age_s()
+    started = time.perf_counter()
+    path = context.node_config.get("worker-socket")
+    if path:
+        meta = {"op": "message", "run-id": context.run_id, "message-type": message.metadata.message_type,
+                "run-config": dict(context.run_config)}
+        answer, content = wire.call(Path(str(path)), meta, message.content,
+                                    timeout=float(context.run_config.get("reply-timeout", 600)))
+        if "error" in answer:
+            raise WorkerFailed(f"silo worker: {answer['error']}")
+        compute = float(answer["compute-s"])
+        socket_s = time.perf_counter() - started - compute
     else:
-        corpus = Corpus({}, classes, read_label_spec(Path(data)), [])
-        items = list_silo_images(data, classes)
-    if not items:
-        raise DataError(f"silo {silo} ({data}): no training images")
-    silo_set = silo_data(cfg, corpus, items, silo, resolve_device(cfg.device))
-    return silo, cfg, silo_set
-
-
-def restore_generators(context: Context, silo: int, cfg: PretrainConfig, data: SiloData) -> None:
-    """Continue the silo's batch and dropout generators where the last message left them."""
-    saved = context.state.get("generators")
-    if saved is None:
-        torch.manual_seed(cfg.seed * 1000 + silo)
-        return
-    states = record_weights(saved)
-    data.generator.set_state(states["batches"])
-    torch.random.set_rng_state(states["torch"])
-
-
-def save_generators(context: Context, data: SiloData) -> None:
-    """Keep the generators' states for the silo's next message."""
-    context.state["generators"] = weights_record({"batches": data.generator.get_state(),
-                                                  "torch": torch.random.get_rng_state()})
-
-
-def memory(context: Context) -> dict[str, Weights]:
-    """The algorithm's memory this silo kept from the last round (MOON's previous model)."""
-    return {key.removeprefix("memory."): record_weights(record) for key, record in context.state.items()
-            if key.startswith("memory.")}
+        content, imported = in_process(message, context)
+        startup += imported
+        compute, socket_s = time.perf_counter() - started - imported, 0.0
+    content["timing"] = MetricRecord({"startup-s": startup, "compute-s": compute, "socket-s": socket_s,
+                                      "replied-at": time.time()})
+    return Message(content, reply_to=message)
 
 
 @app.query()
 def describe(message: Message, context: Context) -> Message:
     """Reply with the silo id and its number of training images."""
-    classes = list(message.content["run"]["classes"])
-    silo, _, data = load_silo(context, classes)
-    return Message(RecordDict({"silo": ConfigRecord({"silo-id": silo, "num-examples": len(data.source)})}),
-                   reply_to=message)
+    return forward(message, context)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Run this wave's tasks in order: host overseas experts, then (if listed) the home update."""
-    content = message.content
-    classes = list(content["run"]["classes"])
-    silo, cfg, data = load_silo(context, classes)
-    algorithm = get_algorithm(cfg.algorithm)
-    algo_cfg = cfg.algorithm_config()
-    outputs = int(content["run"]["outputs"])
-    model = algo_cfg.objective.build_model(cfg.model_preset(), outputs).to(data.source.device)
-    restore_generators(context, silo, cfg, data)
-    batches = data.batches()
-    tasks = content["tasks"]
-    reply = RecordDict()
-    kept: list[SiloState] = []
-    for kind, owner, user in zip(tasks["kinds"], tasks["models"], tasks["users"]):
-        if kind == "expert":
-            visitor = SiloState(weights=record_weights(content[f"model-{owner}"]))
-            expert = at_silo(silo, algorithm.overseas_expert, model, visitor, batches, algo_cfg)
-            if user == silo:
-                kept.append(expert)
-            else:
-                reply[f"expert-{owner}"] = weights_record(expert.weights)
-                reply[f"expert-{owner}.scalars"] = scalars_record(expert)
-            continue
-        state = SiloState(weights=record_weights(content[f"model-{silo}"]), memory=memory(context),
-                          num_examples=len(data.source))
-        if algorithm.EXCHANGE == "overseas":
-            trained = [record_state(content[f"trained-{k}"], content[f"trained-{k}.scalars"])
-                       for k in range(int(tasks["n-trained"]))]
-            new = at_silo(silo, algorithm.home_update, model, state, batches, algo_cfg, trained + kept)
-        else:
-            new = at_silo(silo, algorithm.local_update, model, state, batches, algo_cfg)
-        for slot, weights in new.memory.items():
-            context.state[f"memory.{slot}"] = weights_record(weights)
-        reply["home"] = weights_record(new.weights)
-        reply["home.scalars"] = scalars_record(new)
-    save_generators(context, data)
-    return Message(reply, reply_to=message)
+    return forward(message, context)
 
 
 @app.train("mix")
 def mix(message: Message, context: Context) -> Message:
-    """Mix the silo's updated model with its neighbours' by its row of W (the algorithm's own ``mix``)."""
-    content = message.content
-    silo = silo_id(context)
-    cfg = pretrain_config(context.run_config)
-    senders = [int(j) for j in content["mix"]["senders"]]
-    row = dict(zip(senders, (float(w) for w in content["mix"]["row"])))
-    received = {j: SiloState(weights=record_weights(content[f"model-{j}"])) for j in senders}
-    mixed = mix_row(get_algorithm(cfg.algorithm).mix, silo, received, row, cfg.algorithm_config())
-    return Message(RecordDict({"mixed": weights_record(mixed.weights)}), reply_to=message)
-
+    """Mix the silo's updated model with its neighbours' by its row of W."""
+    return forward(message, context)

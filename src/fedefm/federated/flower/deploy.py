@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedefm import __version__
 from fedefm.errors import ConfigError, FedefmError
+from fedefm.federated.flower import wire
 from fedefm.federated.flower.messages import default_run_config
 
 APP_TOML = """\
@@ -64,14 +65,24 @@ class FlowerRunFailed(FedefmError, RuntimeError):
     """A Flower run finished without success, or did not finish in time; the message holds Flower's status."""
 
 
+class WorkerStartFailed(FedefmError, RuntimeError):
+    """A silo's worker exited, or did not answer, before it served; its own output says why."""
+
+
+WORKER_START_TIMEOUT_S = 300.0  # importing torch and fedefm on a busy machine
+SUPEREXEC_POLL_S = 0.1  # a local request to its own SuperNode: cheap, and each wave waits for it
+
+
 def flower_environment(flwr_home: Path | None = None) -> dict[str, str]:
     """This process's environment for Flower's processes: no telemetry, update check or dependency installation.
 
     PATH starts with this Python's own bin folder, where pip put Flower's commands, which start each other by name.
+    A SuperNode's SuperExec asks it for messages to run every SUPEREXEC_POLL_S seconds (Flower's default: 1 s).
     """
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, PATH=path, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPEREXEC_POLL_S))
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -106,15 +117,69 @@ def superlink_command(port: int, certificates: tuple[Path, Path, Path] | None = 
 
 
 def supernode_command(superlink: str, silo_id: int, data_path: Path, port: int, data_layout: str = "silo",
-                      root_certificates: Path | None = None, private_key: Path | None = None) -> list[str]:
-    """``flower-supernode`` arguments for one silo: its data and silo id in the node config, its own Runtime API port."""
+                      root_certificates: Path | None = None, private_key: Path | None = None,
+                      worker_socket: Path | None = None) -> list[str]:
+    """``flower-supernode`` arguments for one silo: its data, silo id and worker socket in the node config, its own
+    Runtime API port."""
     node_config = f'silo-id={silo_id} data-path="{Path(data_path).resolve()}" data-layout="{data_layout}"'
+    if worker_socket is not None:
+        node_config += f' worker-socket="{worker_socket}"'
     command = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
                "--node-config", node_config]
     command += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
     return command
+
+
+def claim_worker_socket(folder: Path, superlink: str, silo_id: int) -> Path:
+    """The socket path for silo ``silo_id`` of the federation at ``superlink``; a dead worker's socket is removed.
+
+    Raises:
+        ConfigError: the folder or an existing socket is another user's or open to others, or a live worker
+            already serves this silo of this federation on this machine (a silo id already taken).
+    """
+    path = wire.worker_socket_path(wire.private_folder(folder), superlink, silo_id)
+    if not os.path.lexists(path):
+        return path
+    wire.check_socket(path)
+    try:
+        answer, _ = wire.call(path, {"op": "ping"}, timeout=5.0)
+    except wire.WireError:  # nothing answers: its worker is gone (killed), the socket is stale
+        path.unlink()
+        return path
+    raise ConfigError(f"--silo-id {silo_id}: silo {silo_id} of the federation at {superlink} is already served on "
+                      f"this machine (worker pid {answer.get('pid')}, {path}); give every SuperNode its own silo-id")
+
+
+def start_worker(path: Path, silo_id: int, data_path: Path, data_layout: str, env: dict[str, str] | None = None,
+                 timeout: float = WORKER_START_TIMEOUT_S) -> subprocess.Popen:
+    """Start silo ``silo_id``'s warm worker at socket ``path`` and wait until it answers; returns its process.
+
+    It exits by itself when this process does. Its output goes to this process's.
+
+    Raises:
+        WorkerStartFailed: it exited first (bad data, a broken install), or did not answer within ``timeout`` s.
+    """
+    command = [sys.executable, "-m", "fedefm.federated.flower.worker", "--socket", str(path), "--silo-id",
+               str(silo_id), "--data-path", str(Path(data_path).resolve()), "--data-layout", data_layout,
+               "--parent-pid", str(os.getpid())]
+    process = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise WorkerStartFailed(f"silo {silo_id}'s worker exited with code {process.returncode} before serving; "
+                                    "its messages above say why")
+        if os.path.lexists(path):
+            try:
+                wire.call(path, {"op": "ping"}, timeout=5.0)
+                return process
+            except wire.WireError:
+                pass  # bound, not yet listening
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    raise WorkerStartFailed(f"silo {silo_id}'s worker did not answer at {path} within {timeout:g} s")
 
 
 def wait_for_port(address: str, timeout: float = 60) -> None:
@@ -208,16 +273,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def silo_command(superlink: str, silo_id: int, corpus: Path, port: int, root_certificates: Path | None,
+                 private_key: Path | None, worker: bool) -> list[str]:
+    """A loopback silo's command: ``fedefm flower supernode`` (SuperNode and warm worker), or a bare SuperNode."""
+    if not worker:
+        return supernode_command(superlink, silo_id, corpus, port, "corpus", root_certificates, private_key)
+    command = [sys.executable, "-m", "fedefm", "flower", "supernode", "--superlink", superlink, "--silo-id",
+               str(silo_id), "--data", str(corpus), "--data-layout", "corpus", "--port", str(port)]
+    command += [] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    return command + ([] if private_key is None else ["--auth-key", str(private_key)])
+
+
 class LoopbackFederation:
     """A SuperLink and one SuperNode per silo on 127.0.0.1, for tests and benchmarks; ``stop`` ends them all.
 
     Every process runs in its own process group (Flower's SuperNodes start SuperExec and ClientApp
-    children), logs to FOLDER/NAME.log, and is killed with its group. SuperNodes read ``corpus`` with
-    data-layout "corpus", so silo k holds partition k, as in ``fedefm pretrain``.
+    children, ``fedefm flower supernode`` also the silo's worker), logs to FOLDER/NAME.log, and is
+    killed with its group. SuperNodes read ``corpus`` with data-layout "corpus", so silo k holds
+    partition k, as in ``fedefm pretrain``. ``worker=False`` starts bare ``flower-supernode``s, whose
+    ClientApp processes do the silo's work themselves (import torch, decode the images) per message.
     """
 
     def __init__(self, folder: Path, corpus: Path, silos: int = 3, tls: bool = False, auth: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, worker: bool = True) -> None:
         from fedefm.federated.flower.certificates import write_node_key, write_test_certificates
 
         self.folder, self.corpus = Path(folder), Path(corpus)
@@ -239,8 +317,7 @@ class LoopbackFederation:
                 if auth:
                     key, public = write_node_key(self.folder / "keys", f"node_{k}")
                     register_node(self.home, public)
-                self.start(f"silo{k}", supernode_command(self.address, k, self.corpus, free_port(), "corpus",
-                                                         self.ca, key))
+                self.start(f"silo{k}", silo_command(self.address, k, self.corpus, free_port(), self.ca, key, worker))
         except BaseException:
             self.stop()
             raise

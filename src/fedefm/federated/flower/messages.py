@@ -28,6 +28,8 @@ RUN_CONFIG_FIELDS = {
     "val-fraction": "val_fraction", "test-fraction": "test_fraction", "seed": "seed",
     "min-healthy-silos": "min_healthy_silos",
 }
+# How a SuperNode's data-path is read: its own silo's folder, or partition silo-id of a whole corpus (tests).
+DATA_LAYOUTS = ("silo", "corpus")
 # Run-config keys the relay reads itself.
 RELAY_KEYS = ("data", "out", "overwrite", "options", "images-only", "reply-timeout", "connect-timeout")
 

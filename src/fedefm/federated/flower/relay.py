@@ -67,20 +67,23 @@ class Silos:
     bytes_moved: int = 0
     round_: int = 0
     down: dict[int, str] = field(default_factory=dict)
+    timings: list[dict[str, float]] = field(default_factory=list)
 
     def exchange(self, contents: dict[int, RecordDict], message_type: str) -> tuple[dict[int, RecordDict], dict[int, str]]:
         """Send each silo its content; returns the replies by silo, and why each other silo gave none.
 
-        Pulls with a short, growing pause (POLL_S … POLL_MAX_S) until every reply is in or ``timeout`` passes.
+        Pulls with a short, growing pause (POLL_S … POLL_MAX_S) until every reply is in or ``timeout`` passes;
+        each reply's timing goes to ``timings`` (``message_timing``).
         """
         silos = list(contents)
         messages = [Message(contents[i], dst_node_id=self.nodes[i], message_type=message_type,
                             group_id=str(self.round_)) for i in silos]
         self.bytes_moved += sum(record_bytes(content) for content in contents.values())
+        pushed_at = time.time()
         waiting = dict(zip(self.grid.push_messages(messages), silos, strict=True))
         replies: dict[int, RecordDict] = {}
         failures: dict[int, str] = {}
-        deadline, pause = time.monotonic() + self.timeout, POLL_S
+        deadline, pause, last_pause = time.monotonic() + self.timeout, POLL_S, 0.0
         while waiting and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(waiting)):
                 silo = waiting.pop(reply.metadata.reply_to_message_id, None)
@@ -91,9 +94,12 @@ class Silos:
                 else:
                     replies[silo] = reply.content
                     self.bytes_moved += record_bytes(reply.content)
+                    if "timing" in reply.content:
+                        self.timings.append(message_timing(reply.content["timing"], pushed_at, time.time(),
+                                                           last_pause))
             if waiting:
                 time.sleep(pause)
-                pause = min(2 * pause, POLL_MAX_S)
+                last_pause, pause = pause, min(2 * pause, POLL_MAX_S)
         for silo in waiting.values():
             failures[silo] = f"no reply within {self.timeout:g} s (is its SuperNode still running?)"
         return replies, failures
@@ -126,8 +132,33 @@ class Silos:
                 del self.down[silo]
 
 
-POLL_S, POLL_MAX_S = 0.02, 0.5  # pauses between pulls of a wave's replies
+POLL_S, POLL_MAX_S = 0.02, 0.2  # pauses between pulls of a wave's replies
 QUERY_TIMEOUT_S = 60.0  # how long a rejoining SuperNode has to answer the query
+
+
+TIMING_KEYS = ("total_s", "dispatch_s", "startup_s", "compute_s", "socket_s", "return_s", "last_pause_s")
+
+
+def message_timing(timing, pushed_at: float, pulled_at: float, last_pause: float) -> dict[str, float]:
+    """One message's seconds, from the reply's "timing" record (client_app) and the relay's clock.
+
+    total: push to pull; startup, compute, socket: measured at the silo; return: the reply leaving the
+    ClientApp's handler to its pull here (Flower's way back and the poll's wait, at most ``last_pause``);
+    dispatch: the rest, Flower's way out and starting the ClientApp process. ``dispatch`` and ``return``
+    compare two machines' clocks, so they hold only where relay and silo share one (loopback).
+    """
+    seconds = {"total_s": pulled_at - pushed_at, "startup_s": float(timing["startup-s"]),
+               "compute_s": float(timing["compute-s"]), "socket_s": float(timing["socket-s"]),
+               "return_s": pulled_at - float(timing["replied-at"]), "last_pause_s": last_pause}
+    seconds["dispatch_s"] = seconds["total_s"] - sum(seconds[k] for k in ("startup_s", "compute_s", "socket_s",
+                                                                           "return_s"))
+    return seconds
+
+
+def mean_timing(timings: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each of a round's message timings, and their count ("messages")."""
+    return {"messages": len(timings)} | {k: float(np.mean([t[k] for t in timings])) if timings else 0.0
+                                         for k in TIMING_KEYS}
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -320,7 +351,7 @@ def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, run_info: dict, rou
         TooFewHealthySilos: fewer than ``cfg.min_healthy_silos`` silos came through (health.check_quorum).
     """
     algorithm = get_algorithm(cfg.algorithm)
-    silos.round_, silos.bytes_moved = round_, 0
+    silos.round_, silos.bytes_moved, silos.timings = round_, 0, []
     silos.rejoin(run_info)
     tasks = (algorithm.round_tasks(neighbours, algo_cfg) if algorithm.EXCHANGE == "overseas"
              else home_tasks(len(states)))
@@ -340,7 +371,7 @@ def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, run_info: dict, rou
         check_quorum(faults, len(states), cfg.min_healthy_silos, round_)
     return updated, {"excluded": [f.to_dict() for f in faults if f.host is None],
                      "dropped_experts": [f.to_dict() for f in faults if f.host is not None],
-                     "relay_bytes": silos.bytes_moved}
+                     "relay_bytes": silos.bytes_moved, "message_timing": mean_timing(silos.timings)}
 
 
 def run(grid: Grid, run_config: UserConfig) -> dict:

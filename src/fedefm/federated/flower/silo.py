@@ -1,0 +1,180 @@
+"""A silo's side of every algorithm, on its own data: what the worker (or, without one, the ClientApp) computes.
+
+Node config (``flower-supernode --node-config``, or the worker's command line):
+    silo-id: the silo's place on the overlay, 0 … S-1 (its neighbours follow from it).
+    data-path: the silo's folder, ROOT/CLASS/*.png; every image there is a training image.
+    data-layout: "silo" (default, the folder above) or "corpus": data-path is the whole corpus and the
+        silo takes partition ``silo-id`` of its training split, exactly as ``fedefm pretrain`` does
+        (one machine playing several hospitals, for tests and comparisons).
+
+Messages (from ``relay``): "query" asks for the silo id and training-set size; "train" carries this
+wave's tasks in order (overseas experts to host, the home update) with the models they need; "train.mix"
+carries the models the silo mixes its own with. Replies hold weights and scalars, never images. What
+the silo keeps between messages of a run (its decoded images, its batch generator, torch's generator
+for dropout, MOON's previous model) is a ``Session``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, RecordDict, UserConfig
+
+from fedefm.config import PretrainConfig, resolve_device
+from fedefm.data.datasets import list_silo_images, read_label_spec
+from fedefm.errors import ConfigError, DataError, choose
+from fedefm.federated.algorithms import get_algorithm
+from fedefm.federated.algorithms.base import SiloState, Weights, at_silo, mix_row
+from fedefm.federated.flower.messages import (
+    DATA_LAYOUTS,
+    pretrain_config,
+    record_state,
+    record_weights,
+    scalars_record,
+    weights_record,
+)
+from fedefm.federated.simulator import Corpus, SiloData, silo_data, silo_partition
+
+@dataclass
+class Session:
+    """What one silo keeps between the messages of one run."""
+
+    silo: int
+    cfg: PretrainConfig
+    data: SiloData
+    generators: dict[str, torch.Tensor] | None = None  # batches' and torch's, after the last "train"; None: unseeded
+    memory: dict[str, Weights] = field(default_factory=dict)  # the algorithm's (MOON's previous model)
+
+
+def silo_id(node_config: UserConfig) -> int:
+    """The node config's silo-id; a missing or negative one is a ConfigError."""
+    if "silo-id" not in node_config:
+        raise ConfigError("node config has no silo-id; start the SuperNode with --node-config 'silo-id=0 data-path=...'")
+    silo = int(node_config["silo-id"])
+    if silo < 0:
+        raise ConfigError(f"node config silo-id={silo}: must be 0 or more")
+    return silo
+
+
+def open_session(node_config: UserConfig, run_config: UserConfig, classes: list[str]) -> Session:
+    """This node's silo id, the run's settings and its training data, decoded (generators seeded from the run's seed).
+
+    Raises:
+        ConfigError: node config without silo-id or data-path, or an unknown data-layout.
+        DataError: the data folder is missing, empty, or holds a class the federation does not know.
+    """
+    silo = silo_id(node_config)
+    if "data-path" not in node_config:
+        raise ConfigError(f"silo {silo}: node config has no data-path; add data-path=\"/path/to/ROOT\"")
+    data = str(node_config["data-path"])
+    layout = choose("node config data-layout", str(node_config.get("data-layout", "silo")), DATA_LAYOUTS)
+    cfg = pretrain_config(run_config, data=data)
+    if layout == "corpus":
+        corpus = silo_partition(cfg)
+        if corpus.class_names != classes:
+            raise DataError(f"silo {silo}: {data} holds classes {corpus.class_names}, the run's are {classes}")
+        if silo >= len(corpus.silo_indices):
+            raise ConfigError(f"silo {silo}: the run has only {len(corpus.silo_indices)} silos "
+                              f"(silo-id 0 … {len(corpus.silo_indices) - 1})")
+        items = [corpus.splits["train"][k] for k in corpus.silo_indices[silo]]
+    else:
+        corpus = Corpus({}, classes, read_label_spec(Path(data)), [])
+        items = list_silo_images(data, classes)
+    if not items:
+        raise DataError(f"silo {silo} ({data}): no training images")
+    return Session(silo, cfg, silo_data(cfg, corpus, items, silo, resolve_device(cfg.device)))
+
+
+def restore_generators(session: Session) -> None:
+    """Continue the silo's batch and dropout generators where its last "train" message left them."""
+    if session.generators is None:
+        torch.manual_seed(session.cfg.seed * 1000 + session.silo)
+        return
+    session.data.generator.set_state(session.generators["batches"])
+    torch.random.set_rng_state(session.generators["torch"])
+
+
+def describe(session: Session) -> RecordDict:
+    """The "query" reply: the silo id and its number of training images."""
+    return RecordDict({"silo": ConfigRecord({"silo-id": session.silo, "num-examples": len(session.data.source)})})
+
+
+def train(session: Session, content: RecordDict) -> RecordDict:
+    """The "train" reply: run this wave's tasks in order (host overseas experts, then, if listed, the home update)."""
+    silo, cfg, data = session.silo, session.cfg, session.data
+    algorithm = get_algorithm(cfg.algorithm)
+    algo_cfg = cfg.algorithm_config()
+    outputs = int(content["run"]["outputs"])
+    model = algo_cfg.objective.build_model(cfg.model_preset(), outputs).to(data.source.device)
+    restore_generators(session)  # after building: the model's initialisation must not move the generators
+    batches = data.batches()
+    tasks = content["tasks"]
+    reply = RecordDict()
+    kept: list[SiloState] = []
+    for kind, owner, user in zip(tasks["kinds"], tasks["models"], tasks["users"]):
+        if kind == "expert":
+            visitor = SiloState(weights=record_weights(content[f"model-{owner}"]))
+            expert = at_silo(silo, algorithm.overseas_expert, model, visitor, batches, algo_cfg)
+            if user == silo:
+                kept.append(expert)
+            else:
+                reply[f"expert-{owner}"] = weights_record(expert.weights)
+                reply[f"expert-{owner}.scalars"] = scalars_record(expert)
+            continue
+        state = SiloState(weights=record_weights(content[f"model-{silo}"]), memory=dict(session.memory),
+                          num_examples=len(data.source))
+        if algorithm.EXCHANGE == "overseas":
+            trained = [record_state(content[f"trained-{k}"], content[f"trained-{k}.scalars"])
+                       for k in range(int(tasks["n-trained"]))]
+            new = at_silo(silo, algorithm.home_update, model, state, batches, algo_cfg, trained + kept)
+        else:
+            new = at_silo(silo, algorithm.local_update, model, state, batches, algo_cfg)
+        session.memory.update(new.memory)
+        reply["home"] = weights_record(new.weights)
+        reply["home.scalars"] = scalars_record(new)
+    session.generators = {"batches": data.generator.get_state(), "torch": torch.random.get_rng_state()}
+    return reply
+
+
+def mix(cfg: PretrainConfig, silo: int, content: RecordDict) -> RecordDict:
+    """The "train.mix" reply: the silo's updated model mixed with its neighbours' by its row of W (the algorithm's mix)."""
+    senders = [int(j) for j in content["mix"]["senders"]]
+    row = dict(zip(senders, (float(w) for w in content["mix"]["row"])))
+    received = {j: SiloState(weights=record_weights(content[f"model-{j}"])) for j in senders}
+    mixed = mix_row(get_algorithm(cfg.algorithm).mix, silo, received, row, cfg.algorithm_config())
+    return RecordDict({"mixed": weights_record(mixed.weights)})
+
+
+def answer(message_type: str, content: RecordDict, node_config: UserConfig, run_config: UserConfig,
+           session: Session | None) -> tuple[RecordDict, Session | None]:
+    """The reply to one message, and the session after it (opened here for a "query" or "train" when ``session`` is None).
+
+    Raises:
+        ConfigError: an unknown message type, or a bad node config (``open_session``).
+    """
+    if message_type == "train.mix":
+        return mix(pretrain_config(run_config), silo_id(node_config), content), session
+    if message_type not in ("query", "train"):
+        raise ConfigError(f"message type {message_type!r}: the fedefm ClientApp answers query, train and train.mix")
+    if session is None:
+        session = open_session(node_config, run_config, list(content["run"]["classes"]))
+    return (describe(session) if message_type == "query" else train(session, content)), session
+
+
+def save_session(state: RecordDict, session: Session) -> None:
+    """Keep a session's generators and memory in a Flower Context's state (a ClientApp without a worker)."""
+    if session.generators is not None:
+        state["generators"] = weights_record(session.generators)
+    for slot, weights in session.memory.items():
+        state[f"memory.{slot}"] = weights_record(weights)
+
+
+def load_session(state: RecordDict, session: Session) -> Session:
+    """Restore the generators and memory ``save_session`` kept into a freshly opened ``session``."""
+    if "generators" in state:
+        session.generators = record_weights(state["generators"])
+    session.memory = {key.removeprefix("memory."): record_weights(record) for key, record in state.items()
+                      if key.startswith("memory.")}
+    return session

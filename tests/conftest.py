@@ -51,3 +51,12 @@ def positions(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "position"
     write_position_dataset(root, 32, size=32, seed=2)
     return root
+
+
+@pytest.fixture
+def in_a_server_app(monkeypatch):
+    """Flower Messages made in the test get a run context, as inside a ServerApp or ClientApp (tests of flower/)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)

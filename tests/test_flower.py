@@ -154,14 +154,6 @@ def silo_answers(silo_of, broken=None):
     return answer
 
 
-@pytest.fixture
-def in_a_server_app(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):  # a message needs a run context, as inside a ServerApp
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
 def ring_round(grid, round_, states, min_healthy=2, silos=None):
     from fedefm.federated.flower.relay import Silos, relay_round
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
@@ -175,3 +176,36 @@ def test_flower_supernode_refuses_an_open_worker_folder_or_a_taken_silo_id_in_on
     result = CliRunner().invoke(app, [*base, "--silo-id", "1", "--worker-folder", str(path.parent)])
     assert result.exit_code == 1 and f"already served on this machine (worker pid {process.pid}" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_without_a_worker_the_client_app_computes_the_workers_replies_message_after_message(worker, in_a_server_app):
+    from flwr.app import Context, Message
+
+    from fedefm.federated.flower import client_app
+    from fedefm.federated.flower.messages import pretrain_config, weights_record
+    from fedefm.federated.simulator import initial_model, silo_partition
+
+    path, _ = worker
+    corpus_path = path.parent.parent / "corpus"
+    run_config = {"algorithm": "moon", "silos": 3, "image-size": 32, "batch-size": 4, "local-steps": 1,
+                  "dropout": 0.0, "data": "unused"}  # MOON: its memory must carry over too
+    cfg = pretrain_config(run_config, data=corpus_path)
+    classes = silo_partition(cfg).class_names
+    model = initial_model(cfg, len(classes), torch.device("cpu"))
+    content = RecordDict({"run": ConfigRecord({"classes": classes, "outputs": len(classes)}),
+                          "tasks": ConfigRecord({"kinds": ["home"], "models": [1], "users": [1], "n-trained": 0}),
+                          "model-1": weights_record(model.state_dict())})
+    node_config = {"silo-id": 1, "data-path": str(corpus_path), "data-layout": "corpus"}
+    context = Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    meta = {"op": "message", "run-id": 9, "message-type": "train", "run-config": run_config}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the worker's (OMP_NUM_THREADS=1): another count may sum in another order
+    try:
+        for _ in range(2):  # the second continues the first's batch stream, dropout generator and memory
+            alone = client_app.forward(Message(content, dst_node_id=1, message_type="train"), context).content
+            _, served = wire.call(path, meta, content)
+            assert bytes(alone["home"]["safetensors"].data) == bytes(served["home"]["safetensors"].data)
+            assert dict(alone["home.scalars"]) == dict(served["home.scalars"])
+    finally:
+        torch.set_num_threads(threads)
+    assert {"generators", "memory.previous"} <= set(context.state)

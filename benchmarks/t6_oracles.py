@@ -1,14 +1,16 @@
 """T6 oracles — what the synthetic position task allows, on validation only (the test split is never read).
 
-    python benchmarks/t6_oracles.py --out benchmarks/results/t6 --threads 1 \
-        --segmenter benchmarks/results/t6/runs/segmenter/model.safetensors
+    python benchmarks/t6_oracles.py --out benchmarks/results/t6 --threads 1 --sizes 64
+    python benchmarks/t6_oracles.py --out benchmarks/results/t6 --threads 1 --sizes 128 --per-class 16 \
+        --inputs true_mask segmenter_mask --segmenter benchmarks/results/t6/runs/segmenter/model.safetensors
 
 Upper bounds with inputs a deployed model does not have: a small CNN (4 strided conv blocks, GroupNorm,
 flattened 4x4 map → linear; it keeps where things are) trained on the image alone, on the TRUE catheter
 mask alone, and on both as two channels, at K = 16 per class and on a pool of 1000 frames (learnability),
-at 64 and 128 px; with ``--segmenter`` (T6's segmenter init) also, at its image size, on the catheter probability
-it predicts (what a deployed model can have), alone and with the image. Frames: ``render_position`` with its device mask, training pool generator seed 1000,
-validation seed 1001 (200 frames, 50 per class: accuracy is balanced accuracy). Two seeds per cell.
+at 64 and 128 px; with ``--segmenter`` (T6's segmenter init) also, at its image size, on the catheter
+probability it predicts (what a deployed model can have), alone and with the image. Frames:
+``render_position`` with its device mask, training pool generator seed 1000, validation seed 1001 (200
+frames, 50 per class: accuracy is balanced accuracy). Two seeds per cell; 400 steps of 32.
 Also records the catheter's median contrast-to-noise on the validation frames, in its tip half and its entry
 half: whether the pixels show the part of the catheter that decides the class. Rows go to OUT/results.jsonl
 (T6's file; ``kind`` "oracle": ``size``, ``input``, ``per_class``, ``seed``, ``steps``, ``val_balanced_accuracy``;

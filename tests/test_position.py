@@ -184,7 +184,8 @@ def test_mask_model_holds_its_segmenter_and_learns_only_the_shape_head(tmp_path)
 
 def test_mask_model_needs_a_trained_segmentation_head(positions, tmp_path):
     with pytest.raises(ConfigError, match="--pooling mask --init scratch: classifies the catheter a segmenter"):
-        classify.build_model(quick_config(positions, tmp_path / "a", pooling="mask"), 4)
+        classify.run(quick_config(positions, tmp_path / "a", pooling="mask"), progress=False)
+    assert not (tmp_path / "a").exists()  # refused before the run folder is claimed
     classifier = Classifier(get_preset("tiny"), 4)
     path = tmp_path / "foundation.safetensors"
     save_weights(path, classifier, model_metadata(classifier) | {"classes": ["a", "b", "c", "d"]})

@@ -45,6 +45,9 @@ def resolve_device(name: str) -> torch.device:
 FINETUNE_TASKS = ("segment", "classify")
 # classify: the mean token over the image, features where the catheter tip lies, or the predicted catheter's shape
 POOLINGS = ("mean", "tip", "mask")
+SEGMENTER_NEEDED = ("classifies the catheter a segmenter predicts and keeps that segmenter as loaded; pass --init "
+                    "the model.safetensors of a catheter segmenter (fedefm finetune --task segment), or use "
+                    "--pooling mean or tip")
 # Segmentation losses (finetune/train.py segmentation_loss): MONAI Dice + cross-entropy; the same plus
 # MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy.
 SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice")
@@ -142,6 +145,8 @@ class FinetuneConfig:
         if self.task == "classify" and self.pooling == "mean" and self.init_parts == "all":
             raise ConfigError("--init-parts all: --task classify --pooling mean takes only the encoder of --init (its "
                               "head is new); use --init-parts encoder or auto, or --pooling mask or tip")
+        if self.pooling == "mask" and self.init == "scratch":
+            raise ConfigError(f"--pooling mask --init scratch: {SEGMENTER_NEEDED}")
         if self.init == "scratch" and self.init_parts != "auto":
             warnings.warn(f"--init-parts {self.init_parts} has no effect with --init scratch", stacklevel=2)
         if self.shots is not None and self.shots < 1:

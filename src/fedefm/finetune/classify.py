@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import FinetuneConfig, resolve_device, run_record
+from fedefm.config import SEGMENTER_NEEDED, FinetuneConfig, resolve_device, run_record
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import (
     ClassificationDataset,
@@ -123,9 +123,6 @@ def selection_score(result: dict) -> tuple[float, float]:
 
 
 POSITION_MODELS = {"tip": PositionClassifier, "mask": MaskPositionClassifier}  # --pooling → model over a TransUNet
-SEGMENTER_NEEDED = ("classifies the catheter a segmenter predicts and keeps that segmenter as loaded; pass --init "
-                    "the model.safetensors of a catheter segmenter (fedefm finetune --task segment), or use "
-                    "--pooling mean or tip")
 
 
 def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, TransferReport | None]:
@@ -136,16 +133,14 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, T
     ``all``. ``mask`` holds its segmenter as loaded, so it needs one whose segmentation head was trained.
 
     Raises:
-        ConfigError: ``mask`` from scratch, or from weights that leave the catheter's segmentation head new.
+        ConfigError: ``mask`` from weights that leave the catheter's segmentation head new.
     """
     preset = get_preset(cfg.preset)
     if cfg.pooling == "mean":
         model, parts = Classifier(preset, n_classes), "encoder"
     else:
         model, parts = POSITION_MODELS[cfg.pooling](preset, n_classes), cfg.init_parts
-    if cfg.init == "scratch":
-        if cfg.pooling == "mask":
-            raise ConfigError(f"--pooling mask --init scratch: {SEGMENTER_NEEDED}")
+    if cfg.init == "scratch":  # config validation refuses mask from scratch
         return model, None
     transfer = load_pretrained(model, Path(cfg.init), parts, SEGMENTATION_CLASSES)
     if cfg.pooling == "mask" and "segmentation_head.weight" not in transfer.loaded:

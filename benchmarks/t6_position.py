@@ -1,19 +1,21 @@
-"""T6 — few-shot catheter position classification: the global mean-pooling head against the tip-anchored model.
+"""T6 — few-shot catheter position classification: the global mean-pooling head against the device-anchored models.
 
     python benchmarks/t6_position.py --out benchmarks/results/t6 --threads 1     # full
     python benchmarks/t6_position.py --quick --out bench_out/t6_quick
 
 The task is ``fedefm synth position`` (4 classes: the catheter tip in the aortic arch, the descending aorta
-or a supra-aortic branch, or a looped catheter), 64 px, tiny preset. Fixed splits from their own generator
-seeds, shared by every seed and model: a training pool of 400 frames (seed 1000; K per class drawn from it by
-the seed), a validation set of 80 (1001) and a test set of 200 (1002, 50 per class: accuracy is balanced
-accuracy). Models (``--pooling``): ``mean`` (the plain classifier, mean token → linear) and ``tip``
-(models/position.py: segment the catheter, pool features at its tip). Initialisations: ``scratch`` and
-``segmenter``, a TransUNet fine-tuned once on catheter masks of the same kind of frames (seed 0, 70 of 100
-position frames with their masks, generator seed 1003, disjoint from the splits; 30 epochs) — ``mean`` takes its encoder, ``tip`` the whole segmenter; with
-``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its ``centralized`` pre-training of
-the same seed. K in {4, 16}, seeds 0-2,
-20 epochs of 64 samples, the epoch selected on validation balanced accuracy, the test set scored once.
+or a supra-aortic branch, or a looped catheter), 128 px (at 64 px the catheter is under a pixel wide), tiny
+preset. Fixed splits from their own generator seeds, shared by every seed and model: a training pool of 400
+frames (seed 1000; K per class drawn from it by the seed), a validation set of 80 (1001) and a test set of 200
+(1002, 50 per class: accuracy is balanced accuracy). Models (``--pooling``): ``mean`` (the plain classifier, mean token → linear), ``tip``
+(models/position.py: segment the catheter, pool features at its tip) and ``mask`` (a small CNN on the catheter
+the segmenter predicts, the segmenter held as loaded). Initialisations: ``scratch`` and ``segmenter``, a
+TransUNet fine-tuned once on catheter masks of the same kind of frames (seed 0, 210 of 300 position frames with
+their masks, generator seed 1003, disjoint from the splits; 20 epochs) — ``mean`` takes its encoder, ``tip`` and
+``mask`` the whole segmenter; with ``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its
+``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms POOLING/INIT``): by default
+mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter. K in {4, 16}, seeds 0-2, 20 epochs
+of 64 samples, the epoch selected on validation balanced accuracy, the test set scored once.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
 * the segmenter (``kind`` "segmenter"): ``seed``, ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test
@@ -37,6 +39,7 @@ import common
 import numpy as np
 import torch
 from PIL import Image
+from t6_oracles import oracle_tables
 
 from fedefm.config import FinetuneConfig
 from fedefm.data.datasets import find_classification_splits
@@ -49,8 +52,9 @@ from fedefm.models.weights import build_from_weights
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
-POOLINGS = ("mean", "tip")
-INITS = ("scratch", "segmenter", "foundation")
+ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter")  # POOLING/INIT
+FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask needs a segmentation head
+SEGMENTER = {"frames": 300, "epochs": 20, "seed": 1003}  # the segmenter init's training set and budget
 SPLITS = {"train": (400, 1000), "val": (80, 1001), "test": (200, 1002)}  # frames and generator seed per split
 BASELINE = ("mean", "scratch")
 
@@ -58,22 +62,21 @@ BASELINE = ("mean", "scratch")
 def parse_args() -> argparse.Namespace:
     """The flags of this table (common.py's plus its own)."""
     parser = common.parser_for(__doc__)
-    parser.add_argument("--pooling", nargs="+", default=list(POOLINGS), choices=list(POOLINGS))
-    parser.add_argument("--inits", nargs="+", default=list(INITS[:2]), choices=list(INITS),
-                        help="foundation needs --foundation")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, "tip/scratch", *FOUNDATION_ARMS],
+                        help="POOLING/INIT; the foundation arms need --foundation")
     parser.add_argument("--foundation", type=Path, help="T1 output folder holding runs/centralized_sSEED/; "
-                                                        "adds the foundation init")
+                                                        "adds the foundation arms")
     parser.add_argument("--shots", nargs="+", type=int, default=[4, 16], help="K images per class")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
     if args.quick:
-        args.shots, args.seeds, args.epochs = [2], [0], 1
-    if args.foundation is not None and "foundation" not in args.inits:
-        args.inits.append("foundation")
-    if "foundation" in args.inits and args.foundation is None:
-        parser.error("--inits foundation needs --foundation T1_FOLDER")
+        args.shots, args.seeds, args.epochs, args.size = [2], [0], 1, 64
+    if args.foundation is not None:
+        args.arms += [arm for arm in FOUNDATION_ARMS if arm not in args.arms]
+    if any(arm.endswith("/foundation") for arm in args.arms) and args.foundation is None:
+        parser.error("the foundation arms need --foundation T1_FOLDER")
     return args
 
 
@@ -111,8 +114,8 @@ def segmenter(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
     data = args.out / "data" / f"position_masks_{args.size}"
     if not data.is_dir():
-        write_position_masks(data, 100 if not args.quick else 12, args.size, seed=1003)
-    cfg = FinetuneConfig(data=data, out=out, epochs=30 if not args.quick else 1,
+        write_position_masks(data, SEGMENTER["frames"] if not args.quick else 12, args.size, seed=SEGMENTER["seed"])
+    cfg = FinetuneConfig(data=data, out=out, epochs=SEGMENTER["epochs"] if not args.quick else 1,
                          image_size=args.size, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
     row = {"kind": "segmenter", "seed": cfg.seed, "run": str(out), "val_dice": selected["best_val"],
@@ -146,10 +149,11 @@ def position_run(args: argparse.Namespace, data: Path, weights: str, pooling: st
 
 
 def run_all(args: argparse.Namespace) -> None:
-    """Every (pooling, init, K, seed) not yet recorded."""
+    """Every (arm, K, seed) not yet recorded."""
     data = position_data(args)
+    arms = [tuple(arm.split("/")) for arm in args.arms]
     fixed = {"scratch": "scratch"}
-    if "segmenter" in args.inits:
+    if any(init == "segmenter" for _, init in arms):
         fixed["segmenter"] = str(segmenter(args))
 
     def weights(init: str, seed: int) -> str:
@@ -160,17 +164,16 @@ def run_all(args: argparse.Namespace) -> None:
     done = common.recorded(args.out, lambda r: (r.get("pooling"), r.get("init"), r.get("shots"), r.get("seed")))
     for shots in args.shots:
         for seed in args.seeds:
-            for init in args.inits:
-                for pooling in args.pooling:
-                    if (pooling, init, shots, seed) in done:
-                        print(f"{pooling} {init} K={shots} seed {seed}: already recorded, skipped", flush=True)
-                        continue
-                    started = time.perf_counter()
-                    row = position_run(args, data, weights(init, seed), pooling, init, shots, seed)
-                    row = common.record(args.out, TABLE, row, started)
-                    print(f"{pooling:4s} {init:9s} K={shots:3d} seed {seed}: val {row['val_balanced_accuracy']:.3f} "
-                          f"test balanced accuracy {row['test']['balanced_accuracy']:.3f} ({row['wall_s']:.0f} s)",
-                          flush=True)
+            for pooling, init in arms:
+                if (pooling, init, shots, seed) in done:
+                    print(f"{pooling} {init} K={shots} seed {seed}: already recorded, skipped", flush=True)
+                    continue
+                started = time.perf_counter()
+                row = position_run(args, data, weights(init, seed), pooling, init, shots, seed)
+                row = common.record(args.out, TABLE, row, started)
+                print(f"{pooling:4s} {init:10s} K={shots:3d} seed {seed}: val {row['val_balanced_accuracy']:.3f} "
+                      f"test balanced accuracy {row['test']['balanced_accuracy']:.3f} ({row['wall_s']:.0f} s)",
+                      flush=True)
 
 
 def gain_cell(runs: list[dict], base: dict[int, dict]) -> str:
@@ -182,7 +185,8 @@ def gain_cell(runs: list[dict], base: dict[int, dict]) -> str:
 
 
 def tables(results: list[dict]) -> str:
-    """The segmenter's Dice, the per-model table and the paired-gain table (module docstring)."""
+    """The segmenter's Dice, the per-model table, the paired-gain table (module docstring), then the oracles
+    (benchmarks/t6_oracles.py) when the file holds them."""
     out = []
     for r in results:
         if r.get("kind") == "segmenter":
@@ -206,6 +210,10 @@ def tables(results: list[dict]) -> str:
         gains.append([str(shots), pooling, init, over_baseline, over_mean, str(len(arm))])
     out.append(markdown((["K per class", "pooling", "init", "gain over mean/scratch (points, 95% CI)",
                           "gain over mean, same init", "seeds"], gains)))
+    oracles = oracle_tables(results)
+    if oracles:
+        out += ["What the task allows (benchmarks/t6_oracles.py, validation only): a small CNN from scratch on the "
+                "image, on the TRUE catheter mask, or on the catheter the segmenter above predicts.", oracles]
     return "\n\n".join(out)
 
 

@@ -13,7 +13,15 @@ from fedefm.errors import DataError, WeightsError
 from fedefm.finetune import classify
 from fedefm.finetune.predict import classify_images
 from fedefm.models.heads import Classifier
-from fedefm.models.position import PositionClassifier, locate_tip, locate_tips, pool_at
+from fedefm.errors import ConfigError
+from fedefm.models.position import (
+    MaskPositionClassifier,
+    PositionClassifier,
+    locate_tip,
+    locate_tips,
+    pool_at,
+    shape_encoder,
+)
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import TransUNet
 from fedefm.models.weights import load_weights, model_metadata, save_weights
@@ -106,11 +114,22 @@ def test_a_class_of_one_image_is_refused(tmp_path, layout):
         classify.run(quick_config(root, tmp_path / "run", pooling="mean", shots=None), progress=False)
 
 
-def test_tip_model_trains_and_predict_shows_where_it_looked(positions, tmp_path):
+def segmenter_weights(tmp_path, preset="tiny"):
+    """A TransUNet's weights file with the catheter classes, as `finetune --task segment` writes (random weights)."""
+    torch.manual_seed(5)
+    segmenter = TransUNet(get_preset(preset))
+    path = tmp_path / f"segmenter_{preset}.safetensors"
+    save_weights(path, segmenter, model_metadata(segmenter) | {"classes": ["background", "catheter", "guidewire"]})
+    return path
+
+
+@pytest.mark.parametrize(("pooling", "arch"), [("tip", "position"), ("mask", "position_mask")])
+def test_position_model_trains_and_predict_shows_where_it_looked(positions, tmp_path, pooling, arch):
     out = tmp_path / "run"
-    result = classify.run(quick_config(positions, out), progress=False)
+    result = classify.run(quick_config(positions, out, pooling=pooling, init=str(segmenter_weights(tmp_path))),
+                          progress=False)
     assert result["best_epoch"] == 1
-    assert load_weights(out / "model.safetensors")[1]["arch"] == "position"
+    assert load_weights(out / "model.safetensors")[1]["arch"] == arch
     images = sorted((positions / "looped").glob("*.png"))[:2]
     rows, _ = classify_images(out, images, tmp_path / "pred")
     for row, image in zip(rows, images):
@@ -120,3 +139,61 @@ def test_tip_model_trains_and_predict_shows_where_it_looked(positions, tmp_path)
         assert (overlay == (255, 0, 255)).all(-1).any()  # the tip's cross
     written = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert [row["tip"] for row in written] == [row["tip"] for row in rows]
+
+
+@pytest.mark.parametrize("size", [(33, 47), (64, 96)])
+def test_shape_encoder_keeps_a_4_by_4_map_at_odd_sizes_and_passes_gradients(size):
+    encoder = shape_encoder(width=8)
+    maps = torch.rand(2, 1, *size, requires_grad=True)
+    features = encoder(maps)  # (2, 8 * 16)
+    assert features.shape == (2, 8 * 16)
+    features.sum().backward()
+    assert maps.grad.abs().sum() > 0 and all(p.grad is not None for p in encoder.parameters())
+
+
+def test_shape_encoder_output_moves_with_the_catheter():
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[0, 0, 8:60, 10] = 1.0
+    moved = torch.roll(mask, 32, dims=3)  # the same catheter, half the image to the right
+    torch.manual_seed(0)
+    encoder = shape_encoder(width=8).eval()
+    empty = encoder(torch.zeros_like(mask))
+    # how much each column of the 4 x 4 grid responds to the catheter: features (1, 8 * 16) as (channel, row, col)
+    here, there = ((encoder(m) - empty).reshape(8, 4, 4).abs().sum(dim=(0, 1)) for m in (mask, moved))
+    assert int(here.argmax()) == 0 and int(there.argmax()) == 2
+
+
+def test_mask_model_holds_its_segmenter_and_learns_only_the_shape_head(tmp_path):
+    model = MaskPositionClassifier(get_preset("tiny"), n_classes=4, width=8)
+    model.load_state_dict(TransUNet(get_preset("tiny")).state_dict(), strict=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    assert not model.encoder.training and not model.decoder.training and model.shape_encoder.training
+    logits = model(torch.rand(2, 1, 64, 96))  # (2, 4); a non-square image, both sides multiples of 32
+    assert logits.shape == (2, 4)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
+    optimizer.step()
+    after = model.state_dict()
+    for key, value in before.items():
+        changed = not torch.equal(after[key], value)
+        assert changed == key.startswith(("shape_encoder.", "head.")), key
+    seen = model(torch.rand(1, 1, 64, 64), parts=("logits", "tip", "catheter"))
+    assert seen["catheter"].shape == (1, 64, 64) and seen["tip"].shape == (1, 2)
+
+
+def test_mask_model_needs_a_trained_segmentation_head(positions, tmp_path):
+    with pytest.raises(ConfigError, match="--pooling mask --init scratch: classifies the catheter a segmenter"):
+        classify.run(quick_config(positions, tmp_path / "a", pooling="mask"), progress=False)
+    assert not (tmp_path / "a").exists()  # refused before the run folder is claimed
+    classifier = Classifier(get_preset("tiny"), 4)
+    path = tmp_path / "foundation.safetensors"
+    save_weights(path, classifier, model_metadata(classifier) | {"classes": ["a", "b", "c", "d"]})
+    with pytest.raises(ConfigError, match="foundation.safetensors: gives no trained segmentation head"):
+        classify.build_model(quick_config(positions, tmp_path / "b", pooling="mask", init=str(path)), 4)
+
+
+def test_mask_model_refuses_a_segmenter_of_another_preset(positions, tmp_path):
+    path = segmenter_weights(tmp_path, "small")
+    with pytest.raises(WeightsError, match="preset 'small' but the model is preset 'tiny'"):
+        classify.build_model(quick_config(positions, tmp_path / "run", pooling="mask", init=str(path)), 4)

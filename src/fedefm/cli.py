@@ -212,9 +212,10 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
     task: Annotated[str, typer.Option(help="segment (masks) or classify (one class per image).")] = "segment",
     multilabel: Annotated[bool, typer.Option(help="classify: --data is a CSV image,LABEL_1,... of 0/1 columns.")] = False,
-    pooling: Annotated[str, typer.Option(help="classify: mean (mean token over the image) or tip (segment the "
-                                              "catheter, read the features at its tip).")] = "mean",
-    init: Annotated[str, typer.Option(help="'scratch', a foundation .safetensors file, or (classify --pooling tip) "
+    pooling: Annotated[str, typer.Option(help="classify: mean (mean token over the image), tip (segment the "
+                                              "catheter, read the features at its tip) or mask (a small CNN on the "
+                                              "catheter a segmenter given as --init predicts).")] = "mean",
+    init: Annotated[str, typer.Option(help="'scratch', a foundation .safetensors file, or (classify --pooling tip or mask) "
                                            "a fine-tuned segmenter's.")] = "scratch",
     init_parts: Annotated[str, typer.Option(help="What --init gives a segmenter: encoder, all (encoder, decoder, head "
                                                  "by class name) or auto (all when the file holds a decoder).")] = "auto",

@@ -43,7 +43,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 FINETUNE_TASKS = ("segment", "classify")
-POOLINGS = ("mean", "tip")  # classify: the mean token over the image, or features where the catheter tip lies
+# classify: the mean token over the image, features where the catheter tip lies, or the predicted catheter's shape
+POOLINGS = ("mean", "tip", "mask")
+SEGMENTER_NEEDED = ("classifies the catheter a segmenter predicts and keeps that segmenter as loaded; pass --init "
+                    "the model.safetensors of a catheter segmenter (fedefm finetune --task segment), or use "
+                    "--pooling mean or tip")
 # Segmentation losses (finetune/train.py segmentation_loss): MONAI Dice + cross-entropy; the same plus
 # MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy.
 SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice")
@@ -71,11 +75,12 @@ class FinetuneConfig:
 
     ``pooling`` (classify) is what the head reads: ``mean`` the mean token over the whole image (the plain
     classifier), ``tip`` a :class:`~fedefm.models.position.PositionClassifier` that segments the catheter and
-    reads the features at and around its tip (image size a multiple of 32).
+    reads the features at and around its tip, ``mask`` a :class:`~fedefm.models.position.MaskPositionClassifier`
+    that classifies the catheter its segmenter predicts through a small CNN (both: image size a multiple of 32).
 
     ``init_parts`` says what ``init`` gives the segmenter: ``encoder``, ``all`` (every tensor whose name and
     shape match, the head by class name) or ``auto`` (``all`` when the file holds a decoder, else ``encoder``);
-    a ``mean`` classifier takes the encoder only, a ``tip`` classifier also a segmenter's decoder and head.
+    a ``mean`` classifier takes the encoder only, a ``tip`` or ``mask`` classifier also a segmenter's decoder and head.
     """
 
     data: Path
@@ -121,7 +126,7 @@ class FinetuneConfig:
         if self.image_size is None:
             self.image_size = preset.image_size
         # The segmenter's decoder needs stride 32; the classifier only the encoder's patch stride of 16.
-        stride = 32 if self.task == "segment" or self.pooling == "tip" else 16
+        stride = 32 if self.task == "segment" or self.pooling != "mean" else 16
         if self.image_size % stride:
             raise ConfigError(f"--image-size {self.image_size}: must be a multiple of {stride}")
         if self.lr is None:
@@ -139,7 +144,9 @@ class FinetuneConfig:
         choose("--init-parts", self.init_parts, INIT_PARTS)
         if self.task == "classify" and self.pooling == "mean" and self.init_parts == "all":
             raise ConfigError("--init-parts all: --task classify --pooling mean takes only the encoder of --init (its "
-                              "head is new); use --init-parts encoder or auto, or --pooling tip")
+                              "head is new); use --init-parts encoder or auto, or --pooling mask or tip")
+        if self.pooling == "mask" and self.init == "scratch":
+            raise ConfigError(f"--pooling mask --init scratch: {SEGMENTER_NEEDED}")
         if self.init == "scratch" and self.init_parts != "auto":
             warnings.warn(f"--init-parts {self.init_parts} has no effect with --init scratch", stacklevel=2)
         if self.shots is not None and self.shots < 1:

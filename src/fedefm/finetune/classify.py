@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import FinetuneConfig, resolve_device, run_record
+from fedefm.config import SEGMENTER_NEEDED, FinetuneConfig, resolve_device, run_record
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import (
     ClassificationDataset,
@@ -26,7 +26,7 @@ from fedefm.data.datasets import (
     find_classification_splits,
     find_multilabel_splits,
 )
-from fedefm.errors import DataError
+from fedefm.errors import ConfigError, DataError
 from fedefm.files import append_jsonl
 from fedefm.finetune.metrics import SEGMENTATION_CLASSES
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
@@ -42,7 +42,7 @@ from fedefm.finetune.train import (
 )
 from fedefm.memory import peak_rss_mb
 from fedefm.models.heads import Classifier
-from fedefm.models.position import PositionClassifier
+from fedefm.models.position import MaskPositionClassifier, PositionClassifier
 from fedefm.models.presets import get_preset
 from fedefm.models.weights import TransferReport, load_pretrained, model_metadata, save_weights
 
@@ -122,21 +122,32 @@ def selection_score(result: dict) -> tuple[float, float]:
     return (-1.0 if main is None else main, -result["loss"])
 
 
-def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[Classifier | PositionClassifier, TransferReport | None]:
+POSITION_MODELS = {"tip": PositionClassifier, "mask": MaskPositionClassifier}  # --pooling → model over a TransUNet
+
+
+def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, TransferReport | None]:
     """A classifier with a new head over ``n_classes``, by ``cfg.pooling``, from scratch or from fedefm weights.
 
-    ``mean`` takes any fedefm weights' encoder; ``tip`` also a segmenter's (or dense foundation's) decoder and
-    segmentation head (background, catheter, guidewire by name) under ``--init-parts auto`` or ``all``.
+    ``mean`` takes any fedefm weights' encoder; ``tip`` and ``mask`` also a segmenter's (or dense foundation's)
+    decoder and segmentation head (background, catheter, guidewire by name) under ``--init-parts auto`` or
+    ``all``. ``mask`` holds its segmenter as loaded, so it needs one whose segmentation head was trained.
+
+    Raises:
+        ConfigError: ``mask`` from weights that leave the catheter's segmentation head new.
     """
     preset = get_preset(cfg.preset)
     if cfg.pooling == "mean":
-        model: Classifier | PositionClassifier = Classifier(preset, n_classes)
-        parts = "encoder"
+        model, parts = Classifier(preset, n_classes), "encoder"
     else:
-        model, parts = PositionClassifier(preset, n_classes), cfg.init_parts
-    if cfg.init == "scratch":
+        model, parts = POSITION_MODELS[cfg.pooling](preset, n_classes), cfg.init_parts
+    if cfg.init == "scratch":  # config validation refuses mask from scratch
         return model, None
-    return model, load_pretrained(model, Path(cfg.init), parts, SEGMENTATION_CLASSES)
+    transfer = load_pretrained(model, Path(cfg.init), parts, SEGMENTATION_CLASSES)
+    if cfg.pooling == "mask" and "segmentation_head.weight" not in transfer.loaded:
+        raise ConfigError(f"--init {cfg.init}: gives no trained segmentation head ({transfer.head or transfer.parts}); "
+                          f"--pooling mask {SEGMENTER_NEEDED}")
+    return model, transfer
+
 
 
 def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:

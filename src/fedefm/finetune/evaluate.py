@@ -34,7 +34,7 @@ def split_settings(model: Path) -> dict:
 
 def is_classifier(metadata: dict) -> bool:
     """Whether a weights file's metadata describes an image classifier (fine-tuned or pre-trained), not a segmenter."""
-    return metadata.get("arch") in ("classifier", "position")
+    return metadata.get("arch") in ("classifier", "position", "position_mask")
 
 
 def holds_classifier(model: Path) -> bool:

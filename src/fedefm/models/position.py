@@ -4,7 +4,8 @@ The plain classifier (models/heads.py) mean-pools tokens over the whole image, w
 position class is about: where the tip lies relative to the anatomy. :class:`PositionClassifier` segments the
 catheter with TransUNet's decoder, finds the tip (the end of the catheter farthest along it from where it enters
 the field), and classifies from the features at and around the tip, the mask-weighted features, the tip's
-coordinates and the mean token.
+coordinates and the mean token. :class:`MaskPositionClassifier` classifies the shape and place of the predicted
+catheter itself, through a small CNN on its probability map, with the segmenter held as loaded.
 """
 
 from __future__ import annotations
@@ -100,6 +101,24 @@ def mask_pool(features: Tensor, weight: Tensor) -> Tensor:
     return torch.einsum("bchw,bhw->bc", features, weight)
 
 
+def segment_catheter(model: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, int], Tensor, Tensor]:
+    """Run a model's TransUNet parts on images x (B, in_channels, H, W): tokens (B, L, D), the token grid (h, w),
+    decoder features (B, C, H, W) and the catheter probability (B, H, W)."""
+    tokens, grid, skips = model.encoder(x)
+    decoded = model.decoder(tokens, grid, skips, x)  # (B, C, H, W)
+    catheter = torch.softmax(model.segmentation_head(decoded), dim=1)[:, CATHETER]  # (B, H, W)
+    return tokens, grid, decoded, catheter
+
+
+def add_segmenter(model: nn.Module, preset: Preset) -> int:
+    """Give ``model`` a TransUNet's ``encoder``, ``decoder`` and ``segmentation_head``; returns the decoder's channels C."""
+    model.encoder = HybridEncoder(preset)
+    model.decoder = DecoderCup(preset, preset.n_skip)
+    channels = preset.decoder_channels[-1]
+    model.segmentation_head = nn.Conv2d(channels, 3, kernel_size=3, padding=1)
+    return channels
+
+
 class PositionClassifier(nn.Module):
     """TransUNet (encoder, decoder, segmentation head) + a head on what the predicted catheter and its tip show.
 
@@ -119,10 +138,7 @@ class PositionClassifier(nn.Module):
         self.preset = preset
         self.n_classes = n_classes
         self.radius = radius
-        self.encoder = HybridEncoder(preset)
-        self.decoder = DecoderCup(preset, preset.n_skip)
-        channels = preset.decoder_channels[-1]
-        self.segmentation_head = nn.Conv2d(channels, 3, kernel_size=3, padding=1)
+        channels = add_segmenter(self, preset)
         width = 3 * preset.hidden + 3 * channels + 2
         self.head = nn.Sequential(OrderedDict(norm=nn.LayerNorm(width, eps=1e-6), linear=nn.Linear(width, n_classes)))
 
@@ -132,9 +148,7 @@ class PositionClassifier(nn.Module):
         With ``parts`` (a subset of "logits", "tip", "catheter") it returns those by name from one pass:
         "tip" (B, 2) row, col in px of x, "catheter" the catheter probability (B, H, W) it looked at.
         """
-        tokens, grid, skips = self.encoder(x)
-        decoded = self.decoder(tokens, grid, skips, x)  # (B, C, H, W)
-        catheter = torch.softmax(self.segmentation_head(decoded), dim=1)[:, CATHETER]  # (B, H, W)
+        tokens, grid, decoded, catheter = segment_catheter(self, x)
         tips = locate_tips(catheter)
         size = x.shape[-2:]
         token_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
@@ -147,3 +161,59 @@ class PositionClassifier(nn.Module):
         if parts is None:
             return logits
         return {name: {"logits": logits, "tip": tips, "catheter": catheter}[name] for name in parts}
+
+
+def shape_encoder(width: int = 32, blocks: int = 4, grid: int = 4) -> nn.Sequential:
+    """A small CNN over a catheter probability map (B, 1, H, W) → (B, width · grid²): ``blocks`` stride-2
+    conv, GroupNorm, ReLU blocks, then an average pool to a grid × grid map, flattened so that where the
+    catheter's parts lie (not only what they look like) reaches the head."""
+    layers: list[nn.Module] = []
+    for k in range(blocks):
+        layers += [nn.Conv2d(1 if k == 0 else width, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid), nn.Flatten())
+
+
+class MaskPositionClassifier(nn.Module):
+    """TransUNet (encoder, decoder, segmentation head) + a small CNN on the catheter it predicts, then a linear head.
+
+    The position classes are the shape and place of the device: where it runs and where it stops relative to
+    the arch. A CNN on the TRUE catheter mask alone reads them from K = 16 frames per class, where image
+    features do not (benchmarks/t6_oracles.py), so this model classifies the predicted catheter probability
+    (B, 1, H, W) through :func:`shape_encoder` and Dropout→Linear. The segmenter is held as loaded (the
+    probability is detached): the class labels of a few frames cannot teach it where the catheter is, and
+    would pull it from the masks it was fine-tuned on; only ``shape_encoder`` and the head learn. Its tensors
+    ``encoder.*``, ``decoder.*``, ``segmentation_head.*`` are a TransUNet's, so a fine-tuned segmenter loads
+    whole (``finetune --task classify --pooling mask``).
+    """
+
+    arch = "position_mask"
+    segmenter_arch = "transunet"  # the architecture whose whole weights it takes
+
+    def __init__(self, preset: Preset, n_classes: int, width: int = 32, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.preset = preset
+        self.n_classes = n_classes
+        add_segmenter(self, preset)
+        self.shape_encoder = shape_encoder(width)
+        self.head = nn.Sequential(OrderedDict(dropout=nn.Dropout(dropout), linear=nn.Linear(width * 16, n_classes)))
+
+    def train(self, mode: bool = True) -> MaskPositionClassifier:
+        """Set train or eval mode; the segmenter parts stay in eval (no dropout): they are held as loaded."""
+        super().train(mode)
+        for part in (self.encoder, self.decoder, self.segmentation_head):
+            part.eval()
+        return self
+
+    def forward(self, x: Tensor, parts: Sequence[str] | None = None) -> Tensor | dict[str, Tensor]:
+        """Classify images x: (B, in_channels, H, W), H and W multiples of 32; returns logits (B, n_classes).
+
+        With ``parts`` (a subset of "logits", "tip", "catheter") it returns those by name from one pass:
+        "catheter" the probability (B, H, W) it classified, "tip" (B, 2) row, col in px where that catheter ends.
+        """
+        with torch.no_grad():
+            catheter = segment_catheter(self, x)[3]
+        logits = self.head(self.shape_encoder(catheter[:, None]))
+        if parts is None:
+            return logits
+        seen = {"logits": logits, "catheter": catheter}
+        return {name: seen[name] if name != "tip" else locate_tips(catheter) for name in parts}

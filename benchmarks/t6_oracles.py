@@ -1,0 +1,179 @@
+"""T6 oracles — what the synthetic position task allows, on validation only (the test split is never read).
+
+    python benchmarks/t6_oracles.py --out benchmarks/results/t6 --threads 1 --sizes 64
+    python benchmarks/t6_oracles.py --out benchmarks/results/t6 --threads 1 --sizes 128 --per-class 16 \
+        --inputs true_mask segmenter_mask --segmenter benchmarks/results/t6/runs/segmenter/model.safetensors
+
+Upper bounds with inputs a deployed model does not have: a small CNN (4 strided conv blocks, GroupNorm,
+flattened 4x4 map → linear; it keeps where things are) trained on the image alone, on the TRUE catheter
+mask alone, and on both as two channels, at K = 16 per class and on a pool of 1000 frames (learnability),
+at 64 and 128 px; with ``--segmenter`` (T6's segmenter init) also, at its image size, on the catheter
+probability it predicts (what a deployed model can have), alone and with the image. Frames:
+``render_position`` with its device mask, training pool generator seed 1000, validation seed 1001 (200
+frames, 50 per class: accuracy is balanced accuracy). Two seeds per cell; 400 steps of 32.
+Also records the catheter's median contrast-to-noise on the validation frames, in its tip half and its entry
+half: whether the pixels show the part of the catheter that decides the class. Rows go to OUT/results.jsonl
+(T6's file; ``kind`` "oracle": ``size``, ``input``, ``per_class``, ``seed``, ``steps``, ``val_balanced_accuracy``;
+``kind`` "contrast": ``size``, ``frames``, ``tip_half``, ``entry_half``); runs already there are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from fedefm.data.synth import POSITION_CLASSES, render_position
+from fedefm.models.weights import build_from_weights, load_weights
+from fedefm.results import group, markdown, mean_std, read_results
+
+TABLE = "T6"  # its rows sit in T6's result file (kind "oracle" and "contrast") and print under T6
+
+INPUTS = {"image": (0,), "true_mask": (1,), "image+true_mask": (0, 1), "segmenter_mask": (2,),
+          "image+segmenter_mask": (0, 2)}
+
+
+def frames(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` position frames, classes in turn: (n, 2, S, S) image in [0, 1] and catheter mask, labels (n,)."""
+    images, labels = [], []
+    for i in range(n):
+        label = i % len(POSITION_CLASSES)
+        image, mask, _ = render_position(POSITION_CLASSES[label], size, np.random.default_rng([seed, i]))
+        images.append(np.stack([image / 255.0, (mask == 1).astype(float)]))
+        labels.append(label)
+    return torch.tensor(np.array(images), dtype=torch.float32), torch.tensor(labels)
+
+
+@torch.no_grad()
+def with_segmenter_mask(x: torch.Tensor, weights: Path) -> torch.Tensor:
+    """x (N, 2, S, S) with a third channel: the catheter probability the segmenter of ``weights`` predicts."""
+    network, _ = build_from_weights(weights)
+    network.eval()
+    probability = torch.cat([torch.softmax(network(x[i : i + 32, :1]), 1)[:, 1:2] for i in range(0, len(x), 32)])
+    return torch.cat([x, probability], dim=1)
+
+
+def small_cnn(channels: int, size: int, width: int = 32) -> nn.Module:
+    """Four conv blocks halving the size each, GroupNorm, ReLU, then the flattened map → 4 logits."""
+    layers, c = [], channels
+    for _ in range(4):
+        layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(0.3), nn.Linear(width * 16, len(POSITION_CLASSES))]
+    return nn.Sequential(*layers)
+
+
+def train_and_score(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, seed: int,
+                    steps: int) -> float:
+    """AdamW for ``steps`` batches of 32 (random shifts of up to 3 px), the best validation accuracy of 10 checks."""
+    torch.manual_seed(seed)
+    model = small_cnn(x.shape[1], x.shape[-1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    best = 0.0
+    for step in range(1, steps + 1):
+        index = torch.randint(0, x.shape[0], (32,), generator=generator)
+        shift = torch.randint(-3, 4, (2,), generator=generator).tolist()
+        batch = torch.roll(x[index], shift, dims=(2, 3))
+        loss = F.cross_entropy(model(batch), y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % (steps // 10) == 0:
+            model.eval()
+            with torch.no_grad():
+                accuracy = float((model(val_x).argmax(1) == val_y).float().mean())
+            model.train()
+            best = max(best, accuracy)
+    return best
+
+
+def catheter_contrast(images: torch.Tensor) -> dict[str, float]:
+    """Median contrast-to-noise of the catheter in frames (N, 2, S, S), its tip half (rows above the median
+    catheter row) and its entry half: (ring mean - catheter mean) / ring std, the ring 2-3 px around it."""
+    halves: dict[str, list[float]] = {"tip half": [], "entry half": []}
+    for image, mask in images[:, :2].numpy():
+        catheter = mask > 0
+        ring = ndimage.binary_dilation(catheter, iterations=3) & ~ndimage.binary_dilation(catheter, iterations=1)
+        rows = np.nonzero(catheter)[0]
+        if rows.size < 8:
+            continue
+        cut = np.median(rows)
+        for name, keep in (("tip half", lambda r: r < cut), ("entry half", lambda r: r >= cut)):
+            part, around = catheter.copy(), ring.copy()
+            part[~keep(np.arange(mask.shape[0]))] = False
+            around[~keep(np.arange(mask.shape[0]))] = False
+            if part.any() and around.sum() > 4:
+                halves[name].append((image[around].mean() - image[part].mean()) / max(image[around].std(), 1e-6))
+    return {name: float(np.median(values)) for name, values in halves.items()}
+
+
+def oracle_tables(results: list[dict]) -> str:
+    """The catheter's contrast per image size and the oracle table (mean over seeds), from T6 result rows."""
+    lines = [f"Catheter contrast-to-noise on the {r['frames']} validation frames at {r['size']} px (median; ring 2-3 px "
+             f"around it): tip half {r['tip_half']:.2f}, entry half {r['entry_half']:.2f}."
+             for r in results if r.get("kind") == "contrast"]
+    runs = [r for r in results if r.get("kind") == "oracle"]
+    by_cell = group(runs, lambda r: (r["size"], r["input"], r["per_class"]))
+    rows = [[str(size), name, str(per_class), mean_std(r["val_balanced_accuracy"] for r in cell), str(len(cell))]
+            for (size, name, per_class), cell in sorted(by_cell.items())]
+    if rows:
+        lines.append(markdown((["px", "small CNN input", "training frames per class",
+                                "val balanced accuracy (best of 10 checks: an upper bound)", "seeds"], rows)))
+    return "\n\n".join(lines)
+
+
+def main() -> None:
+    parser = common.parser_for(__doc__)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--per-class", nargs="+", type=int, default=[16, 250], help="training frames per class")
+    parser.add_argument("--inputs", nargs="+", default=list(INPUTS)[:3], choices=list(INPUTS))
+    parser.add_argument("--segmenter", type=Path, help="TransUNet weights for the segmenter inputs (at their size only)")
+    args = parser.parse_args()
+    pool, val = (1000, 200) if not args.quick else (40, 16)  # frames; classes in turn, so a quarter per class
+    if args.quick:
+        args.sizes, args.seeds, args.steps, args.per_class = [32], [0], 20, [4]
+    torch.set_num_threads(args.threads)
+    segmenter_size = int(load_weights(args.segmenter)[1]["image_size"]) if args.segmenter else None
+    done = common.recorded(args.out, lambda r: (r.get("kind"), r.get("size"), r.get("input"), r.get("per_class"),
+                                                r.get("seed")))
+    for size in args.sizes:
+        pool_x, pool_y = frames(pool, size, 1000)
+        val_x, val_y = frames(val, size, 1001)
+        if ("contrast", size, None, None, None) not in done:
+            common.record(args.out, TABLE, {"kind": "contrast", "size": size, "frames": len(val_x)} | {
+                name.replace(" ", "_"): value for name, value in catheter_contrast(val_x).items()}, time.perf_counter())
+        inputs = [name for name in args.inputs if "segmenter" not in name or size == segmenter_size]
+        if size == segmenter_size:
+            pool_x, val_x = with_segmenter_mask(pool_x, args.segmenter), with_segmenter_mask(val_x, args.segmenter)
+        for name in inputs:
+            for n_train in args.per_class:  # 16: K = 16; 250: the whole pool
+                for seed in args.seeds:
+                    if ("oracle", size, name, n_train, seed) in done:
+                        continue
+                    started = time.perf_counter()
+                    draw = torch.Generator().manual_seed(seed)
+                    per_class = pool // len(POSITION_CLASSES)
+                    pick = torch.cat([torch.nonzero(pool_y == c)[:, 0][torch.randperm(per_class, generator=draw)]
+                                      [:n_train] for c in range(len(POSITION_CLASSES))])
+                    channels = INPUTS[name]
+                    accuracy = train_and_score(pool_x[pick][:, channels], pool_y[pick], val_x[:, channels], val_y,
+                                               seed, args.steps)
+                    row = common.record(args.out, TABLE, {"kind": "oracle", "size": size, "input": name,
+                                                          "per_class": n_train, "seed": seed, "steps": args.steps,
+                                                          "val_balanced_accuracy": accuracy}, started)
+                    print(f"{size} px {name:20s} {n_train:4d}/class seed {seed}: val balanced accuracy "
+                          f"{accuracy:.3f} ({row['wall_s']:.0f} s)", flush=True)
+    print("\n" + oracle_tables(read_results(args.out / common.RESULT_FILE)))
+
+
+if __name__ == "__main__":
+    common.run_script(main)

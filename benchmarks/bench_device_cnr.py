@@ -1,6 +1,7 @@
 """Contrast-to-noise of the guidewire and the catheter in synthetic frames, per domain and image size.
 
 Usage: python benchmarks/bench_device_cnr.py [--sizes 64 128 256] [--frames 60] [--seed 0] [--out FILE.json]
+                                            [--dose-scale F]
 
 Per frame and device label, on the displayed uint8 frame, with the ring the pixels 2 to 5 px from
 the device's label and at least 2 px from any device:
@@ -15,19 +16,26 @@ Positive CNR means the device is darker than its surroundings, as attenuating me
 fluoroscopy monitor. Reports medians over the frames that hold the device, the share of frames
 below 1, and (when the generator records it) the guidewire's local CNR per diameter. It only calls
 render_fluoro, so it runs against any version of the generator.
+
+``--dose-scale F`` multiplies every frame's quanta by F (1000: practically free of quantum noise), which
+tells how much of the device's CNR the quantum noise takes and how much the anatomy around it does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from fedefm.data.synth import DOMAINS, GENERATOR_VERSION, render_fluoro
+from fedefm.data.synth import domains as synth_domains
 
 logger = logging.getLogger(__name__)
 _RING = (2, 5)
@@ -50,6 +58,22 @@ def device_cnr(image: np.ndarray, mask: np.ndarray, label: int) -> tuple[float, 
     residual = values - background
     local_cnr = -residual[device].mean() / max(float(residual[ring].std()), 0.5)
     return float(ring_cnr), float(local_cnr)
+
+
+@contextlib.contextmanager
+def dose_scaled(scale: float) -> Iterator[None]:
+    """Within the block, every frame's detector counts ``scale`` times the quanta it would."""
+    draw = synth_domains._detector
+
+    def scaled(*args, **kwargs):
+        detector = draw(*args, **kwargs)
+        return dataclasses.replace(detector, dose=detector.dose * scale)
+
+    synth_domains._detector = scaled
+    try:
+        yield
+    finally:
+        synth_domains._detector = draw
 
 
 def measure(domain: str, size: int, frames: int, seed: int) -> dict:
@@ -83,16 +107,18 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the rows to this JSON file")
+    parser.add_argument("--dose-scale", type=float, default=1.0, help="multiply every frame's quanta (default 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logger.info("generator %s, %d frames per domain and size, CNR median (share of frames below 1)",
-                GENERATOR_VERSION, args.frames)
+    logger.info("generator %s, %d frames per domain and size, dose x %g, CNR median (share of frames below 1)",
+                GENERATOR_VERSION, args.frames, args.dose_scale)
     logger.info("%-11s %5s %14s %14s %14s %14s  %s", "domain", "size", "wire ring", "wire local", "cath ring",
                 "cath local", "guidewire local by diameter (inch)")
     rows = []
     for domain in DOMAINS:
         for size in args.sizes:
-            row = measure(domain, size, args.frames, args.seed)
+            with dose_scaled(args.dose_scale):
+                row = measure(domain, size, args.frames, args.seed)
             rows.append(row)
             cells = [f"{row[n][kind]['median']:.2f} ({row[n][kind]['below_1']:.0%})"
                      if row[n][kind]["median"] is not None else "-"
@@ -102,7 +128,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"generator_version": GENERATOR_VERSION, "frames": args.frames,
-                                        "seed": args.seed, "rows": rows}, indent=1) + "\n")
+                                        "seed": args.seed, "dose_scale": args.dose_scale, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Throughput of fine-tuning and prediction.
 
-    python benchmarks/bench_finetune.py [--quick]
+    python benchmarks/bench_finetune.py [--quick] [--size 256] [--crop 128]
 
 1. Training images/s of the full finetune loop (batch assembly and augmentation included, validation
    excluded, as logged in metrics.jsonl) against bare forward+backward+step of the same model on one
-   fixed batch of the same size. The loop should reach at least 90% of the bare figure.
+   fixed batch of the training samples' size (``--crop``, else fedefm's default crop for ``--size``,
+   else ``--size``; default the tiny preset's). The loop should reach at least 90% of the bare figure.
 2. predict images/s at 256×256 (read, resize, forward, write mask and overlay) for the tiny and paper presets.
 """
 
@@ -51,10 +52,10 @@ def bare_images_per_s(data: Path, preset: str, batch_size: int, size: int, steps
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def loop_images_per_s(data: Path, out: Path, batch_size: int, size: int, epochs: int) -> float:
+def loop_images_per_s(data: Path, out: Path, batch_size: int, size: int, crop: int | None, epochs: int) -> float:
     """Median training images/s over the epochs of a real finetune run (first epoch skipped as warm-up)."""
     finetune(FinetuneConfig(data=data, out=out, shots=16, epochs=epochs, batch_size=batch_size, image_size=size,
-                            samples_per_epoch=64), progress=False, overwrite=True)
+                            crop=crop, samples_per_epoch=64), progress=False, overwrite=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(row["train_images_per_s"] for row in rows[1:])
 
@@ -72,15 +73,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=get_preset("tiny").image_size, help="training image side")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="train on crops of this side (default: fedefm's for --size)")
     args = parser.parse_args()
     repeats, epochs, steps, n_predict = (1, 2, 3, 4) if args.quick else (args.repeats, 4, 20, 16)
-    batch_size, size = 8, get_preset("tiny").image_size
+    batch_size, size = 8, args.size
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = synthetic_data(work / "data", "seg", 0, domain="clinical", n=60, size=size)
-        bare = [bare_images_per_s(data, "tiny", batch_size, size, steps) for _ in range(repeats)]
-        loop = [loop_images_per_s(data, work / f"run{r}", batch_size, size, epochs) for r in range(repeats)]
-        print(f"tiny TransUNet, batch {batch_size}, {size}x{size}, torch threads {torch.get_num_threads()}")
+        side = FinetuneConfig(data=data, out=work, image_size=size, crop=args.crop).validate().crop or size
+        bare = [bare_images_per_s(data, "tiny", batch_size, side, steps) for _ in range(repeats)]
+        loop = [loop_images_per_s(data, work / f"run{r}", batch_size, size, args.crop, epochs) for r in range(repeats)]
+        print(f"tiny TransUNet, batch {batch_size}, {size}x{size} images, training samples {side}x{side}, "
+              f"torch threads {torch.get_num_threads()}")
         print(f"  bare forward+backward+step: median {statistics.median(bare):.1f} images/s  {[round(b, 1) for b in bare]}")
         print(f"  finetune loop:              median {statistics.median(loop):.1f} images/s  {[round(v, 1) for v in loop]}")
         print(f"  loop / bare: {statistics.median(loop) / statistics.median(bare):.1%}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from monai.data import get_track_meta
+from scipy import ndimage
 
-from fedefm.data.augment import train_transforms
+from fedefm.data.augment import labels_from_shares, train_transforms
 
 
 def blob_sample(size: int = 64) -> dict[str, torch.Tensor]:
@@ -89,3 +91,32 @@ def test_input_sample_is_not_modified_in_place():
         augment(sample)
 
     assert torch.equal(sample["image"], image) and torch.equal(sample["mask"], mask)
+
+
+def wire_sample(size: int = 96) -> dict[str, torch.Tensor]:
+    """A 1 px guidewire (label 2) along a gentle curve, dark on a flat background."""
+    mask = torch.zeros(size, size, dtype=torch.long)
+    cols = torch.arange(10, size - 10)
+    rows = (size / 2 + 12 * torch.sin(cols / 15.0)).round().long()
+    mask[rows, cols] = 2
+    return {"image": 1.0 - 0.5 * (mask[None] == 2).float(), "mask": mask}
+
+
+def test_a_warped_one_pixel_wire_stays_one_connected_line():
+    augment = train_transforms(seed=4)
+    assert ndimage.label(wire_sample()["mask"].numpy() == 2, structure=np.ones((3, 3)))[1] == 1
+    pieces = []
+    for _ in range(30):
+        wire = augment(wire_sample())["mask"].numpy() == 2
+        pieces.append(ndimage.label(wire, structure=np.ones((3, 3)))[1])
+        assert wire.sum() > 0
+
+    # Nearest-neighbour resampling of the same draws broke the rotated wire into several pieces.
+    assert max(pieces) == 1
+
+
+def test_labels_from_shares_keeps_the_largest_foreground_class_where_foreground_reaches_the_threshold():
+    # Columns: no foreground; 0.2 of foreground (below 0.3); catheter 0.25 + guidewire 0.15; guidewire ahead.
+    shares = torch.tensor([[[1.0, 0.8, 0.6, 0.2]], [[0.0, 0.1, 0.25, 0.3]], [[0.0, 0.1, 0.15, 0.5]]])
+
+    assert labels_from_shares(shares).tolist() == [[0, 0, 1, 2]]

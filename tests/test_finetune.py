@@ -255,6 +255,18 @@ def test_the_default_budget_scales_with_image_size_and_shots(dataset, tmp_path, 
     assert (cfg.epochs, cfg.samples_per_epoch) == (epochs, samples_per_epoch)
 
 
+@pytest.mark.parametrize("image_size, crop, expected", [(128, None, None), (256, None, 128), (256, 256, 256),
+                                                        (256, 64, 64), (64, None, None)])
+def test_images_above_128_px_train_on_128_px_crops_unless_told_otherwise(dataset, tmp_path, image_size, crop,
+                                                                        expected):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, image_size=image_size, crop=crop).validate()
+    assert cfg.crop == expected
+
+
+def test_a_classifier_gets_no_default_crop(dataset, tmp_path):
+    assert FinetuneConfig(data=dataset, out=tmp_path, task="classify", image_size=256).validate().crop is None
+
+
 @pytest.mark.parametrize("crop, match", [(40, "--crop 40: must be a multiple of 32"), (96, "--crop 96")])
 def test_a_crop_that_is_not_a_multiple_of_32_or_exceeds_the_image_is_refused(dataset, tmp_path, crop, match):
     with pytest.raises(ConfigError, match=match):

@@ -228,7 +228,7 @@ def finetune(
     samples_per_epoch: Annotated[Optional[int], typer.Option(help="Augmented samples per epoch (at least K; default max(64, 4 K) for segment, 64 for classify).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
     loss: Annotated[str, typer.Option(help="segment: dicece (Dice + cross-entropy), cldice (the same + soft clDice) or dicecldice (Dice + clDice).")] = "dicece",
-    crop: Annotated[Optional[int], typer.Option(help="segment: train on crops of this side (multiple of 32), centred on devices 3 times in 4 (default: whole images).")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="segment: train on crops of this side (multiple of 32), centred on devices 3 times in 4 (default: 128 above 128 px, else whole images; the image size: whole images).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of splits, shots, init and augmentation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last intact checkpoint.")] = False,

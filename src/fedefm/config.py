@@ -51,6 +51,9 @@ SEGMENTER_NEEDED = ("classifies the catheter a segmenter predicts and keeps that
 # Segmentation losses (finetune/train.py segmentation_loss): MONAI Dice + cross-entropy; the same plus
 # MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy.
 SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice")
+# Segmentation above this side trains on device-centred crops of it by default: a 256 px frame costs four
+# 128 px crops, and the crops show the 1-2 px wire more often (benchmarks/results/thin_wires/README.md).
+DEFAULT_CROP = 128
 
 
 @dataclass
@@ -66,7 +69,9 @@ class FinetuneConfig:
     proportion to the image side beyond (60 at 256 px), ``samples_per_epoch`` max(64, 4 K). ``crop``
     trains on crops of that side (a multiple of 32) centred on a guidewire, catheter or background
     pixel in the ratio 2 : 1 : 1, so that a 1-2 px wire fills more of each sample; validation and
-    prediction see whole images. ``loss`` is one of SEGMENTATION_LOSSES.
+    prediction see whole images. Left unset, ``crop`` is DEFAULT_CROP for images larger than that and whole
+    images otherwise; ``crop`` equal to ``image_size`` trains on whole images. ``loss`` is one of
+    SEGMENTATION_LOSSES.
 
     ``task="classify"`` fine-tunes an image classifier instead (folder-per-class data, ``shots`` images
     per class; with ``multilabel`` a CSV ``image,LABEL_1,LABEL_2,...`` of 0/1 columns and ``shots``
@@ -132,6 +137,8 @@ class FinetuneConfig:
         if self.lr is None:
             self.lr = 1e-2 if self.task == "segment" else 1e-3
         choose("--loss", self.loss, SEGMENTATION_LOSSES)
+        if self.crop is None and self.task == "segment" and self.image_size > DEFAULT_CROP:
+            self.crop = DEFAULT_CROP
         if self.crop is not None and (self.crop % 32 or not 32 <= self.crop <= self.image_size):
             raise ConfigError(f"--crop {self.crop}: must be a multiple of 32 between 32 and --image-size "
                               f"{self.image_size}; omit it to train on whole images")

@@ -1,8 +1,10 @@
 """Training augmentation: MONAI dictionary transforms applied to an image and its mask together.
 
 Geometric transforms (flips, rot90, a small affine) draw once per call and move image and mask
-alike, the mask with nearest-neighbour so that no label is invented; intensity transforms (gamma
-contrast, Gaussian noise) touch the image only. Randomness lives in the transforms' own
+alike; intensity transforms (gamma contrast, Gaussian noise) touch the image only. The mask travels
+as per-class shares, interpolated like the image, and is turned back into labels by
+:func:`labels_from_shares`: nearest-neighbour resampling would break a rotated 1-2 px guidewire into
+dots (6-15 pieces at 5-20 degrees) while the image still shows it as one line. Randomness lives in the transforms' own
 generators, seeded by ``seed``: the same seed gives the same sequence of samples.
 
 A DataLoader worker holds a copy of the same generators; reseed each worker, e.g.
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
@@ -33,14 +36,26 @@ from monai.transforms import (
 _KEYS = ("image", "mask")
 # Crop centres: a background, catheter or guidewire pixel in this ratio (a class absent from the mask drops out).
 CROP_CLASS_RATIOS = (1, 1, 2)
+# A warped pixel is foreground where the foreground classes' shares reach this: a rotated 1.4 px wire stays one
+# connected line (0.5 breaks it at some angles) and grows by about a third at most.
+FOREGROUND_SHARE = 0.3
+
+
+def labels_from_shares(shares: torch.Tensor) -> torch.Tensor:
+    """Per-class shares (C, H, W) of a warped one-hot mask -> labels (H, W) long: the largest foreground class
+    wherever the foreground shares sum to FOREGROUND_SHARE, else background (0)."""
+    foreground = shares[1:]
+    if foreground.shape[0] == 0:
+        return torch.zeros(shares.shape[1:], dtype=torch.long)
+    return torch.where(foreground.sum(0) >= FOREGROUND_SHARE, foreground.argmax(0) + 1, 0)
 
 
 class TrainTransforms:
     """Random flips, rot90 and affine on image and mask, gamma and noise on the image; call it on a sample dict.
 
     A sample is ``{"image": (1, H, W) float in [0, 1], "mask": (H, W) long labels}``; the mask may
-    be absent (classification). The result has the same keys and dtypes, the image clipped to
-    [0, 1]; square samples keep their shape (rot90 swaps H and W of others). With ``crop``, a
+    be absent (classification), and holds labels 0, 1, 2. The result has the same keys and dtypes, the image
+    clipped to [0, 1]; square samples keep their shape (rot90 swaps H and W of others). With ``crop``, a
     (crop, crop) window centred on a pixel of a class drawn by CROP_CLASS_RATIOS is cut out first
     (segmentation only: it needs the mask).
     """
@@ -62,7 +77,7 @@ class TrainTransforms:
                 prob=0.5,
                 rotate_range=math.radians(20),
                 scale_range=0.15,
-                mode=("bilinear", "nearest"),
+                mode="bilinear",
                 padding_mode="zeros",
                 allow_missing_keys=True,
             ),
@@ -81,7 +96,8 @@ class TrainTransforms:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         channel_first = dict(sample)
         if "mask" in sample:
-            channel_first["mask"] = sample["mask"][None]
+            # One-hot shares (C, H, W); the crop reads them as a one-hot label map.
+            channel_first["mask"] = F.one_hot(sample["mask"].long(), len(CROP_CLASS_RATIOS)).permute(2, 0, 1).float()
         with _without_meta_tracking():
             if self.crop is not None:
                 with warnings.catch_warnings():
@@ -90,7 +106,7 @@ class TrainTransforms:
             out = self.transforms(channel_first)
         result = {**out, "image": out["image"].clamp(0.0, 1.0)}
         if "mask" in sample:
-            result["mask"] = out["mask"][0].to(torch.long)
+            result["mask"] = labels_from_shares(torch.as_tensor(out["mask"]))
         return result
 
 

@@ -91,6 +91,7 @@ def serve_one(connection: socket.socket, path: Path, node_config: dict, silo_num
             wire.send(connection, {"error": f"{type(exc).__name__}: {exc}"
                                    + ("" if expected else " (traceback in the worker's log)")})
 
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m fedefm.federated.flower.worker --socket PATH --silo-id K --data-path D [--data-layout L]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

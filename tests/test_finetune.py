@@ -263,6 +263,26 @@ def test_images_above_128_px_train_on_128_px_crops_unless_told_otherwise(dataset
     assert cfg.crop == expected
 
 
+@pytest.mark.parametrize("image_size, crop, expected", [(128, None, 1), (256, None, 2), (256, 256, 1), (256, 64, 8)])
+def test_runs_on_crops_validate_less_often_by_default(dataset, tmp_path, image_size, crop, expected):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, image_size=image_size, crop=crop).validate()
+    assert cfg.eval_every == expected
+
+
+def test_eval_every_validates_those_epochs_and_the_last_and_selects_among_them(dataset, tmp_path):
+    cfg = FinetuneConfig(data=dataset, out=tmp_path, shots=4, epochs=3, batch_size=4, samples_per_epoch=4,
+                         warmup_steps=1, image_size=SIZE, eval_every=2)
+    result = train.run(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_dice" in row for row in rows] == [False, True, True]
+    assert not rows[0]["selected"] and result["best_epoch"] in (2, 3)
+
+
+def test_eval_every_below_one_is_refused(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="--eval-every 0: must be at least 1"):
+        FinetuneConfig(data=dataset, out=tmp_path, image_size=SIZE, eval_every=0).validate()
+
+
 def test_a_classifier_gets_no_default_crop(dataset, tmp_path):
     assert FinetuneConfig(data=dataset, out=tmp_path, task="classify", image_size=256).validate().crop is None
 

@@ -34,11 +34,12 @@ from fedefm.finetune.train import (
     epoch_bar,
     lr_at,
     resume_point,
-    train_epoch,
     run_folder,
     save_checkpoint,
     select_shots,
+    train_epoch,
     training_batches,
+    validates,
 )
 from fedefm.memory import peak_rss_mb
 from fedefm.models.heads import Classifier
@@ -206,25 +207,25 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
                                              lambda batch: classification_loss(model(batch["image"]), batch["label"]),
                                              cfg, epoch, step, steps_per_epoch, total_steps)
             train_s = time.perf_counter() - started
-            result = evaluate(model, val, class_names)
-            score = selection_score(result)
-            improved = score > best["best_val"]
-            if improved:
-                best = {"best_epoch": epoch, "best_val": score, "val": result}
-                save_weights(out / "model.safetensors", model, metadata)
-            row = {
-                "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
-                "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,
-                "val_loss": result["loss"], "val_accuracy": result["accuracy"],
-                "val_balanced_accuracy": result["balanced_accuracy"], "val_macro_f1": result["macro_f1"],
-                "val_macro_auroc": result.get("macro_auroc"), "selected": improved,
-                "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
-            }
+            row = {"epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
+                   "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s, "selected": False}
+            status = f"loss {row['train_loss']:.3f}"
+            if validates(epoch, cfg):
+                result = evaluate(model, val, class_names)
+                score = selection_score(result)
+                row["selected"] = score > best["best_val"]
+                if row["selected"]:
+                    best = {"best_epoch": epoch, "best_val": score, "val": result}
+                    save_weights(out / "model.safetensors", model, metadata)
+                row |= {"val_loss": result["loss"], "val_accuracy": result["accuracy"],
+                        "val_balanced_accuracy": result["balanced_accuracy"], "val_macro_f1": result["macro_f1"],
+                        "val_macro_auroc": result.get("macro_auroc")}
+                status += f" val {_score_name(cfg)} {score[0]:.3f}"
+            row |= {"wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
             append_jsonl(out / "metrics.jsonl", row)
             save_checkpoint(store, epoch, step, model, optimizer, best)
-            log.info("epoch %d: loss %.4f, val %s %.4f%s", epoch, row["train_loss"], _score_name(cfg), score[0],
-                     " (selected)" if improved else "")
-            bar.update(task, completed=epoch, status=f"loss {row['train_loss']:.3f} val {_score_name(cfg)} {score[0]:.3f}")
+            log.info("epoch %d: %s%s", epoch, status, " (selected)" if row["selected"] else "")
+            bar.update(task, completed=epoch, status=status)
     return best | {"transfer": transfer.summary() if transfer else None}
 
 

@@ -160,6 +160,11 @@ def evaluate(model: torch.nn.Module, samples: dict[str, torch.Tensor], batch_siz
     return scores.aggregate()
 
 
+def validates(epoch: int, cfg: FinetuneConfig) -> bool:
+    """Whether ``epoch`` (1-based) ends with a validation: every ``cfg.eval_every`` epochs and the last."""
+    return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+
+
 def selection_score(result: dict) -> float:
     """The validation number a run is selected on: mean foreground Dice (0 when undefined)."""
     dice = result["mean"]["dice"]
@@ -292,25 +297,26 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
             losses, seen, step = train_epoch(model, optimizer, batches, batch_loss, cfg, epoch, step, steps_per_epoch,
                                              total_steps)
             train_s = time.perf_counter() - started
-            result = evaluate(model, val)
-            score = selection_score(result)
-            improved = score > best["best_val"]
-            if improved:
-                best = {"best_epoch": epoch, "best_val": score, "val": result}
-                # The training resolution, not the preset's: evaluate and predict resize inputs to it.
-                save_weights(out / "model.safetensors", model, model_metadata(model) | {
-                    "classes": list(SEGMENTATION_CLASSES), "image_size": cfg.image_size})
-            row = {
-                "epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
-                "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s,
-                "val_dice": result["mean"]["dice"], "val_cldice": result["mean"]["cldice"],
-                **{f"val_dice_{name}": scores["dice"] for name, scores in result["per_class"].items()},
-                "selected": improved, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
-            }
+            row = {"epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
+                   "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s, "selected": False}
+            status = f"loss {row['train_loss']:.3f}"
+            if validates(epoch, cfg):
+                result = evaluate(model, val)
+                score = selection_score(result)
+                row["selected"] = score > best["best_val"]
+                if row["selected"]:
+                    best = {"best_epoch": epoch, "best_val": score, "val": result}
+                    # The training resolution, not the preset's: evaluate and predict resize inputs to it.
+                    save_weights(out / "model.safetensors", model, model_metadata(model) | {
+                        "classes": list(SEGMENTATION_CLASSES), "image_size": cfg.image_size})
+                row |= {"val_dice": result["mean"]["dice"], "val_cldice": result["mean"]["cldice"],
+                        **{f"val_dice_{name}": scores["dice"] for name, scores in result["per_class"].items()}}
+                status += f" val dice {score:.3f}"
+            row |= {"wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
             append_jsonl(out / "metrics.jsonl", row)
             save_checkpoint(store, epoch, step, model, optimizer, best)
-            log.info("epoch %d: loss %.4f, val dice %.4f%s", epoch, row["train_loss"], score, " (selected)" if improved else "")
-            bar.update(task, completed=epoch, status=f"loss {row['train_loss']:.3f} val dice {score:.3f}")
+            log.info("epoch %d: %s%s", epoch, status, " (selected)" if row["selected"] else "")
+            bar.update(task, completed=epoch, status=status)
     if best["best_epoch"] == cfg.epochs:
         log.warning("%s: validation Dice still rose in the last epoch (%d); a longer run (--epochs) may do better",
                     out, cfg.epochs)

@@ -11,10 +11,11 @@ tiny ``--archs`` from scratch with fedefm's default fine-tuning settings at that
 is scored once.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s: ``domain``, ``shots``,
-``seed``, ``arch``, ``init``, ``epochs``, ``crop``, ``samples_per_epoch``, ``budget`` (the flags' tag),
+``seed``, ``arch``, ``init``, ``epochs``, ``crop``, ``samples_per_epoch``, ``eval_every`` (absent in rows made
+before it existed: 1), ``budget`` (the flags' tag and, when not 1, the epochs between validations),
 ``image_size``, ``best_epoch``, ``val_dice``, ``train_s`` (the fine-tuning's own seconds) and ``test``
 (evaluate JSON: per class Dice, IoU, clDice, HD95). Table: per domain, K, arch and budget (epochs x samples,
-crop), each device's test Dice, clDice and HD95 (mean ± std over seeds), the selected epoch and the seconds
+crop, validation every N epochs), each device's test Dice, clDice and HD95 (mean ± std over seeds), the selected epoch and the seconds
 per run.
 """
 
@@ -64,30 +65,38 @@ def domain_data(args: argparse.Namespace, domain: str) -> Path:
     return root
 
 
-def budget(args: argparse.Namespace) -> str:
-    """The budget flags of this invocation as a run-folder tag, e.g. "e40_n256_c96" ("default" for none)."""
+def budget(args: argparse.Namespace, eval_every: int) -> str:
+    """The budget of this invocation as a run-folder tag, e.g. "e40_n256_c96" or "default_v2" ("default" for none)."""
     parts = [f"{tag}{value}" for tag, value in (("e", args.epochs), ("n", args.samples_per_epoch), ("c", args.crop))
              if value is not None]
-    return "_".join(parts) or "default"
+    return ("_".join(parts) or "default") + (f"_v{eval_every}" if eval_every != 1 else "")
 
 
 def budget_of(row: dict) -> str:
-    """A row's budget as the table shows it: epochs x samples per epoch, and the crop."""
-    return f"{row['epochs']} x {row['samples_per_epoch']}" + (f", crop {row['crop']}" if row["crop"] else "")
+    """A row's budget as the table shows it: epochs x samples per epoch, the crop, and validations when not every epoch."""
+    every = row.get("eval_every", 1)
+    return (f"{row['epochs']} x {row['samples_per_epoch']}" + (f", crop {row['crop']}" if row["crop"] else "")
+            + (f", val every {every}" if every != 1 else ""))
 
 
-def run_one(args: argparse.Namespace, data: Path, domain: str, shots: int, seed: int, arch: str) -> None:
+def config(args: argparse.Namespace, data: Path, domain: str, shots: int, seed: int, arch: str) -> FinetuneConfig:
+    """The resolved fine-tuning config of one (domain, K, seed, arch) run."""
+    cfg = FinetuneConfig(data=data, out=args.out / "runs", arch=arch, shots=shots, seed=seed, image_size=args.size,
+                         epochs=args.epochs, crop=args.crop, samples_per_epoch=args.samples_per_epoch, device="cpu")
+    cfg.validate()
+    cfg.out = cfg.out / f"{domain}_{arch}_k{shots}_s{seed}_{budget(args, cfg.eval_every)}"
+    return cfg
+
+
+def run_one(args: argparse.Namespace, cfg: FinetuneConfig, domain: str) -> None:
     """Fine-tune one (domain, K, seed, arch) from scratch, score the test split once, record the row."""
     started = time.perf_counter()
-    cfg = FinetuneConfig(data=data, out=args.out / "runs" / f"{domain}_{arch}_k{shots}_s{seed}_{budget(args)}",
-                         arch=arch, shots=shots, seed=seed, image_size=args.size, epochs=args.epochs, crop=args.crop,
-                         samples_per_epoch=args.samples_per_epoch, device="cpu")
     row = common.downstream_result(cfg, domain, "scratch")
-    row |= {"crop": cfg.crop, "samples_per_epoch": cfg.samples_per_epoch, "budget": budget(args),
-            "train_s": time.perf_counter() - started}
+    row |= {"crop": cfg.crop, "samples_per_epoch": cfg.samples_per_epoch, "eval_every": cfg.eval_every,
+            "budget": budget(args, cfg.eval_every), "train_s": time.perf_counter() - started}
     row = common.record(args.out, TABLE, row, started)
     scores = row["test"]["per_class"]
-    print(f"{domain:10s} {arch:9s} K={shots:3d} seed {seed}: catheter Dice {scores['catheter']['dice']:.3f}, "
+    print(f"{domain:10s} {cfg.arch:9s} K={cfg.shots:3d} seed {cfg.seed}: catheter Dice {scores['catheter']['dice']:.3f}, "
           f"guidewire Dice {scores['guidewire']['dice']:.3f} (best epoch {row['best_epoch']}/{row['epochs']}, "
           f"{row['wall_s']:.0f} s)", flush=True)
 
@@ -100,8 +109,9 @@ def run_all(args: argparse.Namespace) -> None:
         for shots in args.shots:
             for seed in args.seeds:
                 for arch in args.archs:
-                    if (domain, shots, seed, arch, budget(args)) not in done:
-                        run_one(args, data, domain, shots, seed, arch)
+                    cfg = config(args, data, domain, shots, seed, arch)
+                    if (domain, shots, seed, arch, budget(args, cfg.eval_every)) not in done:
+                        run_one(args, cfg, domain)
 
 
 def tables(results: list[dict]) -> str:

@@ -23,7 +23,7 @@ EXPECTED = {
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
     "t6": (POSITION, {"mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "mean/foundation",
                       "tip/foundation"}),
-    "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "budget", "train_s"}, {"scratch"}),
+    "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "eval_every", "budget", "train_s"}, {"scratch"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
            "t5": "t5_fedefm_ablation.py", "t6": "t6_position.py", "t7": "t7_dense_foundation.py",

@@ -13,7 +13,7 @@ from fedefm.config import FinetuneConfig
 from fedefm.data.datasets import find_multilabel_splits
 from fedefm.data.synth import POSITION_CLASSES, write_position_dataset
 from fedefm.errors import ConfigError, DataError
-from fedefm.finetune import classify, train
+from fedefm.finetune import classify, loop
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.predict import classify_images
 from fedefm.models.heads import Classifier
@@ -66,7 +66,7 @@ def test_a_few_steps_lower_the_classification_loss():
     model = Classifier(get_preset("tiny"), 4)
     images, labels = torch.rand(8, 1, SIZE, SIZE), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = [train.optimisation_step(classify.classification_loss(model(images), labels), model, optimizer, 1.0,
+    losses = [loop.optimisation_step(classify.classification_loss(model(images), labels), model, optimizer, 1.0,
                                       f"step {k}") for k in range(6)]
     assert losses[-1] < losses[0]
 

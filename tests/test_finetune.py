@@ -8,10 +8,11 @@ from typer.testing import CliRunner
 
 from fedefm.cli import app
 from fedefm.config import FinetuneConfig
+from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import find_segmentation_splits
 from fedefm.data.synth import write_seg_dataset
 from fedefm.errors import ConfigError, DataError, WeightsError
-from fedefm.finetune import train
+from fedefm.finetune import loop, train
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune import predict as predict_module
 from fedefm.finetune.predict import predict
@@ -233,9 +234,9 @@ def test_cldice_losses_are_lowest_for_a_confident_prediction_equal_to_the_mask(d
 
 
 def test_crops_are_the_crop_size_and_centre_on_devices_more_often_than_chance(dataset):
-    items = train.select_shots(find_segmentation_splits(dataset, 0, 0.15, 0.15)["train"], 8, 0)
+    items = loop.select_shots(find_segmentation_splits(dataset, 0, 0.15, 0.15)["train"], 8, 0)
     samples = train.load_samples(items, SIZE)
-    batches = train.training_batches(samples, 4, train.train_transforms(0, crop=32), seed=0)
+    batches = loop.training_batches(samples, 4, train_transforms(0, crop=32), seed=0)
     device_share = []
     for _ in range(8):
         batch = next(batches)

@@ -9,16 +9,13 @@ per-label binary cross-entropy and select on validation macro AUROC. Ties go to 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedefm.checkpoints import CheckpointStore
-from fedefm.config import SEGMENTER_NEEDED, FinetuneConfig, resolve_device, run_record
+from fedefm.config import SEGMENTER_NEEDED, FinetuneConfig, resolve_device
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import (
     ClassificationDataset,
@@ -27,25 +24,13 @@ from fedefm.data.datasets import (
     find_multilabel_splits,
 )
 from fedefm.errors import ConfigError, DataError
-from fedefm.files import append_jsonl
-from fedefm.finetune.metrics import SEGMENTATION_CLASSES
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
-from fedefm.finetune.train import (
-    epoch_bar,
-    lr_at,
-    resume_point,
-    run_folder,
-    save_checkpoint,
-    select_shots,
-    train_epoch,
-    training_batches,
-    validates,
-)
-from fedefm.memory import peak_rss_mb
+from fedefm.finetune.loop import FinetuneTask, fit, run_folder, select_shots
+from fedefm.finetune.metrics import SEGMENTATION_CLASSES
 from fedefm.models.heads import Classifier
 from fedefm.models.position import MaskPositionClassifier, PositionClassifier
 from fedefm.models.presets import get_preset
-from fedefm.models.weights import TransferReport, load_pretrained, model_metadata, save_weights
+from fedefm.models.weights import TransferReport, load_pretrained, model_metadata
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +108,13 @@ def selection_score(result: dict) -> tuple[float, float]:
     return (-1.0 if main is None else main, -result["loss"])
 
 
+def val_columns(result: dict) -> dict:
+    """The metrics.jsonl columns of a validation: loss, accuracy, balanced accuracy, macro F1 and macro AUROC."""
+    return {"val_loss": result["loss"], "val_accuracy": result["accuracy"],
+            "val_balanced_accuracy": result["balanced_accuracy"], "val_macro_f1": result["macro_f1"],
+            "val_macro_auroc": result.get("macro_auroc")}
+
+
 POSITION_MODELS = {"tip": PositionClassifier, "mask": MaskPositionClassifier}  # --pooling → model over a TransUNet
 
 
@@ -184,50 +176,12 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
     if transfer is not None:
         log.info("foundation weights from %s: %s", cfg.init, transfer.summary())
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(max(len(train_items), cfg.samples_per_epoch) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    metadata = model_metadata(model) | {"task": "classify", "classes": class_names, "multilabel": cfg.multilabel,
-                                        "image_size": cfg.image_size}
-
-    store = CheckpointStore(out / "checkpoints", prefix="epoch")
-    record = run_record(cfg, "finetune") | {"classes": class_names, "train_images": [i.name for i in train_items]}
-    first_epoch, step, restored_best = resume_point(out, store, model, optimizer, resume, record)
-    best = {"best_epoch": 0, "best_val": (-math.inf, -math.inf), "val": None}
-    if restored_best is not None:
-        best = restored_best | {"best_val": tuple(restored_best["best_val"])}  # JSON turned the tuple into a list
-    batches = training_batches(train, cfg.batch_size, train_transforms(cfg.seed, keep_orientation=True), cfg.seed,
-                               first_step=step)
-
-    with epoch_bar(progress) as bar:
-        task = bar.add_task("epochs", total=cfg.epochs, completed=first_epoch - 1, status="")
-        for epoch in range(first_epoch, cfg.epochs + 1):
-            started = time.perf_counter()
-            losses, seen, step = train_epoch(model, optimizer, batches,
-                                             lambda batch: classification_loss(model(batch["image"]), batch["label"]),
-                                             cfg, epoch, step, steps_per_epoch, total_steps)
-            train_s = time.perf_counter() - started
-            row = {"epoch": epoch, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
-                   "train_loss": float(np.mean(losses)), "train_images_per_s": seen / train_s, "selected": False}
-            status = f"loss {row['train_loss']:.3f}"
-            if validates(epoch, cfg):
-                result = evaluate(model, val, class_names)
-                score = selection_score(result)
-                row["selected"] = score > best["best_val"]
-                if row["selected"]:
-                    best = {"best_epoch": epoch, "best_val": score, "val": result}
-                    save_weights(out / "model.safetensors", model, metadata)
-                row |= {"val_loss": result["loss"], "val_accuracy": result["accuracy"],
-                        "val_balanced_accuracy": result["balanced_accuracy"], "val_macro_f1": result["macro_f1"],
-                        "val_macro_auroc": result.get("macro_auroc")}
-                status += f" val {_score_name(cfg)} {score[0]:.3f}"
-            row |= {"wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
-            append_jsonl(out / "metrics.jsonl", row)
-            save_checkpoint(store, epoch, step, model, optimizer, best)
-            log.info("epoch %d: %s%s", epoch, status, " (selected)" if row["selected"] else "")
-            bar.update(task, completed=epoch, status=status)
-    return best | {"transfer": transfer.summary() if transfer else None}
-
-
-def _score_name(cfg: FinetuneConfig) -> str:
-    return "macro AUROC" if cfg.multilabel else "balanced accuracy"
+    task = FinetuneTask(
+        train=train, val=val, model=model, transfer=transfer, augment=train_transforms(cfg.seed, keep_orientation=True),
+        loss=lambda batch: classification_loss(model(batch["image"]), batch["label"]),
+        evaluate=lambda samples: evaluate(model, samples, class_names), score=selection_score,
+        val_columns=val_columns, score_name="macro AUROC" if cfg.multilabel else "balanced accuracy",
+        metadata=model_metadata(model) | {"task": "classify", "classes": class_names, "multilabel": cfg.multilabel,
+                                          "image_size": cfg.image_size},
+        record={"classes": class_names, "train_images": [i.name for i in train_items]})
+    return fit(cfg, out, task, resume, progress)

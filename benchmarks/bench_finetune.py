@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fedefm.config import FinetuneConfig
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.demo import synthetic_data
 from fedefm.finetune.predict import predict
 from fedefm.finetune.train import run as finetune
@@ -64,7 +65,7 @@ def predict_images_per_s(preset: str, images: list[Path], work: Path) -> float:
     """Images/s of ``predict`` with a randomly initialised TransUNet of ``preset`` at 256×256 inputs."""
     model = build_segmenter("transunet", get_preset(preset), n_classes=3)
     weights = work / f"{preset}.safetensors"
-    save_weights(weights, model, model_metadata(model) | {"classes": ["background", "catheter", "guidewire"]})
+    save_weights(weights, model, model_metadata(model) | {"classes": list(LABEL_NAMES)})
     predict(weights, images[:2], work / f"warm_{preset}")
     return predict(weights, images, work / f"pred_{preset}").images_per_s
 

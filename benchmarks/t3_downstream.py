@@ -30,9 +30,10 @@ import common
 import torch
 
 from fedefm.config import FinetuneConfig
+from fedefm.data.labels import DEVICE_LABELS
 from fedefm.data.synth import DOMAINS
 from fedefm.errors import ConfigError
-from fedefm.results import DEVICE_CLASSES, downstream_summary, group, markdown, mean_std, read_results
+from fedefm.results import downstream_summary, group, markdown, mean_std, read_results
 
 TABLE = "T3"
 INITS = ["scratch", "centralized", "fedavg", "dpsgd", "fedefm_ring"]
@@ -96,7 +97,7 @@ def gain_table(results: list[dict]) -> str:
     paired = [r for r in results if r["init"] != "scratch" and (r["domain"], r["shots"], r["seed"]) in scratch]
     lines = [[init, str(shots)] + [mean_std(r["test"]["per_class"][c]["dice"]
                                             - scratch[r["domain"], r["shots"], r["seed"]][c]["dice"] for r in runs)
-                                   for c in DEVICE_CLASSES] + [str(len(runs))]
+                                   for c in DEVICE_LABELS] + [str(len(runs))]
              for (shots, init), runs in group(sorted(paired, key=lambda r: r["shots"]),
                                               lambda r: (r["shots"], r["init"])).items()]
     return markdown((["init", "K", "catheter Dice − scratch", "guidewire Dice − scratch", "pairs (domain, seed)"],

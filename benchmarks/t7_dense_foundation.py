@@ -47,12 +47,13 @@ from monai.metrics import compute_dice
 
 from fedefm.config import FinetuneConfig, PretrainConfig
 from fedefm.data.datasets import find_segmentation_splits
+from fedefm.data.labels import DEVICE_LABELS
 from fedefm.data.synth import PRETRAIN_CLASSES, write_pretrain_corpus, write_seg_dataset
 from fedefm.finetune.evaluate import split_settings, weights_path
 from fedefm.finetune.metrics import one_hot
 from fedefm.finetune.train import load_samples
 from fedefm.models.weights import build_from_weights
-from fedefm.results import DEVICE_CLASSES, group, markdown, mean_std, read_results
+from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T7"
 SETTINGS = ("joined", "absent")
@@ -178,7 +179,7 @@ def per_image_dice(run: Path, data: Path) -> dict[str, list[float | None]]:
         scores = compute_dice(pred, truth, include_background=False, ignore_empty=False)
         dice.append(torch.where(both_absent, torch.nan, scores).numpy())
     values = np.concatenate(dice)
-    return {name: [None if np.isnan(v) else float(v) for v in values[:, c]] for c, name in enumerate(DEVICE_CLASSES)}
+    return {name: [None if np.isnan(v) else float(v) for v in values[:, c]] for c, name in enumerate(DEVICE_LABELS)}
 
 
 def finetune_all(args: argparse.Namespace) -> None:
@@ -267,7 +268,7 @@ def tables(results: list[dict]) -> str:
     fine = sorted(fine, key=lambda r: (r["shots"], r["setting"] != "any", r["setting"], order.get(r["init"], 9),
                                        r["init"]))
     rows = [[setting, str(shots), init, mean_std(r["val_dice"] for r in runs),
-             *(mean_std(r["test"]["per_class"][c]["dice"] for r in runs) for c in DEVICE_CLASSES),
+             *(mean_std(r["test"]["per_class"][c]["dice"] for r in runs) for c in DEVICE_LABELS),
              f"{np.mean([r['best_epoch'] for r in runs]):.0f}/{runs[0]['epochs']}", str(len(runs))]
             for (shots, setting, init), runs in group(fine, lambda r: (r["shots"], r["setting"], r["init"])).items()]
     out.append(markdown((["setting", "K", "init", "val Dice (selection)", "test catheter Dice", "test guidewire Dice",
@@ -280,7 +281,7 @@ def tables(results: list[dict]) -> str:
         base = {seed: row for (k, seed), row in scratch.items() if k == shots}
         runs = [r for r in runs if r["seed"] in base]
         cells = []
-        for c in DEVICE_CLASSES:
+        for c in DEVICE_LABELS:
             mean, low, high, n = paired_gain(runs, base, c)
             cells.append("-" if n == 0 else f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
         gains.append([setting, str(shots), init, *cells, str(len(runs))])

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from fedefm.config import FinetuneConfig
+from fedefm.data.labels import DEVICE_LABELS
 from fedefm.data.synth import DOMAINS, write_seg_dataset
-from fedefm.results import DEVICE_CLASSES, group, markdown, mean_std, read_results
+from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T8"
 SPLITS = {"train": (100, 3000), "val": (30, 3001), "test": (60, 3002)}  # frames and generator seed (+ 10 x domain)
@@ -120,10 +121,10 @@ def tables(results: list[dict]) -> str:
     key = lambda r: (r["domain"], r["shots"], r["arch"], budget_of(r))  # noqa: E731
     for (domain, shots, arch, spent), runs in group(sorted(results, key=key), key).items():
         cells = [mean_std(r["test"]["per_class"][c][metric] for r in runs)
-                 for c in DEVICE_CLASSES for metric in ("dice", "cldice", "hd95")]
+                 for c in DEVICE_LABELS for metric in ("dice", "cldice", "hd95")]
         rows.append([domain, str(shots), arch, spent, *cells, f"{np.mean([r['best_epoch'] for r in runs]):.0f}/"
                      f"{runs[0]['epochs']}", f"{np.mean([r['train_s'] for r in runs]):.0f}", str(len(runs))])
-    header = ["domain", "K", "arch", "epochs x samples", *(f"{c} {m}" for c in DEVICE_CLASSES for m in ("Dice", "clDice", "HD95")),
+    header = ["domain", "K", "arch", "epochs x samples", *(f"{c} {m}" for c in DEVICE_LABELS for m in ("Dice", "clDice", "HD95")),
               "best epoch", "s / run", "seeds"]
     return markdown((header, rows))
 

@@ -17,7 +17,7 @@ from fedefm import __version__
 from fedefm.errors import ConfigError, WeightsError
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_classifier, build_segmenter
-from fedefm.finetune.metrics import SEGMENTATION_CLASSES
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.models.segmenters import TransUNet
 from fedefm.models.weights import (
     build_from_weights,
@@ -217,7 +217,7 @@ def test_whole_model_transfer_copies_encoder_and_decoder_value_for_value_and_rep
     path = dense_pretraining_file(tmp_path / "global.safetensors")
     checkpoint, _ = load_weights(path)
     segmenter = TransUNet(get_preset("tiny"), n_classes=3)
-    report = load_pretrained(segmenter, path, "all", SEGMENTATION_CLASSES)
+    report = load_pretrained(segmenter, path, "all", LABEL_NAMES)
     state = segmenter.state_dict()
     body = [key for key in state if not key.startswith("segmentation_head.")]
     assert {key.split(".")[0] for key in body} == {"encoder", "decoder"}
@@ -233,7 +233,7 @@ def test_whole_model_transfer_picks_the_head_rows_by_class_name(tmp_path):
     path = dense_pretraining_file(tmp_path / "global.safetensors", ["vessel", "guidewire", "background", "catheter"])
     checkpoint, _ = load_weights(path)
     segmenter = TransUNet(get_preset("tiny"), n_classes=3)
-    load_pretrained(segmenter, path, "all", SEGMENTATION_CLASSES)
+    load_pretrained(segmenter, path, "all", LABEL_NAMES)
     for name in ("segmentation_head.weight", "segmentation_head.bias"):
         # shape: (3, ...) rows background, catheter, guidewire = the file's rows 2, 3, 1
         torch.testing.assert_close(segmenter.state_dict()[name], checkpoint[name][[2, 3, 1]], rtol=0, atol=0)
@@ -247,7 +247,7 @@ def test_whole_model_transfer_keeps_a_head_that_does_not_fit_new(tmp_path, class
     path = dense_pretraining_file(tmp_path / "global.safetensors", classes, **metadata)
     segmenter = TransUNet(get_preset("tiny"), n_classes=3)
     initial = segmenter.segmentation_head.weight.detach().clone()
-    report = load_pretrained(segmenter, path, "all", SEGMENTATION_CLASSES)
+    report = load_pretrained(segmenter, path, "all", LABEL_NAMES)
     assert report.new == ["segmentation_head.weight", "segmentation_head.bias"]
     assert re.search(why, report.head)
     assert "segmentation_head.weight" in report.ignored
@@ -257,8 +257,8 @@ def test_whole_model_transfer_keeps_a_head_that_does_not_fit_new(tmp_path, class
 
 def test_auto_transfers_the_whole_model_from_a_segmenter_and_the_encoder_from_a_classifier(tmp_path, classifier_file):
     dense = dense_pretraining_file(tmp_path / "dense.safetensors")
-    assert load_pretrained(TransUNet(get_preset("tiny")), dense, "auto", SEGMENTATION_CLASSES).parts == "all"
-    report = load_pretrained(TransUNet(get_preset("tiny")), classifier_file, "auto", SEGMENTATION_CLASSES)
+    assert load_pretrained(TransUNet(get_preset("tiny")), dense, "auto", LABEL_NAMES).parts == "all"
+    report = load_pretrained(TransUNet(get_preset("tiny")), classifier_file, "auto", LABEL_NAMES)
     assert report.parts == "encoder" and report.head == ""
 
 
@@ -273,21 +273,21 @@ def test_encoder_transfer_from_a_segmenter_ignores_its_decoder_and_head(tmp_path
 def test_whole_model_transfer_from_a_classification_run_is_refused(classifier_file):
     with pytest.raises(WeightsError, match=r"global.safetensors: --init-parts all needs a segmenter's weights, but this "
                                            r"is a classification run's .*use --init-parts encoder"):
-        load_pretrained(TransUNet(get_preset("tiny")), classifier_file, "all", SEGMENTATION_CLASSES)
+        load_pretrained(TransUNet(get_preset("tiny")), classifier_file, "all", LABEL_NAMES)
 
 
 def test_whole_model_transfer_from_another_architecture_is_refused(tmp_path):
     path = tmp_path / "unet.safetensors"
-    save_weights(path, build_segmenter("unet", get_preset("tiny")), {"classes": list(SEGMENTATION_CLASSES)})
+    save_weights(path, build_segmenter("unet", get_preset("tiny")), {"classes": list(LABEL_NAMES)})
     with pytest.raises(WeightsError, match="unet.safetensors: --init-parts all needs weights of a transunet, but these "
                                            "are of a unet"):
-        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", LABEL_NAMES)
 
 
 def test_whole_model_transfer_from_another_preset_names_both_presets(tmp_path):
     path = dense_pretraining_file(tmp_path / "small.safetensors", preset="small")
     with pytest.raises(WeightsError, match=r"small.safetensors: weights are for preset 'small' .* preset 'tiny'"):
-        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", LABEL_NAMES)
 
 
 def test_whole_model_transfer_without_decoder_tensors_is_refused(tmp_path):
@@ -295,7 +295,7 @@ def test_whole_model_transfer_without_decoder_tensors_is_refused(tmp_path):
     encoder = {k: v for k, v in TransUNet(get_preset("tiny")).state_dict().items() if k.startswith("encoder.")}
     save_weights(path, encoder, {"preset": "tiny"})
     with pytest.raises(WeightsError, match="encoder_only.safetensors: .*holds no decoder.* tensor"):
-        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", LABEL_NAMES)
 
 
 def test_whole_model_transfer_refuses_classes_that_disagree_with_the_head(tmp_path):
@@ -303,7 +303,7 @@ def test_whole_model_transfer_refuses_classes_that_disagree_with_the_head(tmp_pa
     tensors, metadata = load_weights(path)
     save_weights(path, tensors, metadata | {"classes": DENSE_CLASSES[:3]})
     with pytest.raises(WeightsError, match="odd.safetensors: metadata names 3 classes but segmentation_head.weight has 4"):
-        load_pretrained(TransUNet(get_preset("tiny")), path, "all", SEGMENTATION_CLASSES)
+        load_pretrained(TransUNet(get_preset("tiny")), path, "all", LABEL_NAMES)
 
 
 def test_whole_model_transfer_into_a_classifier_is_refused(tmp_path):

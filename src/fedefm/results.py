@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from fedefm.data.labels import DEVICE_LABELS
 from fedefm.errors import DataError
 
 Summary = tuple[list[str], list[list[str]]]
-DEVICE_CLASSES = ("catheter", "guidewire")
 DOWNSTREAM_METRICS = ("dice", "iou", "cldice", "hd95")
 
 
@@ -146,11 +146,11 @@ def budget_summary(results: list[dict]) -> Summary:
 
 def downstream_summary(results: list[dict], keys: tuple[str, ...] = ("domain", "shots", "init")) -> Summary:
     """One line per ``keys`` value: test Dice, IoU, clDice and HD95 (px) per device class, mean ± std over seeds."""
-    header = list(keys) + [f"{c} {m}" for c in DEVICE_CLASSES for m in ("Dice", "IoU", "clDice", "HD95")] + ["seeds"]
+    header = list(keys) + [f"{c} {m}" for c in DEVICE_LABELS for m in ("Dice", "IoU", "clDice", "HD95")] + ["seeds"]
     lines = []
     for values, runs in group([r for r in results if is_downstream(r)], lambda r: tuple(r[k] for k in keys)).items():
         cells = [mean_std((r["test"]["per_class"][c][m] for r in runs), digits=1 if m == "hd95" else 3)
-                 for c in DEVICE_CLASSES for m in DOWNSTREAM_METRICS]
+                 for c in DEVICE_LABELS for m in DOWNSTREAM_METRICS]
         lines.append([str(v) for v in values] + cells + [str(len(runs))])
     return header, lines
 

@@ -40,13 +40,13 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.utils.data import Dataset
 
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.data.readers import (IMAGE_SUFFIXES, count_frames, image_stem, image_suffix, read_image, read_label_values,
                                  read_mask)
 from fedefm.data.nnunet import is_nnunet_root, read_layout
 from fedefm.errors import ConfigError, DataError, choose
 
 SPLITS = ("train", "val", "test")
-LABEL_NAMES = ("background", "catheter", "guidewire")
 _MAX_LISTED_PROBLEMS = 20
 LABELS_FILE = "labels.json"
 MASKS_FOLDER = "masks"

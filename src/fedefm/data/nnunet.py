@@ -18,11 +18,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.data.readers import image_stem
 from fedefm.errors import DataError
 
 DATASET_JSON = "dataset.json"
-OUR_LABELS = ("background", "catheter", "guidewire")
 # Stored label values above this cannot come from an 8- or 16-bit label image of a few classes.
 _MAX_VALUE = 65535
 
@@ -96,10 +96,10 @@ def _label_map(labels: object, msd: bool, path: Path) -> tuple[int, ...]:
         except (TypeError, ValueError):
             raise DataError(f"{path}: label \"{name}\" has value {value!r}, not a whole number") from None
         key = re.sub(r"[\s_-]+", "", str(name)).lower()
-        if key not in OUR_LABELS or not 0 <= value <= _MAX_VALUE:
+        if key not in LABEL_NAMES or not 0 <= value <= _MAX_VALUE:
             raise DataError(f"{path}: label \"{name}\" = {value} cannot be mapped; fedefm segments "
-                            f"{', '.join(OUR_LABELS)} - rename it to one of those (values 0..{_MAX_VALUE})")
-        table[value] = OUR_LABELS.index(key)
+                            f"{', '.join(LABEL_NAMES)} - rename it to one of those (values 0..{_MAX_VALUE})")
+        table[value] = LABEL_NAMES.index(key)
     if table.get(0) != 0:
         raise DataError(f"{path}: value 0 must be \"background\" (found {labels!r})")
     lookup = [-1] * (max(table) + 1)

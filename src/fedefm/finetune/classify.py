@@ -23,10 +23,10 @@ from fedefm.data.datasets import (
     find_classification_splits,
     find_multilabel_splits,
 )
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.errors import ConfigError, DataError
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
 from fedefm.finetune.loop import FinetuneTask, fit, run_folder, select_shots
-from fedefm.finetune.metrics import SEGMENTATION_CLASSES
 from fedefm.models.heads import Classifier
 from fedefm.models.position import MaskPositionClassifier, PositionClassifier
 from fedefm.models.presets import get_preset
@@ -135,7 +135,7 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, T
         model, parts = POSITION_MODELS[cfg.pooling](preset, n_classes), cfg.init_parts
     if cfg.init == "scratch":  # config validation refuses mask from scratch
         return model, None
-    transfer = load_pretrained(model, Path(cfg.init), parts, SEGMENTATION_CLASSES)
+    transfer = load_pretrained(model, Path(cfg.init), parts, LABEL_NAMES)
     if cfg.pooling == "mask" and "segmentation_head.weight" not in transfer.loaded:
         raise ConfigError(f"--init {cfg.init}: gives no trained segmentation head ({transfer.head or transfer.parts}); "
                           f"--pooling mask {SEGMENTER_NEEDED}")

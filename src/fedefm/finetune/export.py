@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fedefm import __version__
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.errors import ConfigError, WeightsError, choose
 from fedefm.files import write_json
 from fedefm.finetune.evaluate import is_classifier, weights_path
@@ -73,7 +74,7 @@ def provenance(model: Path, metadata: dict) -> dict:
     config = weights_path(model).parent / "config.json"
     return {"fedefm_version": metadata.get("fedefm_version", __version__), "exported_by": __version__,
             "arch": metadata["arch"], "preset": metadata.get("preset"), "image_size": int(metadata["image_size"]),
-            "classes": ["background", "catheter", "guidewire"],
+            "classes": list(LABEL_NAMES),
             "training_config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None}
 
 

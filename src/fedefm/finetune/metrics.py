@@ -19,7 +19,8 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from skimage.morphology import skeletonize
 
-SEGMENTATION_CLASSES: tuple[str, ...] = ("background", "catheter", "guidewire")
+from fedefm.data.labels import LABEL_NAMES
+
 METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "cldice", "hd95")
 
 
@@ -80,7 +81,7 @@ def score_batch(pred: torch.Tensor, truth: torch.Tensor, n_classes: int = 3) -> 
 class SegmentationScores:
     """Accumulates per-image scores over batches and reduces them once, as MONAI's metric classes do."""
 
-    def __init__(self, class_names: tuple[str, ...] = SEGMENTATION_CLASSES) -> None:
+    def __init__(self, class_names: tuple[str, ...] = LABEL_NAMES) -> None:
         self.class_names = class_names
         self._rows: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
         self.n_images = 0

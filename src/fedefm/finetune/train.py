@@ -12,9 +12,10 @@ from monai.losses import DiceCELoss, SoftclDiceLoss, SoftDiceclDiceLoss
 from fedefm.config import FinetuneConfig, resolve_device
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import SegmentationDataset, SegmentationItem, find_segmentation_splits
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.errors import DataError
 from fedefm.finetune.loop import FinetuneTask, fit, run_folder, select_shots
-from fedefm.finetune.metrics import SEGMENTATION_CLASSES, SegmentationScores
+from fedefm.finetune.metrics import SegmentationScores
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
 from fedefm.models.weights import TransferReport, load_pretrained, model_metadata
@@ -41,7 +42,7 @@ def evaluate(model: torch.nn.Module, samples: dict[str, torch.Tensor], batch_siz
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    scores = SegmentationScores(SEGMENTATION_CLASSES)
+    scores = SegmentationScores(LABEL_NAMES)
     for start in range(0, samples["image"].shape[0], batch_size):
         logits = model(samples["image"][start : start + batch_size].to(device))
         scores.update(logits.argmax(1).cpu(), samples["mask"][start : start + batch_size])
@@ -87,10 +88,10 @@ def segmentation_loss(cfg: FinetuneConfig, device: torch.device) -> Callable[[to
 
 def build_model(cfg: FinetuneConfig) -> tuple[torch.nn.Module, TransferReport | None]:
     """The segmenter named by the config, from scratch or from pre-trained weights (``cfg.init_parts`` of them)."""
-    model = build_segmenter(cfg.arch, get_preset(cfg.preset), n_classes=len(SEGMENTATION_CLASSES))
+    model = build_segmenter(cfg.arch, get_preset(cfg.preset), n_classes=len(LABEL_NAMES))
     if cfg.init == "scratch":
         return model, None
-    return model, load_pretrained(model, Path(cfg.init), cfg.init_parts, SEGMENTATION_CLASSES)
+    return model, load_pretrained(model, Path(cfg.init), cfg.init_parts, LABEL_NAMES)
 
 
 def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
@@ -128,6 +129,6 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
         evaluate=lambda samples: evaluate(model, samples), score=selection_score, val_columns=val_columns,
         score_name="Dice",
         # The training resolution, not the preset's: evaluate and predict resize inputs to it.
-        metadata=model_metadata(model) | {"classes": list(SEGMENTATION_CLASSES), "image_size": cfg.image_size},
+        metadata=model_metadata(model) | {"classes": list(LABEL_NAMES), "image_size": cfg.image_size},
         record={"train_images": [i.name for i in train_items]})
     return fit(cfg, out, task, resume, progress)

@@ -27,13 +27,14 @@ The package reads in the order its parts depend on each other:
 - ``corpora``: the dataset writers behind ``fedefm synth``.
 """
 
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.data.synth.corpora import (
     GENERATOR_VERSION,
     write_position_dataset,
     write_pretrain_corpus,
     write_seg_dataset,
 )
-from fedefm.data.synth.devices import LABEL_NAMES, WIRE_LABELS
+from fedefm.data.synth.devices import WIRE_LABELS
 from fedefm.data.synth.domains import (
     DOMAINS,
     POSITION_CLASSES,

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedefm.data.synth.devices import LABEL_NAMES, WIRE_LABELS
+from fedefm.data.labels import LABEL_NAMES
+from fedefm.data.synth.devices import WIRE_LABELS
 from fedefm.data.synth.domains import (
     _check_size,
     DOMAINS,

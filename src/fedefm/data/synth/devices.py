@@ -26,7 +26,6 @@ from fedefm.data.synth.geometry import (
 )
 
 
-LABEL_NAMES: tuple[str, ...] = ("background", "catheter", "guidewire")
 # How the guidewire is labelled where it runs inside the catheter: "lead" labels only the wire's
 # lead beyond the catheter (catheter wins where both lie, the default, as a reader of the frame
 # would draw it); "full" labels the whole wire path, so the guidewire label runs down the middle of

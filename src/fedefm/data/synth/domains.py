@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from fedefm.data.labels import LABEL_NAMES
 from fedefm.data.synth.anatomy import (
     _abdomen_anatomy,
     _abdomen_tree,
@@ -20,7 +21,6 @@ from fedefm.data.synth.anatomy import (
     _Vessel,
 )
 from fedefm.data.synth.devices import (
-    LABEL_NAMES,
     WIRE_LABELS,
     _devices,
     _ecg_leads,

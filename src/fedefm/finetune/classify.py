@@ -26,7 +26,7 @@ from fedefm.data.datasets import (
 from fedefm.data.labels import LABEL_NAMES
 from fedefm.errors import ConfigError, DataError
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
-from fedefm.finetune.loop import FinetuneTask, fit, run_folder, select_shots
+from fedefm.finetune.loop import FinetuneTask, fit, require_validation_split, run_folder, select_shots
 from fedefm.models.heads import Classifier
 from fedefm.models.position import MaskPositionClassifier, PositionClassifier
 from fedefm.models.presets import get_preset
@@ -162,8 +162,7 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
     splits, class_names = find_splits(cfg)
     if not cfg.multilabel:
         check_class_sizes(splits, class_names, Path(cfg.data))
-    if not splits["val"]:
-        raise DataError(f"{cfg.data}: no validation images after splitting; add a val/ split or raise --val-fraction")
+    require_validation_split(splits, cfg.data)
     train_items = (select_shots(splits["train"], cfg.shots, cfg.seed) if cfg.multilabel
                    else select_class_shots(splits["train"], cfg.shots, cfg.seed, class_names))
     train = load_samples(train_items, cfg.image_size, cfg.multilabel)
@@ -173,8 +172,6 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
 
     device = resolve_device(cfg.device)
     model, transfer = build_model(cfg, len(class_names))
-    if transfer is not None:
-        log.info("foundation weights from %s: %s", cfg.init, transfer.summary())
     model.to(device).train()
     task = FinetuneTask(
         train=train, val=val, model=model, transfer=transfer, augment=train_transforms(cfg.seed, keep_orientation=True),

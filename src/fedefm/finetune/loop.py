@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from fedefm.checkpoints import CheckpointStore
 from fedefm.config import FinetuneConfig, run_record
 from fedefm.data.augment import TrainTransforms
-from fedefm.errors import ConfigError
+from fedefm.errors import ConfigError, DataError
 from fedefm.files import append_jsonl, drop_rows_after, write_json
 from fedefm.memory import peak_rss_mb
 from fedefm.models.weights import TransferReport, save_weights
@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Batch = dict[str, torch.Tensor]
+
+
+def require_validation_split(splits: dict[str, list], data: Path) -> None:
+    """Raise DataError naming ``data`` when its validation split is empty: a run selects its epoch there."""
+    if not splits["val"]:
+        raise DataError(f"{data}: no validation images after splitting; add a val/ split or raise --val-fraction")
 
 
 def lr_at(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
@@ -217,6 +223,8 @@ def fit(cfg: FinetuneConfig, out: Path, task: FinetuneTask, resume: bool, progre
         {"best_epoch", "best_val": the selected epoch's score, "val": its evaluate JSON, "transfer": summary or None}.
     """
     model = task.model
+    if task.transfer is not None:
+        log.info("foundation weights from %s: %s", cfg.init, task.transfer.summary())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = task.train["image"].shape[0]
     steps_per_epoch = math.ceil(max(n_train, cfg.samples_per_epoch) / cfg.batch_size)

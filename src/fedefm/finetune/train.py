@@ -13,8 +13,7 @@ from fedefm.config import FinetuneConfig, resolve_device
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import SegmentationDataset, SegmentationItem, find_segmentation_splits
 from fedefm.data.labels import LABEL_NAMES
-from fedefm.errors import DataError
-from fedefm.finetune.loop import FinetuneTask, fit, run_folder, select_shots
+from fedefm.finetune.loop import FinetuneTask, fit, require_validation_split, run_folder, select_shots
 from fedefm.finetune.metrics import SegmentationScores
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
@@ -110,8 +109,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwr
 def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)
     splits = find_segmentation_splits(Path(cfg.data), cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    if not splits["val"]:
-        raise DataError(f"{cfg.data}: no validation images after splitting; add a val/ split or raise --val-fraction")
+    require_validation_split(splits, cfg.data)
     train_items = select_shots(splits["train"], cfg.shots, cfg.seed)
     train = load_samples(train_items, cfg.image_size)
     val = load_samples(splits["val"], cfg.image_size)
@@ -119,8 +117,6 @@ def _train(cfg: FinetuneConfig, out: Path, resume: bool, progress: bool) -> dict
 
     device = resolve_device(cfg.device)
     model, transfer = build_model(cfg)
-    if transfer is not None:
-        log.info("foundation weights from %s: %s", cfg.init, transfer.summary())
     model.to(device).train()
     loss_fn = segmentation_loss(cfg, device)
     task = FinetuneTask(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -245,6 +246,82 @@ def test_flower_supernode_refuses_a_negative_silo_id_or_a_missing_data_folder_at
     assert result.exit_code == 1 and f"--data {tmp_path / 'absent'}: no such folder" in result.output
 
 
+def test_evaluation_at_the_silos_gives_the_simulators_validation_and_test_accuracy(in_a_server_app, tmp_path):
+    # the relay holds no corpus: silo k scores on share k of the corpus's validation and test splits, the relay
+    # weights the silos' accuracies by their images; the silos' messages are answered in this process
+    from fedefm.federated.flower import relay, silo
+
+    corpus = tmp_path / "corpus"
+    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
+    run_config = SETTINGS | {"algorithm": "fedavg", "data": "", "out": str(tmp_path / "flower")}
+    sessions = {}
+
+    def answer(node, message):
+        node_config = {"silo-id": node - 11, "data-path": str(corpus), "data-layout": "corpus"}
+        reply, sessions[node] = silo.answer(message.metadata.message_type, message.content, node_config,
+                                            run_config, sessions.get(node))
+        return reply
+
+    grid = AnsweringGrid([11, 12, 13], answer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flower = relay.run(grid, run_config)
+    finally:
+        torch.set_num_threads(threads)
+    simulator_run = simulated(corpus, tmp_path / "simulator", "fedavg")
+    simulator = json.loads((simulator_run / "summary.json").read_text())
+    assert flower["test_acc"] == pytest.approx(simulator["test_acc"], abs=1e-12)
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (tmp_path / "flower", simulator_run)]
+    assert [r["val_acc"] for r in rows[0]] == pytest.approx([r["val_acc"] for r in rows[1]], abs=1e-12)
+    assert [r["train_loss"] for r in rows[0]] == [r["train_loss"] for r in rows[1]]
+    assert all(len(r["silo_val_acc"]) == 3 for r in rows[0])  # each silo's own model on its own share
+    a, _ = load_weights(tmp_path / "flower" / "global.safetensors")
+    b, _ = load_weights(simulator_run / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    split = {m.content["evaluate"]["split"] for m in grid.sent if m.metadata.message_type == "evaluate"}
+    classes = json.loads((tmp_path / "flower" / "config.json").read_text())["classes"]
+    assert split == {"val", "test"} and classes == sorted(p.name for p in corpus.iterdir() if p.is_dir())
+
+
+def test_a_silo_holds_out_validation_and_test_images_only_when_the_relay_has_no_corpus(tmp_path):
+    from fedefm.federated.flower import silo
+
+    write_pretrain_corpus(tmp_path / "corpus", per_class=10, size=32, seed=0)
+    own = tmp_path / "silo"
+    for name in ("animal", "phantom"):  # a hospital holding two of the federation's data types
+        shutil.copytree(tmp_path / "corpus" / name, own / name)
+    shutil.copy(tmp_path / "corpus" / "labels.json", own / "labels.json")
+    classes = sorted(p.name for p in (tmp_path / "corpus").iterdir() if p.is_dir())
+    node_config = {"silo-id": 0, "data-path": str(own)}
+    run_config = {"silos": 3, "image-size": 32, "val-fraction": 0.2, "test-fraction": 0.1}
+    evaluating = silo.open_session(node_config, run_config | {"data": ""}, classes)
+    assert [len(evaluating.held_out[s]) for s in ("val", "test")] == [4, 2]  # 2 and 1 of each class's 10
+    assert len(evaluating.data.source) == 14
+    assert {classes[item.label] for item in evaluating.held_out["val"]} == {"animal", "phantom"}
+    training_only = silo.open_session(node_config, run_config | {"data": str(tmp_path / "corpus")}, classes)
+    assert training_only.held_out == {} and len(training_only.data.source) == 20
+    facts = silo.data_facts(node_config, run_config)["silo"]
+    assert list(facts["classes"]) == ["animal", "phantom"] and list(facts["labels"])[0] == "background"
+
+
+def test_silos_whose_label_tables_differ_are_refused_naming_both(in_a_server_app):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedefm.federated.flower.relay import silos_corpus
+
+    def answer(node, message):
+        labels = ["background", "catheter"] if node == 13 else ["background", "vessel"]
+        return RecordDict({"silo": ConfigRecord({"silo-id": node - 11, "classes": ["a"], "labels": labels,
+                                                 "annotated": "{}"})})
+
+    cfg = PretrainConfig(data=Path("unused"), out=Path("unused"), silos=3)
+    with pytest.raises(ConfigError, match=r"silos 0 and 2 label their masks \['background', 'vessel'\] and "
+                                          r"\['background', 'catheter'\]"):
+        silos_corpus(AnsweringGrid([11, 12, 13], answer), cfg, 1.0, 1.0)
+
+
 # --- over a real SuperLink and SuperNodes (127.0.0.1 only) -----------------------------------------------------
 
 
@@ -287,20 +364,27 @@ def simulated(corpus, out, algorithm, objective="classify", rounds=2):
     return out
 
 
-def assert_same_run(flower_run: Path, simulator_run: Path, metric: str = "acc"):
+def assert_same_run(flower_run: Path, simulator_run: Path, metric: str = "acc", at_silos: bool = False):
+    # at_silos: the silos scored the global model on their shares of the validation and test splits (a weighted
+    # mean of their scores: the simulator's to rounding) and each its own model on its own share
     def rows(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    keys = ("round", "train_loss", "grad_steps", f"val_{metric}", f"silo_val_{metric}", "bytes_sent")
+    scores = (f"val_{metric}",) if at_silos else (f"val_{metric}", f"silo_val_{metric}")
+    keys = ("round", "train_loss", "grad_steps", "bytes_sent") + (() if at_silos else scores)
     assert [{k: r[k] for k in keys} for r in rows(flower_run)] == [{k: r[k] for k in keys} for r in rows(simulator_run)]
+    if at_silos:
+        assert [r[scores[0]] for r in rows(flower_run)] == pytest.approx([r[scores[0]] for r in rows(simulator_run)],
+                                                                          abs=1e-12)
     assert all(r["relay_bytes"] > 0 for r in rows(flower_run))
     a, _ = load_weights(flower_run / "global.safetensors")
     b, _ = load_weights(simulator_run / "global.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     def summary(run):  # peak memory is the process's own, not a result
         return {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k != "peak_rss_mb"}
 
-    assert summary(flower_run) == summary(simulator_run)
+    assert summary(flower_run) == pytest.approx(summary(simulator_run), abs=1e-12 if at_silos else 0)
     assert json.loads((flower_run / "config.json").read_text())["command"] == "flower"
 
 
@@ -320,11 +404,13 @@ def test_a_dense_objective_over_flower_writes_the_simulators_run_folder_bit_for_
 
 
 @pytest.mark.slow
-def test_fedavg_over_tls_with_supernode_authentication_writes_the_simulators_run_folder(federation, corpus, tmp_path):
-    record = federation.run(settings(corpus, tmp_path / "flower", algorithm="fedavg"), timeout=RUN_TIMEOUT_S)
+def test_fedavg_over_tls_with_supernode_authentication_evaluated_at_the_silos_matches_the_simulator(
+        federation, corpus, tmp_path):
+    # no corpus at the relay: the silos score the models through the ClientApp's evaluate handler
+    record = federation.run(settings(corpus, tmp_path / "flower", algorithm="fedavg", data=""), timeout=RUN_TIMEOUT_S)
     assert record["status"] == "finished:completed" and record["network-traffic"]["total-bytes"] > 0
     assert "insecure" not in (federation.folder / "superlink.log").read_text().lower()
-    assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "fedavg"))
+    assert_same_run(tmp_path / "flower", simulated(corpus, tmp_path / "simulator", "fedavg"), at_silos=True)
 
 
 @pytest.mark.slow

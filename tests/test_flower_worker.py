@@ -156,8 +156,14 @@ def test_the_worker_answers_a_query_and_names_a_bad_message_without_stopping(wor
     answer, reply = wire.call(path, meta, query)
     assert dict(reply["silo"]) == {"silo-id": 1, "num-examples": len(corpus.silo_indices[1])}
     assert answer["compute-s"] > 0
-    answer, _ = wire.call(path, meta | {"message-type": "evaluate"}, query)
-    assert answer["error"].startswith("ConfigError: message type 'evaluate': the fedefm ClientApp answers")
+    answer, _ = wire.call(path, meta | {"message-type": "predict"}, query)
+    assert answer["error"].startswith("ConfigError: message type 'predict': the fedefm ClientApp answers")
+    evaluate = RecordDict({"run": ConfigRecord({"classes": corpus.class_names, "outputs": 6}),
+                           "evaluate": ConfigRecord({"split": "val"})})
+    answer, _ = wire.call(path, meta | {"message-type": "evaluate"}, evaluate)  # the relay holds the corpus
+    assert "this run's relay holds the evaluation corpus" in answer["error"]
+    _, facts = wire.call(path, meta, RecordDict({"run": ConfigRecord({"classes": []})}))
+    assert facts["silo"]["silo-id"] == 1 and list(facts["silo"]["classes"]) == corpus.class_names
     assert wire.call(path, {"op": "ping"})[0]["silo-id"] == 1  # still serving
 
 

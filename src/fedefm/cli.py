@@ -590,9 +590,10 @@ def flower_app_folder(
 @user_errors
 def flower_run(
     superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
-    data: Annotated[Path, typer.Option(help="Corpus on the SuperLink's machine whose validation and test splits "
-                                            "score the global model.")],
     out: Annotated[Path, typer.Option(help="Run folder, written on the SuperLink's machine.")],
+    data: Annotated[Optional[Path], typer.Option(help="Corpus on the SuperLink's machine whose validation and test "
+                                                      "splits score the global model (default: none; each silo "
+                                                      "scores on images it holds out).")] = None,
     algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, moon, dpsgd, matcha or fedefm.")] = "fedefm",
     topology: Annotated[Optional[str], typer.Option(help="star, ring, mst, complete or matcha.")] = None,
     silos: Annotated[int, typer.Option(help="SuperNodes to wait for (silo ids 0 … S-1).")] = 3,
@@ -605,6 +606,9 @@ def flower_run(
     dropout: Annotated[Optional[float], typer.Option(help="Replace the preset's dropout (0: no random masks).")] = None,
     eval_every: Annotated[int, typer.Option(help="Rounds between validation evaluations.")] = 5,
     option: Annotated[list[str], typer.Option(help="Algorithm setting NAME=VALUE; repeatable.")] = [],
+    val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation (of --data, "
+                                                     "or, without it, of each silo's images).")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class held out for the test, likewise.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of partition, init, batches and topology draws.")] = 0,
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
     reply_timeout: Annotated[float, typer.Option(help="Seconds to wait for a silo's reply before it is left out "
@@ -619,7 +623,8 @@ def flower_run(
     settings = {"algorithm": algorithm, "topology": topology, "silos": silos, "rounds": rounds,
                 "local-steps": local_steps, "batch-size": batch_size, "lr": lr, "preset": preset,
                 "image-size": image_size, "dropout": dropout, "eval-every": eval_every, "options": " ".join(option),
-                "seed": seed, "data": str(data.resolve()), "out": str(out.resolve()), "overwrite": overwrite,
+                "val-fraction": val_fraction, "test-fraction": test_fraction, "seed": seed,
+                "data": str(data.resolve()) if data else "", "out": str(out.resolve()), "overwrite": overwrite,
                 "reply-timeout": reply_timeout, "min-healthy-silos": min_healthy_silos}
     record = run_federation(superlink, {k: v for k, v in settings.items() if v is not None}, root_certificates, timeout)
     traffic = record["network-traffic"]

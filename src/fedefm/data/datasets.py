@@ -296,6 +296,39 @@ def list_silo_images(root: Path, class_names: Sequence[str]) -> list[Classificat
         DataError: the root is missing, a folder is not one of ``class_names``, or a folder is empty
             or unreadable; every problem found is listed.
     """
+    return find_silo_splits(root, class_names)["train"]
+
+
+def list_silo_classes(root: Path) -> list[str]:
+    """The class folders of one silo's folder ROOT/CLASS/, sorted.
+
+    Raises:
+        DataError: the root is missing or holds no class folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: silo data folder not found")
+    problems: Problems = []
+    names = list(_list_class_folders(root, problems))
+    if not names:
+        problems.append((root, "no class folders; a silo's data sits in ROOT/CLASS_NAME/*.png"))
+    _raise_problems(problems)
+    return names
+
+
+def find_silo_splits(root: Path, class_names: Sequence[str], seed: int = 0, val_fraction: float = 0.0,
+                     test_fraction: float = 0.0) -> dict[str, list[ClassificationItem]]:
+    """One silo's folder ROOT/CLASS/*.ext cut into train, val and test per class, as find_classification_splits cuts.
+
+    Labels index the federation's ``class_names``; the frames of one file stay in one split. With both
+    fractions 0 every image is a training image (:func:`list_silo_images`).
+
+    Raises:
+        DataError: the root is missing, a folder is not one of ``class_names``, a folder is empty or
+            unreadable, or a class is too small to carve; every problem found is listed.
+        ConfigError: a fraction is outside [0, 1), or their sum is 1 or more.
+    """
+    _check_fractions(val_fraction, test_fraction)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: silo data folder not found")
@@ -305,15 +338,23 @@ def list_silo_images(root: Path, class_names: Sequence[str]) -> list[Classificat
         problems.append((root, "no class folders; a silo's data sits in ROOT/CLASS_NAME/*.png"))
     masked = set(read_label_spec(root).annotated)
     _warn_unannotated_masks(root, list(folders.values()), masked)
-    items: list[ClassificationItem] = []
-    for name, path in folders.items():
+    splits: dict[str, list[ClassificationItem]] = {split: [] for split in SPLITS}
+    rng = np.random.default_rng(seed)
+    for name, path in sorted(folders.items()):
         if name not in class_names:
             problems.append((path, f"class '{name}' is not one of the federation's classes {', '.join(class_names)}; "
                                    "rename the folder or add the class to the run's classes"))
             continue
-        items += _flatten(_class_groups(path, list(class_names).index(name), problems, name in masked))
+        pool = _class_groups(path, list(class_names).index(name), problems, name in masked)
+        n_test, n_val = _carve_count(len(pool), test_fraction), _carve_count(len(pool), val_fraction)
+        if pool and len(pool) <= n_test + n_val:
+            problems.append((path, f"class '{name}' has only {len(pool)} image file(s); holding out validation "
+                                   f"and test images needs at least {n_test + n_val + 1}; add images"))
+            continue
+        for split, items in zip(("train", "val", "test"), _carve(pool, n_val, n_test, rng), strict=True):
+            splits[split] += items
     _raise_problems(problems)
-    return sorted(items, key=lambda item: item.name)
+    return _sorted_by_name(splits)
 
 
 class _ItemDataset(Dataset):

@@ -150,6 +150,21 @@ def score(objective: Objective, model: torch.nn.Module, weights: dict[str, torch
     return objective.score(model, source)
 
 
+# Scores the mean of the silos' weights and, when asked (True), each silo's own: (global, per silo or None);
+# None where nothing could be scored. The simulator scores here (``scored_here``), a Flower relay may ask the silos.
+Evaluate = Callable[[list[SiloState], bool], tuple[float | None, list[float | None] | None]]
+
+
+def scored_here(objective: Objective, model: torch.nn.Module, source: ImageSource) -> Evaluate:
+    """An Evaluate that scores on ``source`` in this process, with ``model``'s architecture."""
+
+    def evaluate(states: list[SiloState], own: bool) -> tuple[float, list[float] | None]:
+        global_score = score(objective, model, mean_weights(states), source)
+        return global_score, [score(objective, model, s.weights, source) for s in states] if own else None
+
+    return evaluate
+
+
 def transfers_per_link(cfg: PretrainConfig, algo_cfg) -> int:
     """Model transfers per (silo, neighbour) pair and round: FedEFM's trips there and back (and gossip), else 1."""
     algorithm = get_algorithm(cfg.algorithm)
@@ -371,7 +386,6 @@ def _run(cfg: PretrainConfig, resume: bool, progress: bool) -> dict:
     silos = [silo_data(cfg, corpus, [splits["train"][k] for k in indices], i, device, in_memory)
              for i, indices in enumerate(corpus.silo_indices)]
     val = ImageSource(splits["val"], cfg.image_size, in_memory, device, corpus.source_spec(cfg))
-
     model = initial_model(cfg, len(corpus.model_classes(cfg)), device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=len(idx))
@@ -406,17 +420,19 @@ def _run(cfg: PretrainConfig, resume: bool, progress: bool) -> dict:
     def save(round_: int, states: list[SiloState]) -> None:
         checkpoint.save(round_, states, generators, rng)
 
-    states = train_rounds(cfg, algo_cfg, model, states, step, rng, val, first_round=first_round, save=save,
+    objective = algo_cfg.objective
+    states = train_rounds(cfg, algo_cfg, model, states, step, rng, scored_here(objective, model, val),
+                          first_round=first_round, save=save,
                           last_good=f"The last good checkpoint is in {checkpoint.folder}", progress=progress)
     test = ImageSource(splits["test"], cfg.image_size, in_memory, device, corpus.source_spec(cfg))
-    return finish(cfg, out, model, states, test, corpus, algo_cfg.objective)
+    return finish(cfg, out, model, states, scored_here(objective, model, test), corpus, objective)
 
 
 RoundStep = Callable[[int, list[SiloState], list[list[int]], np.ndarray], tuple[list[SiloState], dict]]
 
 
 def train_rounds(cfg: PretrainConfig, algo_cfg, model: torch.nn.Module, states: list[SiloState], step: RoundStep,
-                 rng: np.random.Generator, val: ImageSource | None, first_round: int = 1,
+                 rng: np.random.Generator, val: Evaluate | None, first_round: int = 1,
                  save: Callable[[int, list[SiloState]], None] | None = None, last_good: str = "",
                  progress: bool = True) -> list[SiloState]:
     """The round loop every driver shares: this round's links, ``step``, checks, one metrics row, evaluation.
@@ -424,7 +440,7 @@ def train_rounds(cfg: PretrainConfig, algo_cfg, model: torch.nn.Module, states: 
     Args:
         step: runs one round, (round, states, neighbours, W) → (new states, extra metrics for the row);
             the simulator calls the algorithm's run_round, the Flower relay sends messages.
-        val: the validation images, or None to leave val_acc null.
+        val: scores on the validation images (``scored_here`` or at the silos), or None to leave val_acc null.
         save: writes a checkpoint after a round (every cfg.checkpoint_every rounds and the last).
         last_good: where the last good state is, appended to a NonFiniteLoss message.
     """
@@ -436,7 +452,7 @@ def train_rounds(cfg: PretrainConfig, algo_cfg, model: torch.nn.Module, states: 
     matchings = topology.matcha_matchings(overlay.to_undirected()) if cfg.topology == "matcha" and overlay else None
     objective = algo_cfg.objective
     val_key = f"val_{objective.metric}"
-    val_score = math.nan
+    val_score: float | None = math.nan
     with Progress(TextColumn(f"pretrain {cfg.algorithm} {objective.name}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not progress) as bar:
         task = bar.add_task("rounds", total=cfg.rounds, completed=first_round - 1, status="")
@@ -467,16 +483,16 @@ def train_rounds(cfg: PretrainConfig, algo_cfg, model: torch.nn.Module, states: 
                 f"silo_{val_key}": None,
             } | extra
             if val is not None and (round_ % cfg.eval_every == 0 or round_ == cfg.rounds):
-                val_score = score(objective, model, mean_weights(states), val)
+                val_score, own = val(states, n > 1)
                 row[val_key] = val_score
-                row[f"silo_{val_key}"] = ([score(objective, model, s.weights, val) for s in states] if n > 1
-                                          else [val_score])
+                row[f"silo_{val_key}"] = own if n > 1 else [val_score]
             row["wall_s"] = time.perf_counter() - started
             row["peak_rss_mb"] = peak_rss_mb()
             append_jsonl(out / "metrics.jsonl", row)
             if save is not None and (round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds):
                 save(round_, states)
-            bar.update(task, completed=round_, status=f"{val_key.replace('_', ' ')} {val_score:.3f}")
+            shown = "-" if val_score is None else f"{val_score:.3f}"
+            bar.update(task, completed=round_, status=f"{val_key.replace('_', ' ')} {shown}")
     return states
 
 
@@ -488,15 +504,15 @@ def cycle_time(graph, underlay, compute_s: float, transfer_bytes: int) -> float 
     return topology.cycle_time(topology.delay_graph(graph, underlay, compute_s, transfer_bytes, server=server))
 
 
-def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState], test: ImageSource | None,
+def finish(cfg: PretrainConfig, out: Path, model: torch.nn.Module, states: list[SiloState], test: Evaluate | None,
            corpus: Corpus, objective: Objective) -> dict:
-    """Score the global model on the test split once (None: no test split here); write weights and summary.json.
+    """Score the global model on the test split once (``test``; None: no test split); write weights and summary.json.
 
     The weights leave out the heads the objective never trained (MIM's segmentation head, say), so a
     fine-tune never starts from random numbers labelled as pre-trained.
     """
     global_weights = mean_weights(states)
-    test_score = score(objective, model, global_weights, test) if test is not None else None
+    test_score = test(states, False)[0] if test is not None else None
     metadata = model_metadata(model) | {"classes": corpus.model_classes(cfg), "data_types": corpus.class_names,
                                         "objective": objective.name, "image_size": cfg.image_size,
                                         "algorithm": cfg.algorithm, "seed": cfg.seed}

@@ -67,6 +67,11 @@ def pretrain_config(run_config: UserConfig, data: str | Path | None = None) -> P
                           images_only=tuple(str(run_config.get("images-only", "")).split()), **fields)
 
 
+def evaluates_at_silos(run_config: UserConfig) -> bool:
+    """Whether the silos score the models on their own held-out images: the relay holds no corpus (``data`` empty)."""
+    return not str(run_config.get("data", ""))
+
+
 PACKED = "safetensors"  # the one Array of a weights record
 
 

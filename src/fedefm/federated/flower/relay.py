@@ -21,7 +21,9 @@ than ``min-healthy-silos`` silos come through. At the next round the relay looks
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,16 +36,28 @@ from fedefm.config import PretrainConfig, resolve_device
 from fedefm.errors import ConfigError, FedefmError, WeightsError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
-from fedefm.federated.algorithms.base import SiloState, Task, home_tasks, mix_row
+from fedefm.data.datasets import LabelSpec
+from fedefm.federated.algorithms.base import SiloState, Task, home_tasks, mean_weights, mix_row
 from fedefm.federated.health import Fault, check_quorum, renormalise, weights_fault
 from fedefm.federated.flower.messages import (
+    evaluates_at_silos,
     pretrain_config,
     record_state,
     record_weights,
     scalars_record,
     weights_record,
 )
-from fedefm.federated.simulator import ImageSource, finish, initial_model, read_corpus, start_run_folder, train_rounds
+from fedefm.federated.simulator import (
+    Corpus,
+    Evaluate,
+    ImageSource,
+    finish,
+    initial_model,
+    read_corpus,
+    scored_here,
+    start_run_folder,
+    train_rounds,
+)
 from fedefm.runfolder import owned_run_folder
 
 log = logging.getLogger(__name__)
@@ -166,12 +180,11 @@ def record_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-def connect(grid: Grid, cfg: PretrainConfig, classes: list[str], wait_s: float, timeout: float) -> tuple[Silos, list[int]]:
-    """Wait for ``cfg.silos`` SuperNodes, ask each its silo id and size; returns the silos and their sizes.
+def online_nodes(grid: Grid, cfg: PretrainConfig, wait_s: float) -> list[int]:
+    """The node ids of the connected SuperNodes, once there are ``cfg.silos`` of them.
 
     Raises:
         SiloFailed: fewer nodes than silos connected within ``wait_s`` seconds.
-        ConfigError: two nodes claim the same silo id, or an id is outside 0 … S-1.
     """
     deadline = time.monotonic() + wait_s
     while len(nodes := sorted(grid.get_node_ids())) < cfg.silos:
@@ -179,25 +192,104 @@ def connect(grid: Grid, cfg: PretrainConfig, classes: list[str], wait_s: float, 
             raise SiloFailed(f"{len(nodes)} of {cfg.silos} SuperNodes connected within {wait_s:g} s; "
                              "start one per silo, or lower --run-config silos")
         time.sleep(1.0)
+    return nodes
+
+
+def query(grid: Grid, nodes: list[int], classes: list[str], timeout: float, cfg: PretrainConfig
+          ) -> dict[int, tuple[int, ConfigRecord]]:
+    """Send every node a "query" with the run's ``classes``; returns {silo id: (node id, the reply's "silo" record)}.
+
+    Raises:
+        SiloFailed: a node answered with an error, or no node answered as one of the silos 0 … S-1.
+        ConfigError: two nodes claim the same silo id, or an id is outside 0 … S-1.
+    """
     content = RecordDict({"run": ConfigRecord({"classes": classes})})
     replies = grid.send_and_receive([Message(content, dst_node_id=node, message_type="query") for node in nodes],
                                     timeout=timeout)
-    found: dict[int, tuple[int, int]] = {}
+    found: dict[int, tuple[int, ConfigRecord]] = {}
     for reply in replies:
         if reply.has_error():
             raise SiloFailed(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-        silo, size = int(reply.content["silo"]["silo-id"]), int(reply.content["silo"]["num-examples"])
+        record = reply.content["silo"]
+        silo = int(record["silo-id"])
         if silo in found:
             raise ConfigError(f"nodes {found[silo][0]} and {reply.metadata.src_node_id} both say silo-id={silo}; "
                               "give every SuperNode its own silo-id")
         if not 0 <= silo < cfg.silos:
             raise ConfigError(f"node {reply.metadata.src_node_id}: silo-id={silo} is outside 0 … {cfg.silos - 1}")
-        found[silo] = (reply.metadata.src_node_id, size)
+        found[silo] = (reply.metadata.src_node_id, record)
     missing = sorted(set(range(cfg.silos)) - set(found))
     if missing:
         raise SiloFailed(f"no SuperNode answered as silo {missing[0]} within {timeout:g} s")
+    return found
+
+
+def connect(grid: Grid, cfg: PretrainConfig, classes: list[str], wait_s: float, timeout: float) -> tuple[Silos, list[int]]:
+    """Wait for ``cfg.silos`` SuperNodes, ask each its silo id and size; returns the silos and their sizes.
+
+    Raises:
+        SiloFailed: fewer nodes than silos connected within ``wait_s`` seconds, or one answered with an error.
+        ConfigError: two nodes claim the same silo id, or an id is outside 0 … S-1.
+    """
+    found = query(grid, online_nodes(grid, cfg, wait_s), classes, timeout, cfg)
     silos = Silos(grid=grid, nodes=[found[i][0] for i in range(cfg.silos)], timeout=timeout)
-    return silos, [found[i][1] for i in range(cfg.silos)]
+    return silos, [int(found[i][1]["num-examples"]) for i in range(cfg.silos)]
+
+
+def silos_corpus(grid: Grid, cfg: PretrainConfig, wait_s: float, timeout: float) -> Corpus:
+    """The run's classes and label table from the silos' own (a relay without a corpus): the union of their
+    class folders, sorted, and the label table every silo with one shares.
+
+    Raises:
+        ConfigError: two silos' label tables differ.
+    """
+    found = query(grid, online_nodes(grid, cfg, wait_s), [], timeout, cfg)
+    classes = sorted({name for _, record in found.values() for name in record["classes"]})
+    tables = {i: tuple(record["labels"]) for i, (_, record) in sorted(found.items()) if record["labels"]}
+    for i, table in tables.items():
+        first, expected = next(iter(tables.items()))
+        if table != expected:
+            raise ConfigError(f"silos {first} and {i} label their masks {list(expected)} and {list(table)}: every "
+                              "silo's labels.json must list the same labels in the same order")
+    labels = next(iter(tables.values()), ())
+    annotated: dict[str, set[int]] = {}
+    for _, record in found.values():
+        for name, names in json.loads(str(record["annotated"])).items():
+            annotated.setdefault(name, set()).update(labels.index(label) for label in names)
+    spec = LabelSpec(labels, {name: tuple(sorted(ids)) for name, ids in sorted(annotated.items())})
+    log.info("the silos hold classes %s%s", classes, f" and labels {list(labels)}" if labels else "")
+    return Corpus({}, classes, spec, [])
+
+
+def silo_evaluation(silos: Silos, run_info: dict, split: str) -> Evaluate:
+    """An Evaluate that asks every silo up to score the models on its held-out ``split`` ("val" or "test").
+
+    The global score is the mean of the silos' scores weighted by their numbers of images; a silo that
+    fails or holds no image of the split counts for nothing (and its own score is None).
+    """
+
+    def evaluate(states: list[SiloState], own: bool) -> tuple[float | None, list[float | None] | None]:
+        global_record = weights_record(mean_weights(states))
+        contents = {}
+        for i in range(len(states)):
+            if i in silos.down:
+                continue
+            content = RecordDict({"run": ConfigRecord(run_info), "evaluate": ConfigRecord({"split": split}),
+                                  "model-global": global_record})
+            if own:
+                content["model-own"] = weights_record(states[i].weights)
+            contents[i] = content
+        replies, failures = silos.exchange(contents, "evaluate") if contents else ({}, {})
+        for i, reason in failures.items():
+            silos.fail(i, f"evaluate: {reason}")
+        scored = {i: reply["scores"] for i, reply in replies.items() if int(reply["scores"]["num-examples"]) > 0}
+        weighted = [(int(r["num-examples"]), float(r["global"])) for r in scored.values() if math.isfinite(r["global"])]
+        total = sum(n for n, _ in weighted)
+        global_score = sum(n * value for n, value in weighted) / total if total else None
+        per_silo = [float(scored[i]["own"]) if i in scored else None for i in range(len(states))] if own else None
+        return global_score, per_silo
+
+    return evaluate
 
 
 def mixing_place(cfg: PretrainConfig, algorithm, algo_cfg) -> str:
@@ -377,16 +469,15 @@ def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, run_info: dict, rou
 def run(grid: Grid, run_config: UserConfig) -> dict:
     """Run a whole pre-training over the connected SuperNodes; writes the simulator's run folder on this machine.
 
-    The run config's ``data`` is a corpus on the relay's machine whose validation and test splits
-    score the global model (its training split is not used here); ``out`` the run folder, claimed as
-    runfolder.owned_run_folder does (another run there is refused unless ``overwrite`` is true).
+    The run config's ``data``, if given, is a corpus on the relay's machine whose validation and test
+    splits score the global model (its training split is not used here), as the simulator scores it;
+    left empty, the silos score the models on images they hold out (``silo.evaluate``) and the relay
+    takes the run's classes from theirs. ``out`` is the run folder, claimed as runfolder.owned_run_folder
+    does (another run there is refused unless ``overwrite`` is true).
 
     Returns:
         The run's summary.json: {"test_<metric>", "final_val_<metric>", "rounds", "grad_steps", "bytes_sent"}.
     """
-    if not run_config.get("data"):
-        raise ConfigError("run config data is empty: give the relay a corpus whose validation and test splits "
-                          "score the global model, e.g. --run-config 'data=\"/srv/eval\"'")
     cfg = pretrain_config(run_config).validate()
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.EXCHANGE == "none":
@@ -401,25 +492,31 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
 def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig) -> dict:
     """The body of :func:`run`, in the run folder it claimed."""
     algo_cfg = cfg.algorithm_config()
+    objective = algo_cfg.objective
     out = Path(cfg.out)
-    corpus = read_corpus(cfg)
+    wait_s, timeout = float(run_config.get("connect-timeout", 120)), float(run_config.get("reply-timeout", 600))
+    at_silos = evaluates_at_silos(run_config)
+    corpus = silos_corpus(grid, cfg, wait_s, timeout) if at_silos else read_corpus(cfg)
     classes = corpus.class_names
-    silos, sizes = connect(grid, cfg, classes, float(run_config.get("connect-timeout", 120)),
-                           float(run_config.get("reply-timeout", 600)))
+    silos, sizes = connect(grid, cfg, classes, wait_s, timeout)
     log.info("silos on nodes %s with %s training images", silos.nodes, sizes)
     device = resolve_device(cfg.device)
     model = initial_model(cfg, len(corpus.model_classes(cfg)), device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=n) for n in sizes]
     start_run_folder(cfg, "flower", algo_cfg, corpus, sizes, topology.model_bytes(model))
-    val = ImageSource(corpus.splits["val"], cfg.image_size, True, device, corpus.source_spec(cfg))
-
     run_info = {"classes": classes, "outputs": len(corpus.model_classes(cfg))}
+    if at_silos:
+        val, test = silo_evaluation(silos, run_info, "val"), silo_evaluation(silos, run_info, "test")
+    else:
+        def held(split: str) -> Evaluate:
+            source = ImageSource(corpus.splits[split], cfg.image_size, True, device, corpus.source_spec(cfg))
+            return scored_here(objective, model, source)
+
+        val, test = held("val"), held("test")
 
     def step(round_: int, states: list[SiloState], neighbours: list[list[int]], W: np.ndarray):
         return relay_round(silos, cfg, algo_cfg, run_info, round_, states, neighbours, W)
 
-    states = train_rounds(cfg, algo_cfg, model, states, step, np.random.default_rng(cfg.seed),
-                          val, progress=False)
-    test = ImageSource(corpus.splits["test"], cfg.image_size, True, device, corpus.source_spec(cfg))
-    return finish(cfg, out, model, states, test, corpus, algo_cfg.objective)
+    states = train_rounds(cfg, algo_cfg, model, states, step, np.random.default_rng(cfg.seed), val, progress=False)
+    return finish(cfg, out, model, states, test, corpus, objective)

@@ -2,40 +2,49 @@
 
 Node config (``flower-supernode --node-config``, or the worker's command line):
     silo-id: the silo's place on the overlay, 0 … S-1 (its neighbours follow from it).
-    data-path: the silo's folder, ROOT/CLASS/*.png; every image there is a training image.
+    data-path: the silo's folder, ROOT/CLASS/*.png; every image there is a training image, unless the
+        silos evaluate (the relay holds no corpus): then val-fraction and test-fraction of each class
+        are held out, cut as ``fedefm pretrain`` cuts a corpus.
     data-layout: "silo" (default, the folder above) or "corpus": data-path is the whole corpus and the
         silo takes partition ``silo-id`` of its training split, exactly as ``fedefm pretrain`` does
-        (one machine playing several hospitals, for tests and comparisons).
+        (one machine playing several hospitals, for tests and comparisons), and, when the silos
+        evaluate, share ``silo-id`` of its validation and test splits (consecutive, near-equal shares).
 
-Messages (from ``relay``): "query" asks for the silo id and training-set size; "train" carries this
-wave's tasks in order (overseas experts to host, the home update) with the models they need; "train.mix"
-carries the models the silo mixes its own with. Replies hold weights and scalars, never images. What
+Messages (from ``relay``): "query" asks for the silo id and training-set size (with no classes yet:
+for the silo's class folders and label table, which a relay without a corpus takes the run's from);
+"train" carries this wave's tasks in order (overseas experts to host, the home update) with the models
+they need; "train.mix" carries the models the silo mixes its own with; "evaluate" the global model
+(and the silo's own) to score on the silo's held-out validation or test images. Replies hold weights and scalars, never images. What
 the silo keeps between messages of a run (its decoded images, its batch generator, torch's generator
 for dropout, MOON's previous model) is a ``Session``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict, UserConfig
+from flwr.app import ConfigRecord, MetricRecord, RecordDict, UserConfig
 
 from fedefm.config import PretrainConfig, resolve_device
-from fedefm.data.datasets import list_silo_images, read_label_spec
+from fedefm.data.datasets import ClassificationItem, find_silo_splits, list_silo_classes, read_label_spec
 from fedefm.errors import ConfigError, DataError, choose
 from fedefm.federated.algorithms import get_algorithm
 from fedefm.federated.algorithms.base import SiloState, Weights, at_silo, mix_row
 from fedefm.federated.flower.messages import (
     DATA_LAYOUTS,
+    evaluates_at_silos,
     pretrain_config,
     record_state,
     record_weights,
     scalars_record,
     weights_record,
 )
-from fedefm.federated.simulator import Corpus, SiloData, silo_data, silo_partition
+from fedefm.federated.simulator import Corpus, ImageSource, SiloData, read_corpus, score, silo_data, silo_partition
+
 
 @dataclass
 class Session:
@@ -43,7 +52,10 @@ class Session:
 
     silo: int
     cfg: PretrainConfig
+    corpus: Corpus
     data: SiloData
+    held_out: dict[str, list[ClassificationItem]]  # "val" and "test" when the silos evaluate, else empty
+    sources: dict[str, ImageSource] = field(default_factory=dict)  # held-out images, decoded when first scored
     generators: dict[str, torch.Tensor] | None = None  # batches' and torch's, after the last "train"; None: unseeded
     memory: dict[str, Weights] = field(default_factory=dict)  # the algorithm's (MOON's previous model)
 
@@ -61,16 +73,16 @@ def silo_id(node_config: UserConfig) -> int:
 def open_session(node_config: UserConfig, run_config: UserConfig, classes: list[str]) -> Session:
     """This node's silo id, the run's settings and its training data, decoded (generators seeded from the run's seed).
 
+    When the silos evaluate (``evaluates_at_silos``) the silo also holds out its validation and test images.
+
     Raises:
         ConfigError: node config without silo-id or data-path, or an unknown data-layout.
         DataError: the data folder is missing, empty, or holds a class the federation does not know.
     """
     silo = silo_id(node_config)
-    if "data-path" not in node_config:
-        raise ConfigError(f"silo {silo}: node config has no data-path; add data-path=\"/path/to/ROOT\"")
-    data = str(node_config["data-path"])
-    layout = choose("node config data-layout", str(node_config.get("data-layout", "silo")), DATA_LAYOUTS)
+    data, layout = data_path(node_config, silo)
     cfg = pretrain_config(run_config, data=data)
+    at_silos = evaluates_at_silos(run_config)
     if layout == "corpus":
         corpus = silo_partition(cfg)
         if corpus.class_names != classes:
@@ -79,12 +91,43 @@ def open_session(node_config: UserConfig, run_config: UserConfig, classes: list[
             raise ConfigError(f"silo {silo}: the run has only {len(corpus.silo_indices)} silos "
                               f"(silo-id 0 … {len(corpus.silo_indices) - 1})")
         items = [corpus.splits["train"][k] for k in corpus.silo_indices[silo]]
+        held_out = {split: [corpus.splits[split][k] for k in np.array_split(np.arange(len(corpus.splits[split])),
+                                                                             cfg.silos)[silo]]
+                    for split in ("val", "test")} if at_silos else {}
     else:
         corpus = Corpus({}, classes, read_label_spec(Path(data)), [])
-        items = list_silo_images(data, classes)
+        fractions = (cfg.val_fraction, cfg.test_fraction) if at_silos else (0.0, 0.0)
+        splits = find_silo_splits(Path(data), classes, cfg.seed, *fractions)
+        items, held_out = splits["train"], {split: splits[split] for split in ("val", "test")} if at_silos else {}
     if not items:
         raise DataError(f"silo {silo} ({data}): no training images")
-    return Session(silo, cfg, silo_data(cfg, corpus, items, silo, resolve_device(cfg.device)))
+    return Session(silo, cfg, corpus, silo_data(cfg, corpus, items, silo, resolve_device(cfg.device)), held_out)
+
+
+def data_path(node_config: UserConfig, silo: int) -> tuple[str, str]:
+    """The node config's data-path and data-layout.
+
+    Raises:
+        ConfigError: no data-path, or an unknown data-layout.
+    """
+    if "data-path" not in node_config:
+        raise ConfigError(f"silo {silo}: node config has no data-path; add data-path=\"/path/to/ROOT\"")
+    return (str(node_config["data-path"]),
+            choose("node config data-layout", str(node_config.get("data-layout", "silo")), DATA_LAYOUTS))
+
+
+def data_facts(node_config: UserConfig, run_config: UserConfig) -> RecordDict:
+    """The "query" reply before the run's classes are known: the silo id, its class folders and its label table."""
+    silo = silo_id(node_config)
+    data, layout = data_path(node_config, silo)
+    if layout == "corpus":
+        corpus = read_corpus(pretrain_config(run_config, data=data))
+        classes, spec = corpus.class_names, corpus.spec
+    else:
+        classes, spec = list_silo_classes(Path(data)), read_label_spec(Path(data))
+    annotated = {name: [spec.labels[k] for k in ids] for name, ids in spec.annotated.items()}
+    return RecordDict({"silo": ConfigRecord({"silo-id": silo, "classes": classes, "labels": list(spec.labels),
+                                             "annotated": json.dumps(annotated)})})
 
 
 def restore_generators(session: Session) -> None:
@@ -147,20 +190,55 @@ def mix(cfg: PretrainConfig, silo: int, content: RecordDict) -> RecordDict:
     return RecordDict({"mixed": weights_record(mixed.weights)})
 
 
+def evaluate(session: Session, content: RecordDict) -> RecordDict:
+    """The "evaluate" reply: the objective's score of "model-global" (and "model-own", if sent) on a held-out split.
+
+    The reply's "scores" MetricRecord holds "num-examples" (0: the silo holds no such images; no score
+    then), "global" and "own".
+
+    Raises:
+        ConfigError: the run does not evaluate at the silos, or the split is not "val" or "test".
+    """
+    split = choose("evaluate split", str(content["evaluate"]["split"]), ("val", "test"))
+    if not session.held_out:
+        raise ConfigError(f"silo {session.silo}: this run's relay holds the evaluation corpus (run config data), "
+                          "so the silo holds out no images to score")
+    if split not in session.sources:
+        session.sources[split] = ImageSource(session.held_out[split], session.cfg.image_size, True,
+                                             session.data.source.device, session.corpus.source_spec(session.cfg))
+    source = session.sources[split]
+    scores = MetricRecord({"num-examples": len(source)})
+    if len(source):
+        objective = session.cfg.algorithm_config().objective
+        model = objective.build_model(session.cfg.model_preset(), int(content["run"]["outputs"]))
+        model = model.to(source.device)
+        for name in ("global", "own"):
+            if f"model-{name}" in content:
+                scores[name] = score(objective, model, record_weights(content[f"model-{name}"]), source)
+    return RecordDict({"scores": scores})
+
+
 def answer(message_type: str, content: RecordDict, node_config: UserConfig, run_config: UserConfig,
            session: Session | None) -> tuple[RecordDict, Session | None]:
-    """The reply to one message, and the session after it (opened here for a "query" or "train" when ``session`` is None).
+    """The reply to one message, and the session after it (opened here for a "query", "train" or "evaluate" when
+    ``session`` is None; a "query" without classes opens none).
 
     Raises:
         ConfigError: an unknown message type, or a bad node config (``open_session``).
     """
     if message_type == "train.mix":
         return mix(pretrain_config(run_config), silo_id(node_config), content), session
-    if message_type not in ("query", "train"):
-        raise ConfigError(f"message type {message_type!r}: the fedefm ClientApp answers query, train and train.mix")
+    if message_type not in ("query", "train", "evaluate"):
+        raise ConfigError(f"message type {message_type!r}: the fedefm ClientApp answers query, train, train.mix "
+                          "and evaluate")
+    classes = list(content["run"]["classes"])
+    if message_type == "query" and not classes:
+        return data_facts(node_config, run_config), session
     if session is None:
-        session = open_session(node_config, run_config, list(content["run"]["classes"]))
-    return (describe(session) if message_type == "query" else train(session, content)), session
+        session = open_session(node_config, run_config, classes)
+    if message_type == "query":
+        return describe(session), session
+    return (train(session, content) if message_type == "train" else evaluate(session, content)), session
 
 
 def save_session(state: RecordDict, session: Session) -> None:

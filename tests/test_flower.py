@@ -246,29 +246,45 @@ def test_flower_supernode_refuses_a_negative_silo_id_or_a_missing_data_folder_at
     assert result.exit_code == 1 and f"--data {tmp_path / 'absent'}: no such folder" in result.output
 
 
-def test_evaluation_at_the_silos_gives_the_simulators_validation_and_test_accuracy(in_a_server_app, tmp_path):
-    # the relay holds no corpus: silo k scores on share k of the corpus's validation and test splits, the relay
-    # weights the silos' accuracies by their images; the silos' messages are answered in this process
-    from fedefm.federated.flower import relay, silo
+class Killed(Exception):
+    """The relay's process dies (the SuperLink or ServerApp killed)."""
 
-    corpus = tmp_path / "corpus"
-    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
-    run_config = SETTINGS | {"algorithm": "fedavg", "data": "", "out": str(tmp_path / "flower")}
-    sessions = {}
+
+def in_process_silos(corpus, run_config, sessions, kill_at_round=None):
+    # a grid whose silos answer with silo.answer in this process, on the corpus's partitions; a fresh
+    # ``sessions`` dict is a restarted worker per silo
+    from fedefm.federated.flower import silo
 
     def answer(node, message):
+        if message.metadata.message_type == "train" and message.metadata.group_id == str(kill_at_round):
+            raise Killed
         node_config = {"silo-id": node - 11, "data-path": str(corpus), "data-layout": "corpus"}
         reply, sessions[node] = silo.answer(message.metadata.message_type, message.content, node_config,
                                             run_config, sessions.get(node))
         return reply
 
-    grid = AnsweringGrid([11, 12, 13], answer)
+    return AnsweringGrid([11, 12, 13], answer)
+
+
+def relay_in_process(grid, run_config):
+    from fedefm.federated.flower import relay
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        flower = relay.run(grid, run_config)
+        return relay.run(grid, run_config)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluation_at_the_silos_gives_the_simulators_validation_and_test_accuracy(in_a_server_app, tmp_path):
+    # the relay holds no corpus: silo k scores on share k of the corpus's validation and test splits, the relay
+    # weights the silos' accuracies by their images; the silos' messages are answered in this process
+    corpus = tmp_path / "corpus"
+    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
+    run_config = SETTINGS | {"algorithm": "fedavg", "data": "", "out": str(tmp_path / "flower")}
+    grid = in_process_silos(corpus, run_config, {})
+    flower = relay_in_process(grid, run_config)
     simulator_run = simulated(corpus, tmp_path / "simulator", "fedavg")
     simulator = json.loads((simulator_run / "summary.json").read_text())
     assert flower["test_acc"] == pytest.approx(simulator["test_acc"], abs=1e-12)
@@ -320,6 +336,41 @@ def test_silos_whose_label_tables_differ_are_refused_naming_both(in_a_server_app
     with pytest.raises(ConfigError, match=r"silos 0 and 2 label their masks \['background', 'vessel'\] and "
                                           r"\['background', 'catheter'\]"):
         silos_corpus(AnsweringGrid([11, 12, 13], answer), cfg, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("algorithm", ["moon", "fedefm"])
+def test_a_relay_killed_mid_run_resumes_to_the_unbroken_runs_weights_and_metrics(in_a_server_app, tmp_path, algorithm):
+    # MOON keeps each silo's previous model at the silo, FedEFM draws batches in waves: both travel in the checkpoint
+    corpus = tmp_path / "corpus"
+    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
+    base = SETTINGS | {"algorithm": algorithm, "rounds": 3, "checkpoint-every": 1}
+    unbroken = base | {"out": str(tmp_path / "unbroken")}
+    relay_in_process(in_process_silos(corpus, unbroken, {}), unbroken)
+    broken = base | {"out": str(tmp_path / "broken")}
+    with pytest.raises(Killed):
+        relay_in_process(in_process_silos(corpus, broken, {}, kill_at_round=3), broken)
+    assert len((tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()) == 2
+    resumed = broken | {"resume": True}
+    relay_in_process(in_process_silos(corpus, resumed, {}), resumed)  # the workers restarted too: new sessions
+    a, _ = load_weights(tmp_path / "broken" / "global.safetensors")
+    b, _ = load_weights(tmp_path / "unbroken" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in ("wall_s", "peak_rss_mb", "cycle_time_s",
+                                                                       "message_timing")}
+             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("broken", "unbroken")]
+    assert rows[0] == rows[1]
+
+
+def test_resume_of_another_runs_folder_or_with_changed_settings_is_refused(in_a_server_app, tmp_path):
+    corpus = tmp_path / "corpus"
+    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
+    run_config = SETTINGS | {"algorithm": "fedavg", "rounds": 1, "out": str(tmp_path / "run")}
+    relay_in_process(in_process_silos(corpus, run_config, {}), run_config)
+    changed = run_config | {"lr": 0.01, "resume": True}
+    with pytest.raises(ConfigError, match="lr"):
+        relay_in_process(in_process_silos(corpus, changed, {}), changed)
+    with pytest.raises(ConfigError, match="resume"):
+        relay_in_process(in_process_silos(corpus, run_config, {}), run_config | {"resume": "yes"})
 
 
 # --- over a real SuperLink and SuperNodes (127.0.0.1 only) -----------------------------------------------------

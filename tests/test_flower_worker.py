@@ -188,7 +188,7 @@ def test_without_a_worker_the_client_app_computes_the_workers_replies_message_af
     from flwr.app import Context, Message
 
     from fedefm.federated.flower import client_app
-    from fedefm.federated.flower.messages import pretrain_config, weights_record
+    from fedefm.federated.flower.messages import pretrain_config, record_weights, weights_record
     from fedefm.federated.simulator import initial_model, silo_partition
 
     path, _ = worker
@@ -214,4 +214,5 @@ def test_without_a_worker_the_client_app_computes_the_workers_replies_message_af
             assert dict(alone["home.scalars"]) == dict(served["home.scalars"])
     finally:
         torch.set_num_threads(threads)
-    assert {"generators", "memory.previous"} <= set(context.state)
+    kept = record_weights(context.state["session"])
+    assert {"generator.batches", "generator.torch"} <= set(kept) and any(k.startswith("memory.previous.") for k in kept)

@@ -616,6 +616,8 @@ def flower_run(
     min_healthy_silos: Annotated[int, typer.Option(help="Stop when fewer silos come through a round.")] = 2,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the whole run.")] = 24 * 3600,
     overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last intact checkpoint.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Rounds between the relay's checkpoints.")] = 10,
 ) -> None:
     """Launch a pre-training over the SuperNodes and wait; the SuperLink's machine gets the run folder."""
     from fedefm.federated.flower.deploy import run_federation
@@ -625,7 +627,7 @@ def flower_run(
                 "image-size": image_size, "dropout": dropout, "eval-every": eval_every, "options": " ".join(option),
                 "val-fraction": val_fraction, "test-fraction": test_fraction, "seed": seed,
                 "data": str(data.resolve()) if data else "", "out": str(out.resolve()), "overwrite": overwrite,
-                "reply-timeout": reply_timeout, "min-healthy-silos": min_healthy_silos}
+                "resume": resume, "checkpoint-every": checkpoint_every, "reply-timeout": reply_timeout, "min-healthy-silos": min_healthy_silos}
     record = run_federation(superlink, {k: v for k, v in settings.items() if v is not None}, root_certificates, timeout)
     traffic = record["network-traffic"]
     console.print(f"Flower run {record['run-id']} {record['status']} in {record['elapsed']:.0f} s, "

@@ -207,6 +207,36 @@ def round_bytes(cfg: PretrainConfig, algo_cfg, neighbours: list[list[int]], W: n
     return int(transfers * sum(map(len, neighbours)) * model_bytes)
 
 
+def states_tensors(states: list[SiloState]) -> dict[str, torch.Tensor]:
+    """Every silo's weights and memory as checkpoint tensors: "silo{i}.weights.{name}", "silo{i}.memory.{slot}.{name}"."""
+    tensors = {}
+    for i, state in enumerate(states):
+        tensors.update({f"silo{i}.weights.{k}": v for k, v in state.weights.items()})
+        for slot, weights in state.memory.items():
+            tensors.update({f"silo{i}.memory.{slot}.{k}": v for k, v in weights.items()})
+    return tensors
+
+
+def states_scalars(states: list[SiloState]) -> list[dict]:
+    """Every silo's scalars as checkpoint metadata."""
+    return [{"num_examples": s.num_examples, "train_loss": s.train_loss, "grad_steps": s.grad_steps} for s in states]
+
+
+def tensor_states(tensors: dict[str, torch.Tensor], scalars: list[dict]) -> list[SiloState]:
+    """The silo states ``states_tensors`` and ``states_scalars`` wrote (other tensors are ignored)."""
+    states = []
+    for i, values in enumerate(scalars):
+        prefix = f"silo{i}."
+        weights = {k.removeprefix(prefix + "weights."): v for k, v in tensors.items() if k.startswith(prefix + "weights.")}
+        memory: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix + "memory."):
+                slot, name = key.removeprefix(prefix + "memory.").split(".", 1)
+                memory.setdefault(slot, {})[name] = value
+        states.append(SiloState(weights=weights, memory=memory, **values))
+    return states
+
+
 class Checkpoint:
     """RUN/checkpoints/round_NNNNN.safetensors: every silo's weights and memory, plus the RNG states in metadata.
 
@@ -221,20 +251,14 @@ class Checkpoint:
     def save(self, round_: int, states: list[SiloState], generators: list[torch.Generator],
              rng: np.random.Generator) -> None:
         """Write the checkpoint of the end of ``round_``; older ones stay until this one is complete."""
-        tensors = {}
-        for i, state in enumerate(states):
-            tensors.update({f"silo{i}.weights.{k}": v for k, v in state.weights.items()})
-            for slot, weights in state.memory.items():
-                tensors.update({f"silo{i}.memory.{slot}.{k}": v for k, v in weights.items()})
         metadata = {
             "round": round_,
-            "silos": [{"num_examples": s.num_examples, "train_loss": s.train_loss, "grad_steps": s.grad_steps}
-                      for s in states],
+            "silos": states_scalars(states),
             "generators": [g.get_state().tolist() for g in generators],
             "rng": rng.bit_generator.state,
             "torch_rng": torch.random.get_rng_state().tolist(),  # dropout draws from the global generator
         }
-        self.store.save(round_, tensors, metadata)
+        self.store.save(round_, states_tensors(states), metadata)
 
     def load_latest(self, generators: list[torch.Generator], rng: np.random.Generator) -> tuple[int, list[SiloState]] | None:
         """Restore silo states and RNG states from the newest intact checkpoint; returns (round, states) or None."""
@@ -242,21 +266,11 @@ class Checkpoint:
         if found is None:
             return None
         tensors, info = found
-        states = []
-        for i, scalars in enumerate(info["silos"]):
-            prefix = f"silo{i}."
-            weights = {k.removeprefix(prefix + "weights."): v for k, v in tensors.items() if k.startswith(prefix + "weights.")}
-            memory: dict[str, dict[str, torch.Tensor]] = {}
-            for key, value in tensors.items():
-                if key.startswith(prefix + "memory."):
-                    slot, name = key.removeprefix(prefix + "memory.").split(".", 1)
-                    memory.setdefault(slot, {})[name] = value
-            states.append(SiloState(weights=weights, memory=memory, **scalars))
         for generator, state in zip(generators, info["generators"]):
             generator.set_state(torch.tensor(state, dtype=torch.uint8))
         rng.bit_generator.state = info["rng"]
         torch.random.set_rng_state(torch.tensor(info["torch_rng"], dtype=torch.uint8))
-        return info["round"], states
+        return info["round"], tensor_states(tensors, info["silos"])
 
 
 # Settings that may change on --resume: they do not change the numbers of a round that goes well.

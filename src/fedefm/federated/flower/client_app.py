@@ -51,11 +51,11 @@ def in_process(message: Message, context: Context) -> tuple[RecordDict, float]:
     imported = time.perf_counter() - started
     kind, node_config, run_config = message.metadata.message_type, context.node_config, context.run_config
     session = None
-    if kind == "train":  # continue the generators and memory the last message of this run kept
+    if kind in silo.SESSION_MESSAGES:  # continue the generators and memory the last message of this run kept
         classes = list(message.content["run"]["classes"])
         session = silo.load_session(context.state, silo.open_session(node_config, run_config, classes))
     reply, session = silo.answer(kind, message.content, node_config, run_config, session)
-    if kind == "train":
+    if kind in silo.SESSION_MESSAGES:
         silo.save_session(context.state, session)
     return reply, imported
 
@@ -103,6 +103,18 @@ def train(message: Message, context: Context) -> Message:
 @app.train("mix")
 def mix(message: Message, context: Context) -> Message:
     """Mix the silo's updated model with its neighbours' by its row of W."""
+    return forward(message, context)
+
+
+@app.query("session")
+def session(message: Message, context: Context) -> Message:
+    """Reply with what the silo keeps between messages (generators, the algorithm's memory), for a checkpoint."""
+    return forward(message, context)
+
+
+@app.train("restore")
+def restore(message: Message, context: Context) -> Message:
+    """Set what the silo keeps between messages from a checkpoint (a resumed run)."""
     return forward(message, context)
 
 

@@ -26,12 +26,12 @@ RUN_CONFIG_FIELDS = {
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "preset": "preset",
     "image-size": "image_size", "dropout": "dropout", "shots": "shots", "eval-every": "eval_every",
     "val-fraction": "val_fraction", "test-fraction": "test_fraction", "seed": "seed",
-    "min-healthy-silos": "min_healthy_silos",
+    "min-healthy-silos": "min_healthy_silos", "checkpoint-every": "checkpoint_every",
 }
 # How a SuperNode's data-path is read: its own silo's folder, or partition silo-id of a whole corpus (tests).
 DATA_LAYOUTS = ("silo", "corpus")
 # Run-config keys the relay reads itself.
-RELAY_KEYS = ("data", "out", "overwrite", "options", "images-only", "reply-timeout", "connect-timeout")
+RELAY_KEYS = ("data", "out", "overwrite", "resume", "options", "images-only", "reply-timeout", "connect-timeout")
 
 
 def default_run_config() -> dict:
@@ -41,7 +41,8 @@ def default_run_config() -> dict:
     """
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     settings = {key: "" if defaults[field] is None else defaults[field] for key, field in RUN_CONFIG_FIELDS.items()}
-    return settings | {"data": "", "out": "runs/flower", "overwrite": False, "options": "", "images-only": "",
+    return settings | {"data": "", "out": "runs/flower", "overwrite": False, "resume": False, "options": "",
+                       "images-only": "",
                        "reply-timeout": 600.0,
                        "connect-timeout": 120.0}
 

@@ -32,6 +32,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict, UserConfig
 from flwr.serverapp import Grid
 
+from fedefm.checkpoints import CheckpointStore
 from fedefm.config import PretrainConfig, resolve_device
 from fedefm.errors import ConfigError, FedefmError, WeightsError
 from fedefm.federated import topology
@@ -48,6 +49,7 @@ from fedefm.federated.flower.messages import (
     weights_record,
 )
 from fedefm.federated.simulator import (
+    RESUMABLE_CHANGES,
     Corpus,
     Evaluate,
     ImageSource,
@@ -56,8 +58,12 @@ from fedefm.federated.simulator import (
     read_corpus,
     scored_here,
     start_run_folder,
+    states_scalars,
+    states_tensors,
+    tensor_states,
     train_rounds,
 )
+from fedefm.files import drop_rows_after
 from fedefm.runfolder import owned_run_folder
 
 log = logging.getLogger(__name__)
@@ -466,6 +472,56 @@ def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, run_info: dict, rou
                      "relay_bytes": silos.bytes_moved, "message_timing": mean_timing(silos.timings)}
 
 
+def silo_sessions(silos: Silos, run_info: dict, n: int) -> list[dict] | None:
+    """What every silo keeps between messages (``silo.session_tensors``), asked with "query.session"; None if one fails."""
+    content = RecordDict({"run": ConfigRecord(run_info)})
+    replies, failures = silos.exchange({i: content for i in range(n) if i not in silos.down}, "query.session")
+    missing = sorted(set(range(n)) - set(replies))
+    for i, reason in failures.items():
+        silos.fail(i, f"session: {reason}")
+    if missing:
+        return None
+    try:
+        return [record_weights(replies[i]["session"], f"silo {i}'s session reply") for i in range(n)]
+    except (KeyError, WeightsError) as exc:
+        log.warning("round %d: %s", silos.round_, exc)
+        return None
+
+
+def restore_silos(silos: Silos, sessions: list[dict], run_info: dict) -> None:
+    """Give every silo back what it kept at the checkpoint ("train.restore"), so the run goes on as it would have.
+
+    Raises:
+        SiloFailed: a silo did not take it (a resumed run could not reproduce the unbroken one).
+    """
+    contents = {i: RecordDict({"run": ConfigRecord(run_info), "session": weights_record(session)})
+                for i, session in enumerate(sessions)}
+    _, failures = silos.exchange(contents, "train.restore")
+    if failures:
+        silo, reason = min(failures.items())
+        raise SiloFailed(f"silo {silo} could not restore its state from the checkpoint: {reason}")
+
+
+def save_checkpoint(store: CheckpointStore, round_: int, states: list[SiloState], sessions: list[dict],
+                    rng: np.random.Generator) -> None:
+    """Write the relay's checkpoint of the end of ``round_``: every silo's weights and what it keeps, the relay's rng."""
+    tensors = states_tensors(states) | {f"silo{i}.session.{k}": v for i, session in enumerate(sessions)
+                                        for k, v in session.items()}
+    store.save(round_, tensors, {"round": round_, "silos": states_scalars(states), "rng": rng.bit_generator.state})
+
+
+def load_checkpoint(store: CheckpointStore, rng: np.random.Generator) -> tuple[int, list[SiloState], list[dict]] | None:
+    """The newest intact relay checkpoint: (round, silo states, silo sessions), rng restored; None if there is none."""
+    found = store.load_latest()
+    if found is None:
+        return None
+    tensors, info = found
+    rng.bit_generator.state = info["rng"]
+    sessions = [{k.removeprefix(f"silo{i}.session."): v for k, v in tensors.items() if k.startswith(f"silo{i}.session.")}
+                for i in range(len(info["silos"]))]
+    return info["round"], tensor_states(tensors, info["silos"]), sessions
+
+
 def run(grid: Grid, run_config: UserConfig) -> dict:
     """Run a whole pre-training over the connected SuperNodes; writes the simulator's run folder on this machine.
 
@@ -473,7 +529,8 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     splits score the global model (its training split is not used here), as the simulator scores it;
     left empty, the silos score the models on images they hold out (``silo.evaluate``) and the relay
     takes the run's classes from theirs. ``out`` is the run folder, claimed as runfolder.owned_run_folder
-    does (another run there is refused unless ``overwrite`` is true).
+    does (another run there is refused unless ``overwrite`` is true, or ``resume``: the same settings but
+    RESUMABLE_CHANGES, continued from its newest intact checkpoint).
 
     Returns:
         The run's summary.json: {"test_<metric>", "final_val_<metric>", "rounds", "grad_steps", "bytes_sent"}.
@@ -482,14 +539,16 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.EXCHANGE == "none":
         raise ConfigError(f"--algorithm {cfg.algorithm} pools all data in one place; run it with fedefm pretrain")
-    overwrite = run_config.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ConfigError(f"run config overwrite = {overwrite!r}: must be true or false (unquoted)")
-    with owned_run_folder(Path(cfg.out), "flower", cfg.to_dict(), overwrite=overwrite):
-        return relay_run(grid, run_config, cfg)
+    flags = {key: run_config.get(key, False) for key in ("overwrite", "resume")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"run config {key} = {value!r}: must be true or false (unquoted)")
+    with owned_run_folder(Path(cfg.out), "flower", cfg.to_dict(), flags["resume"], flags["overwrite"],
+                          RESUMABLE_CHANGES):
+        return relay_run(grid, run_config, cfg, flags["resume"])
 
 
-def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig) -> dict:
+def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig, resume: bool = False) -> dict:
     """The body of :func:`run`, in the run folder it claimed."""
     algo_cfg = cfg.algorithm_config()
     objective = algo_cfg.objective
@@ -504,8 +563,19 @@ def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig) -> dict:
     model = initial_model(cfg, len(corpus.model_classes(cfg)), device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = [SiloState(weights={k: v.clone() for k, v in initial.items()}, num_examples=n) for n in sizes]
-    start_run_folder(cfg, "flower", algo_cfg, corpus, sizes, topology.model_bytes(model))
     run_info = {"classes": classes, "outputs": len(corpus.model_classes(cfg))}
+    rng = np.random.default_rng(cfg.seed)
+    store = CheckpointStore(out / "checkpoints", prefix="round")
+    first_round = 1
+    restored = load_checkpoint(store, rng) if resume else None
+    if restored is not None:
+        done, states, sessions = restored
+        restore_silos(silos, sessions, run_info)
+        drop_rows_after(out / "metrics.jsonl", "round", done)
+        first_round = done + 1
+        log.info("resuming %s after round %d", out, done)
+    else:
+        start_run_folder(cfg, "flower", algo_cfg, corpus, sizes, topology.model_bytes(model))
     if at_silos:
         val, test = silo_evaluation(silos, run_info, "val"), silo_evaluation(silos, run_info, "test")
     else:
@@ -518,5 +588,13 @@ def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig) -> dict:
     def step(round_: int, states: list[SiloState], neighbours: list[list[int]], W: np.ndarray):
         return relay_round(silos, cfg, algo_cfg, run_info, round_, states, neighbours, W)
 
-    states = train_rounds(cfg, algo_cfg, model, states, step, np.random.default_rng(cfg.seed), val, progress=False)
+    def save(round_: int, states: list[SiloState]) -> None:
+        sessions = silo_sessions(silos, run_info, len(states))
+        if sessions is None:  # the previous checkpoint stays the newest
+            log.warning("round %d: no checkpoint, a silo did not send what it keeps (%s)", round_, silos.down)
+            return
+        save_checkpoint(store, round_, states, sessions, rng)
+
+    states = train_rounds(cfg, algo_cfg, model, states, step, rng, val, first_round=first_round, save=save,
+                          last_good=f"The last good checkpoint is in {store.folder}", progress=False)
     return finish(cfg, out, model, states, test, corpus, objective)

@@ -14,7 +14,9 @@ Messages (from ``relay``): "query" asks for the silo id and training-set size (w
 for the silo's class folders and label table, which a relay without a corpus takes the run's from);
 "train" carries this wave's tasks in order (overseas experts to host, the home update) with the models
 they need; "train.mix" carries the models the silo mixes its own with; "evaluate" the global model
-(and the silo's own) to score on the silo's held-out validation or test images. Replies hold weights and scalars, never images. What
+(and the silo's own) to score on the silo's held-out validation or test images; "query.session" asks
+for what the silo keeps between messages (for the relay's checkpoint) and "train.restore" sets it
+(on resume). Replies hold weights and scalars, never images. What
 the silo keeps between messages of a run (its decoded images, its batch generator, torch's generator
 for dropout, MOON's previous model) is a ``Session``.
 """
@@ -228,9 +230,9 @@ def answer(message_type: str, content: RecordDict, node_config: UserConfig, run_
     """
     if message_type == "train.mix":
         return mix(pretrain_config(run_config), silo_id(node_config), content), session
-    if message_type not in ("query", "train", "evaluate"):
-        raise ConfigError(f"message type {message_type!r}: the fedefm ClientApp answers query, train, train.mix "
-                          "and evaluate")
+    known = ("query", "train", "evaluate", "query.session", "train.restore")
+    if message_type not in known:
+        raise ConfigError(f"message type {message_type!r}: the fedefm ClientApp answers train.mix, {', '.join(known)}")
     classes = list(content["run"]["classes"])
     if message_type == "query" and not classes:
         return data_facts(node_config, run_config), session
@@ -238,21 +240,43 @@ def answer(message_type: str, content: RecordDict, node_config: UserConfig, run_
         session = open_session(node_config, run_config, classes)
     if message_type == "query":
         return describe(session), session
+    if message_type == "query.session":
+        return RecordDict({"session": weights_record(session_tensors(session))}), session
+    if message_type == "train.restore":
+        restore_session(session, record_weights(content["session"], f"silo {session.silo}'s restore message"))
+        return RecordDict(), session
     return (train(session, content) if message_type == "train" else evaluate(session, content)), session
+
+
+# Messages that read or change what a silo keeps between messages (without a worker: the Context's state).
+SESSION_MESSAGES = ("train", "train.restore", "query.session")
+
+
+def session_tensors(session: Session) -> Weights:
+    """What a silo keeps between messages, as named tensors: its generators' states and the algorithm's memory."""
+    tensors = {f"generator.{name}": state for name, state in (session.generators or {}).items()}
+    for slot, weights in session.memory.items():
+        tensors.update({f"memory.{slot}.{name}": value for name, value in weights.items()})
+    return tensors
+
+
+def restore_session(session: Session, tensors: Weights) -> Session:
+    """Set a session's generators and memory from ``session_tensors``' output (a checkpoint's, on resume)."""
+    generators = {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")}
+    session.generators = generators or None
+    session.memory = {}
+    for key, value in tensors.items():
+        if key.startswith("memory."):
+            slot, name = key.removeprefix("memory.").split(".", 1)
+            session.memory.setdefault(slot, {})[name] = value
+    return session
 
 
 def save_session(state: RecordDict, session: Session) -> None:
     """Keep a session's generators and memory in a Flower Context's state (a ClientApp without a worker)."""
-    if session.generators is not None:
-        state["generators"] = weights_record(session.generators)
-    for slot, weights in session.memory.items():
-        state[f"memory.{slot}"] = weights_record(weights)
+    state["session"] = weights_record(session_tensors(session))
 
 
 def load_session(state: RecordDict, session: Session) -> Session:
     """Restore the generators and memory ``save_session`` kept into a freshly opened ``session``."""
-    if "generators" in state:
-        session.generators = record_weights(state["generators"])
-    session.memory = {key.removeprefix("memory."): record_weights(record) for key, record in state.items()
-                      if key.startswith("memory.")}
-    return session
+    return restore_session(session, record_weights(state["session"])) if "session" in state else session

@@ -22,13 +22,15 @@ from fedefm.federated.algorithms import dpsgd, fedefm  # noqa: E402
 from fedefm.federated.algorithms.base import SiloState, Task, mix_row  # noqa: E402
 from fedefm.federated.flower import deploy  # noqa: E402
 from fedefm.federated.flower.messages import pretrain_config, record_weights, weights_record  # noqa: E402
-from fedefm.federated.simulator import run as simulate  # noqa: E402
-from fedefm.models.weights import load_weights  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 400  # each end-to-end run, bounded (seconds)
-SETTINGS = {"silos": 3, "rounds": 2, "batch-size": 8, "image-size": 32, "eval-every": 1, "local-steps": 1,
-            "dropout": 0.0, "reply-timeout": 120}
+from flower_helpers import (  # noqa: E402
+    FEDERATION_ENV,
+    REPO,
+    RUN_TIMEOUT_S,
+    assert_same_run,
+    corpus,  # noqa: F401 (a fixture)
+    settings,
+    simulated,
+)
 
 
 def random_states(n, seed=0):
@@ -249,19 +251,7 @@ def test_flower_supernode_refuses_a_negative_silo_id_or_a_missing_data_folder_at
 
 
 def loopback(folder, corpus, **kwargs):
-    env = {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    return deploy.LoopbackFederation(folder, corpus, env=env, **kwargs)
-
-
-def settings(corpus, out, **overrides):
-    return SETTINGS | {"data": str(corpus), "out": str(out)} | overrides
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flower_corpus") / "pretrain"
-    write_pretrain_corpus(root, per_class=12, size=32, seed=0)
-    return root
+    return deploy.LoopbackFederation(folder, corpus, env=FEDERATION_ENV, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -273,35 +263,6 @@ def federation(tmp_path_factory, corpus):
         yield started
     finally:
         started.stop()
-
-
-def simulated(corpus, out, algorithm, objective="classify", rounds=2):
-    # One thread, as the SuperNodes' ClientApps run: another thread count may sum in another order.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        simulate(PretrainConfig(data=corpus, out=out, algorithm=algorithm, objective=objective, silos=3, rounds=rounds,
-                                batch_size=8, image_size=32, eval_every=1, local_steps=1, dropout=0.0), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-def assert_same_run(flower_run: Path, simulator_run: Path, metric: str = "acc"):
-    def rows(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    keys = ("round", "train_loss", "grad_steps", f"val_{metric}", f"silo_val_{metric}", "bytes_sent")
-    assert [{k: r[k] for k in keys} for r in rows(flower_run)] == [{k: r[k] for k in keys} for r in rows(simulator_run)]
-    assert all(r["relay_bytes"] > 0 for r in rows(flower_run))
-    a, _ = load_weights(flower_run / "global.safetensors")
-    b, _ = load_weights(simulator_run / "global.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    def summary(run):  # peak memory is the process's own, not a result
-        return {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k != "peak_rss_mb"}
-
-    assert summary(flower_run) == summary(simulator_run)
-    assert json.loads((flower_run / "config.json").read_text())["command"] == "flower"
 
 
 @pytest.mark.slow

@@ -23,13 +23,17 @@ from fedefm.federated.algorithms import dpsgd, fedefm  # noqa: E402
 from fedefm.federated.algorithms.base import SiloState, Task, mix_row  # noqa: E402
 from fedefm.federated.flower import deploy  # noqa: E402
 from fedefm.federated.flower.messages import pretrain_config, record_weights, weights_record  # noqa: E402
-from fedefm.federated.simulator import run as simulate  # noqa: E402
 from fedefm.models.weights import load_weights  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 400  # each end-to-end run, bounded (seconds)
-SETTINGS = {"silos": 3, "rounds": 2, "batch-size": 8, "image-size": 32, "eval-every": 1, "local-steps": 1,
-            "dropout": 0.0, "reply-timeout": 120}
+from flower_helpers import (  # noqa: E402
+    FEDERATION_ENV,
+    REPO,
+    RUN_TIMEOUT_S,
+    SETTINGS,
+    assert_same_run,
+    corpus,  # noqa: F401 (a fixture)
+    settings,
+    simulated,
+)
 
 
 def random_states(n, seed=0):
@@ -277,11 +281,10 @@ def relay_in_process(grid, run_config):
         torch.set_num_threads(threads)
 
 
-def test_evaluation_at_the_silos_gives_the_simulators_validation_and_test_accuracy(in_a_server_app, tmp_path):
+def test_evaluation_at_the_silos_gives_the_simulators_validation_and_test_accuracy(in_a_server_app, corpus,
+                                                                                   tmp_path):
     # the relay holds no corpus: silo k scores on share k of the corpus's validation and test splits, the relay
     # weights the silos' accuracies by their images; the silos' messages are answered in this process
-    corpus = tmp_path / "corpus"
-    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
     run_config = SETTINGS | {"algorithm": "fedavg", "data": "", "out": str(tmp_path / "flower")}
     grid = in_process_silos(corpus, run_config, {})
     flower = relay_in_process(grid, run_config)
@@ -339,10 +342,9 @@ def test_silos_whose_label_tables_differ_are_refused_naming_both(in_a_server_app
 
 
 @pytest.mark.parametrize("algorithm", ["moon", "fedefm"])
-def test_a_relay_killed_mid_run_resumes_to_the_unbroken_runs_weights_and_metrics(in_a_server_app, tmp_path, algorithm):
+def test_a_relay_killed_mid_run_resumes_to_the_unbroken_runs_weights_and_metrics(in_a_server_app, corpus, tmp_path,
+                                                                                  algorithm):
     # MOON keeps each silo's previous model at the silo, FedEFM draws batches in waves: both travel in the checkpoint
-    corpus = tmp_path / "corpus"
-    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
     base = SETTINGS | {"algorithm": algorithm, "rounds": 3, "checkpoint-every": 1}
     unbroken = base | {"out": str(tmp_path / "unbroken")}
     relay_in_process(in_process_silos(corpus, unbroken, {}), unbroken)
@@ -361,9 +363,7 @@ def test_a_relay_killed_mid_run_resumes_to_the_unbroken_runs_weights_and_metrics
     assert rows[0] == rows[1]
 
 
-def test_resume_of_another_runs_folder_or_with_changed_settings_is_refused(in_a_server_app, tmp_path):
-    corpus = tmp_path / "corpus"
-    write_pretrain_corpus(corpus, per_class=12, size=32, seed=0)
+def test_resume_of_another_runs_folder_or_with_changed_settings_is_refused(in_a_server_app, corpus, tmp_path):
     run_config = SETTINGS | {"algorithm": "fedavg", "rounds": 1, "out": str(tmp_path / "run")}
     relay_in_process(in_process_silos(corpus, run_config, {}), run_config)
     changed = run_config | {"lr": 0.01, "resume": True}
@@ -377,19 +377,7 @@ def test_resume_of_another_runs_folder_or_with_changed_settings_is_refused(in_a_
 
 
 def loopback(folder, corpus, **kwargs):
-    env = {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    return deploy.LoopbackFederation(folder, corpus, env=env, **kwargs)
-
-
-def settings(corpus, out, **overrides):
-    return SETTINGS | {"data": str(corpus), "out": str(out)} | overrides
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flower_corpus") / "pretrain"
-    write_pretrain_corpus(root, per_class=12, size=32, seed=0)
-    return root
+    return deploy.LoopbackFederation(folder, corpus, env=FEDERATION_ENV, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -401,42 +389,6 @@ def federation(tmp_path_factory, corpus):
         yield started
     finally:
         started.stop()
-
-
-def simulated(corpus, out, algorithm, objective="classify", rounds=2):
-    # One thread, as the SuperNodes' ClientApps run: another thread count may sum in another order.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        simulate(PretrainConfig(data=corpus, out=out, algorithm=algorithm, objective=objective, silos=3, rounds=rounds,
-                                batch_size=8, image_size=32, eval_every=1, local_steps=1, dropout=0.0), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-def assert_same_run(flower_run: Path, simulator_run: Path, metric: str = "acc", at_silos: bool = False):
-    # at_silos: the silos scored the global model on their shares of the validation and test splits (a weighted
-    # mean of their scores: the simulator's to rounding) and each its own model on its own share
-    def rows(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    scores = (f"val_{metric}",) if at_silos else (f"val_{metric}", f"silo_val_{metric}")
-    keys = ("round", "train_loss", "grad_steps", "bytes_sent") + (() if at_silos else scores)
-    assert [{k: r[k] for k in keys} for r in rows(flower_run)] == [{k: r[k] for k in keys} for r in rows(simulator_run)]
-    if at_silos:
-        assert [r[scores[0]] for r in rows(flower_run)] == pytest.approx([r[scores[0]] for r in rows(simulator_run)],
-                                                                          abs=1e-12)
-    assert all(r["relay_bytes"] > 0 for r in rows(flower_run))
-    a, _ = load_weights(flower_run / "global.safetensors")
-    b, _ = load_weights(simulator_run / "global.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    def summary(run):  # peak memory is the process's own, not a result
-        return {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k != "peak_rss_mb"}
-
-    assert summary(flower_run) == pytest.approx(summary(simulator_run), abs=1e-12 if at_silos else 0)
-    assert json.loads((flower_run / "config.json").read_text())["command"] == "flower"
 
 
 @pytest.mark.slow

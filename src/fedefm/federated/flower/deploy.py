@@ -285,31 +285,34 @@ def silo_command(superlink: str, silo_id: int, corpus: Path, port: int, root_cer
 
 
 class LoopbackFederation:
-    """A SuperLink and one SuperNode per silo on 127.0.0.1, for tests and benchmarks; ``stop`` ends them all.
+    """A SuperLink (on ``host``, 127.0.0.1 by default) and one SuperNode per silo, for tests and benchmarks;
+    ``stop`` ends them all.
 
     Every process runs in its own process group (Flower's SuperNodes start SuperExec and ClientApp
     children, ``fedefm flower supernode`` also the silo's worker), logs to FOLDER/NAME.log, and is
     killed with its group. SuperNodes read ``corpus`` with data-layout "corpus", so silo k holds
     partition k, as in ``fedefm pretrain``. ``worker=False`` starts bare ``flower-supernode``s, whose
     ClientApp processes do the silo's work themselves (import torch, decode the images) per message.
+    A subclass may run each process elsewhere by overriding ``prefix`` (as ``NetnsFederation`` does).
     """
 
     def __init__(self, folder: Path, corpus: Path, silos: int = 3, tls: bool = False, auth: bool = False,
-                 env: dict[str, str] | None = None, worker: bool = True) -> None:
+                 env: dict[str, str] | None = None, worker: bool = True, host: str = "127.0.0.1") -> None:
         from fedefm.federated.flower.certificates import write_node_key, write_test_certificates
 
         self.folder, self.corpus = Path(folder), Path(corpus)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.home = self.folder / "flwr_home"
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"{host}:{free_port()}"  # a port free here is free in a fresh network namespace too
         self.env = flower_environment(self.home) | (env or {})
         self.processes: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, list[str]] = {}
         self.runs = 0
         try:
-            certificates = write_test_certificates(self.folder / "certificates") if tls else None
+            certificates = write_test_certificates(self.folder / "certificates", (host, "localhost")) if tls else None
             self.ca = certificates[0] if certificates else None
-            self.start("superlink", superlink_command(int(self.address.rpartition(":")[2]), certificates, auth))
+            self.start("superlink", superlink_command(int(self.address.rpartition(":")[2]), certificates, auth,
+                                                      host=host))
             wait_for_port(self.address)
             write_connection(self.home, self.address, self.ca)
             for k in range(silos):
@@ -322,12 +325,16 @@ class LoopbackFederation:
             self.stop()
             raise
 
+    def prefix(self, name: str) -> list[str]:
+        """The command that process ``name`` runs under (none: it runs here, as this process does)."""
+        return []
+
     def start(self, name: str, command: list[str]) -> None:
         """Start one process in its own group, appending to FOLDER/NAME.log."""
         self.commands[name] = command
         with open(self.folder / f"{name}.log", "ab") as log:
-            self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                    start_new_session=True)
+            self.processes[name] = subprocess.Popen(self.prefix(name) + command, env=self.env, stdout=log,
+                                                    stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, name: str) -> None:
         """Kill process ``name`` and its children (its process group) and reap it."""
@@ -353,3 +360,96 @@ class LoopbackFederation:
         """Submit a run of the app with ``run_config`` (its folder FOLDER/app_K); returns the run id."""
         self.runs += 1
         return start_run(write_app(self.folder / f"app_{self.runs}", run_config), self.home)
+
+
+class NamespaceError(FedefmError, RuntimeError):
+    """A network namespace or link could not be made or removed (it needs root and iproute2); ``ip`` says why."""
+
+
+def ip(*arguments: str) -> None:
+    """Run ``ip ARGUMENTS`` (iproute2).
+
+    Raises:
+        NamespaceError: ``ip`` is not installed, or refused (not root, no veth or bridge support); its words.
+    """
+    try:
+        done = subprocess.run(["ip", *arguments], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise NamespaceError(f"ip {' '.join(arguments)}: {error}") from None
+    if done.returncode != 0:
+        raise NamespaceError(f"ip {' '.join(arguments)}: {done.stderr.strip()}")
+
+
+class NetnsFederation(LoopbackFederation):
+    """A ``LoopbackFederation`` whose SuperLink and SuperNodes each run in a network namespace of their own on
+    this machine, as on separate hosts; ``stop`` also deletes the namespaces. Needs root and iproute2.
+
+    The SuperLink's namespace holds a bridge at SUBNET.1/24, the SuperLink's address; silo k's namespace
+    a veth into it at SUBNET.(10+k), and this process's namespace one at SUBNET.254, so ``flwr`` (run, ls,
+    supernode register) reaches the SuperLink from outside, as an operator's machine would. Each namespace
+    brings its own ``lo`` up, where a SuperNode's Runtime API listens. Names carry this process's id and
+    SUBNET is 10.231.(pid mod 256), so federations of two processes whose ids differ mod 256 keep apart.
+    """
+
+    def __init__(self, folder: Path, corpus: Path, silos: int = 3, **kwargs) -> None:
+        tag = f"fedefm{os.getpid()}"
+        self.namespaces = {"superlink": f"{tag}-superlink"} | {f"silo{k}": f"{tag}-silo{k}" for k in range(silos)}
+        self.host_link = tag  # an interface name: at most 15 bytes
+        self.undo: list[tuple[str, ...]] = []  # `ip` arguments that remove what was made, in the order made
+        subnet = f"10.231.{os.getpid() % 256}"
+        try:
+            self.make_network(subnet, silos)
+            super().__init__(folder, corpus, silos, host=f"{subnet}.1", **kwargs)
+        except BaseException:
+            self.remove_network()
+            raise
+
+    def make_network(self, subnet: str, silos: int) -> None:
+        """Create the namespaces, the SuperLink's bridge and a veth pair onto it per silo and for this namespace."""
+        superlink = self.namespaces["superlink"]
+        for name in self.namespaces.values():
+            ip("netns", "add", name)
+            self.undo.append(("netns", "delete", name))
+            ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", superlink, "link", "add", "name", "br0", "type", "bridge")
+        ip("-n", superlink, "addr", "add", f"{subnet}.1/24", "dev", "br0")
+        ip("-n", superlink, "link", "set", "br0", "up")
+        for k in range(silos):
+            self.bridge(["-n", self.namespaces[f"silo{k}"]], "eth0", f"silo{k}", f"{subnet}.{10 + k}")
+        self.bridge([], self.host_link, "host", f"{subnet}.254")
+
+    def bridge(self, netns: list[str], end: str, peer: str, address: str) -> None:
+        """A veth pair: END at ADDRESS/24 where ``netns`` (``ip`` options) says, PEER on the SuperLink's bridge."""
+        superlink = self.namespaces["superlink"]
+        ip(*netns, "link", "add", "name", end, "type", "veth", "peer", "name", peer, "netns", superlink)
+        # deleted by name before the namespaces: a deleted namespace's veth pairs vanish only some time later
+        self.undo.append((*netns, "link", "delete", end))
+        ip("-n", superlink, "link", "set", peer, "master", "br0", "up")
+        ip(*netns, "addr", "add", f"{address}/24", "dev", end)
+        ip(*netns, "link", "set", end, "up")
+
+    def prefix(self, name: str) -> list[str]:
+        """``ip netns exec`` into process ``name``'s namespace."""
+        return ["ip", "netns", "exec", self.namespaces[name]]
+
+    def remove_network(self) -> None:
+        """Delete this federation's link here and its namespaces (with their links), newest first.
+
+        Raises:
+            NamespaceError: something could not be removed; everything else was.
+        """
+        failures = []
+        while self.undo:
+            try:
+                ip(*self.undo.pop())
+            except NamespaceError as error:
+                failures.append(str(error))
+        if failures:
+            raise NamespaceError("; ".join(failures))
+
+    def stop(self) -> None:
+        """Kill every process this federation started, then delete its namespaces and links."""
+        try:
+            super().stop()
+        finally:
+            self.remove_network()

@@ -17,6 +17,10 @@ cannot be mixed is left out of the round (its hosted experts dropped, its own up
 others' rows of W renormalised) and gets no more messages that round; the run stops only when fewer
 than ``min-healthy-silos`` silos come through. At the next round the relay looks for the silo again
 (a restarted SuperNode registers under a new node id), and it rejoins.
+
+Without a corpus at the relay the silos score the models on images they hold out (``silo_evaluation``).
+Checkpoints hold every silo's weights and what each silo keeps between messages, so ``resume``
+continues a run whose relay died to the unbroken run's result.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ from flwr.serverapp import Grid
 
 from fedefm.checkpoints import CheckpointStore
 from fedefm.config import PretrainConfig, resolve_device
+from fedefm.data.datasets import LabelSpec
 from fedefm.errors import ConfigError, FedefmError, WeightsError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
-from fedefm.data.datasets import LabelSpec
 from fedefm.federated.algorithms.base import SiloState, Task, home_tasks, mean_weights, mix_row
 from fedefm.federated.health import Fault, check_quorum, renormalise, weights_fault
 from fedefm.federated.flower.messages import (
@@ -252,8 +256,8 @@ def silos_corpus(grid: Grid, cfg: PretrainConfig, wait_s: float, timeout: float)
     found = query(grid, online_nodes(grid, cfg, wait_s), [], timeout, cfg)
     classes = sorted({name for _, record in found.values() for name in record["classes"]})
     tables = {i: tuple(record["labels"]) for i, (_, record) in sorted(found.items()) if record["labels"]}
+    first, expected = next(iter(tables.items()), (None, ()))
     for i, table in tables.items():
-        first, expected = next(iter(tables.items()))
         if table != expected:
             raise ConfigError(f"silos {first} and {i} label their masks {list(expected)} and {list(table)}: every "
                               "silo's labels.json must list the same labels in the same order")
@@ -268,7 +272,7 @@ def silos_corpus(grid: Grid, cfg: PretrainConfig, wait_s: float, timeout: float)
 
 
 def silo_evaluation(silos: Silos, run_info: dict, split: str) -> Evaluate:
-    """An Evaluate that asks every silo up to score the models on its held-out ``split`` ("val" or "test").
+    """An Evaluate that asks every silo that is up to score the models on its held-out ``split`` ("val" or "test").
 
     The global score is the mean of the silos' scores weighted by their numbers of images; a silo that
     fails or holds no image of the split counts for nothing (and its own score is None).

@@ -492,13 +492,16 @@ def flower_superlink(
                                                               "without it the SuperLink runs insecure.")] = None,
     enable_supernode_auth: Annotated[bool, typer.Option(help="Accept only SuperNodes registered with "
                                                              "`fedefm flower register-node`.")] = False,
+    database: Annotated[Optional[Path], typer.Option(help="SQLite file for the SuperLink's state (runs, SuperNodes), "
+                                                          "so that a restarted SuperLink keeps its SuperNodes; "
+                                                          "without it the state is in memory.")] = None,
 ) -> None:
     """Start the SuperLink (the coordinator); app dependencies are never installed at run time."""
     from fedefm.federated.flower.deploy import superlink_command
 
     tls = None if certificates is None else (certificates / "ca.crt", certificates / "server.pem",
                                              certificates / "server.key")
-    _run_flower_process(superlink_command(port, tls, enable_supernode_auth, host=host))
+    _run_flower_process(superlink_command(port, tls, enable_supernode_auth, host=host, database=database))
 
 
 @flower_app.command("supernode")

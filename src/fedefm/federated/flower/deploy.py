@@ -103,9 +103,17 @@ def write_app(folder: Path, run_config: dict) -> Path:
 
 
 def superlink_command(port: int, certificates: tuple[Path, Path, Path] | None = None,
-                      enable_supernode_auth: bool = False, host: str = "127.0.0.1") -> list[str]:
-    """``flower-superlink`` arguments: one HTTP API on host:port, TLS from (CA, cert, key) or insecure."""
+                      enable_supernode_auth: bool = False, host: str = "127.0.0.1",
+                      database: Path | None = None) -> list[str]:
+    """``flower-superlink`` arguments: one HTTP API on host:port, TLS from (CA, cert, key) or insecure.
+
+    ``database``: the SQLite file where the SuperLink keeps its state (runs, registered and connected
+    SuperNodes), so that it survives a restart; without it the state is in memory, and a restarted
+    SuperLink answers every SuperNode that was connected with 401, upon which the SuperNode exits.
+    """
     command = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if database is not None:
+        command += ["--database", str(Path(database).resolve())]
     if certificates is None:
         command.append("--insecure")
     else:
@@ -273,6 +281,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """The pids of every process started by ``pid``, its children's children included (from /proc; none
+    where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether a thread of process ``pid`` still runs; once none does, its files (and their locks) are closed.
+
+    A killed process's first thread may show as a zombie while the others still exit, so each is looked at.
+    """
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for thread in threads:
+        try:
+            if Path(f"/proc/{pid}/task/{thread}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX":
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def silo_command(superlink: str, silo_id: int, corpus: Path, port: int, root_certificates: Path | None,
                  private_key: Path | None, worker: bool) -> list[str]:
     """A loopback silo's command: ``fedefm flower supernode`` (SuperNode and warm worker), or a bare SuperNode."""
@@ -293,11 +341,14 @@ class LoopbackFederation:
     killed with its group. SuperNodes read ``corpus`` with data-layout "corpus", so silo k holds
     partition k, as in ``fedefm pretrain``. ``worker=False`` starts bare ``flower-supernode``s, whose
     ClientApp processes do the silo's work themselves (import torch, decode the images) per message.
-    A subclass may run each process elsewhere by overriding ``prefix`` (as ``NetnsFederation`` does).
+    ``database=True`` keeps the SuperLink's state in FOLDER/superlink.db, so that a restarted SuperLink
+    still knows the SuperNodes (they reconnect by themselves) and the runs. A subclass may run each
+    process elsewhere by overriding ``prefix`` (as ``NetnsFederation`` does).
     """
 
     def __init__(self, folder: Path, corpus: Path, silos: int = 3, tls: bool = False, auth: bool = False,
-                 env: dict[str, str] | None = None, worker: bool = True, host: str = "127.0.0.1") -> None:
+                 env: dict[str, str] | None = None, worker: bool = True, host: str = "127.0.0.1",
+                 database: bool = False) -> None:
         from fedefm.federated.flower.certificates import write_node_key, write_test_certificates
 
         self.folder, self.corpus = Path(folder), Path(corpus)
@@ -312,7 +363,8 @@ class LoopbackFederation:
             certificates = write_test_certificates(self.folder / "certificates", (host, "localhost")) if tls else None
             self.ca = certificates[0] if certificates else None
             self.start("superlink", superlink_command(int(self.address.rpartition(":")[2]), certificates, auth,
-                                                      host=host))
+                                                      host=host,
+                                                      database=self.folder / "superlink.db" if database else None))
             wait_for_port(self.address)
             write_connection(self.home, self.address, self.ca)
             for k in range(silos):
@@ -337,14 +389,31 @@ class LoopbackFederation:
                                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, name: str) -> None:
-        """Kill process ``name`` and its children (its process group) and reap it."""
+        """Kill process ``name`` and its children (its process group, and the group of every descendant that
+        started its own: the SuperLink's SuperExec, whose children are the ServerApps) and reap it."""
         process = self.processes[name]
+        children = []
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            children = descendants(process.pid)
+            groups = {process.pid}
+            for pid in children:
+                try:
+                    groups.add(os.getpgid(pid))
+                except ProcessLookupError:
+                    pass
+            for group in sorted(groups - {os.getpgrp()}):
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:  # their files (locks) closed
+            time.sleep(0.05)
 
     def restart(self, name: str) -> None:
-        """Start process ``name`` again as it was first started (a SuperNode registers under a new node id)."""
+        """Start process ``name`` again as it was first started: a SuperNode registers under a new node id, a
+        SuperLink listens on the same address (with its database, if it has one)."""
         self.start(name, self.commands[name])
 
     def stop(self) -> None:

@@ -630,7 +630,8 @@ def flower_run(
                 "image-size": image_size, "dropout": dropout, "eval-every": eval_every, "options": " ".join(option),
                 "val-fraction": val_fraction, "test-fraction": test_fraction, "seed": seed,
                 "data": str(data.resolve()) if data else "", "out": str(out.resolve()), "overwrite": overwrite,
-                "resume": resume, "checkpoint-every": checkpoint_every, "reply-timeout": reply_timeout, "min-healthy-silos": min_healthy_silos}
+                "resume": resume, "checkpoint-every": checkpoint_every, "reply-timeout": reply_timeout,
+                "min-healthy-silos": min_healthy_silos}
     record = run_federation(superlink, {k: v for k, v in settings.items() if v is not None}, root_certificates, timeout)
     traffic = record["network-traffic"]
     console.print(f"Flower run {record['run-id']} {record['status']} in {record['elapsed']:.0f} s, "

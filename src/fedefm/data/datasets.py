@@ -305,15 +305,24 @@ def list_silo_classes(root: Path) -> list[str]:
     Raises:
         DataError: the root is missing or holds no class folder.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: silo data folder not found")
     problems: Problems = []
-    names = list(_list_class_folders(root, problems))
-    if not names:
-        problems.append((root, "no class folders; a silo's data sits in ROOT/CLASS_NAME/*.png"))
+    names = list(_silo_class_folders(Path(root), problems))
     _raise_problems(problems)
     return names
+
+
+def _silo_class_folders(root: Path, problems: Problems) -> dict[str, Path]:
+    """A silo folder's class folders by name; no folder at all is a problem.
+
+    Raises:
+        DataError: the root is missing.
+    """
+    if not root.is_dir():
+        raise DataError(f"{root}: silo data folder not found")
+    folders = _list_class_folders(root, problems)
+    if not folders:
+        problems.append((root, "no class folders; a silo's data sits in ROOT/CLASS_NAME/*.png"))
+    return folders
 
 
 def find_silo_splits(root: Path, class_names: Sequence[str], seed: int = 0, val_fraction: float = 0.0,
@@ -330,12 +339,8 @@ def find_silo_splits(root: Path, class_names: Sequence[str], seed: int = 0, val_
     """
     _check_fractions(val_fraction, test_fraction)
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: silo data folder not found")
     problems: Problems = []
-    folders = _list_class_folders(root, problems)
-    if not folders:
-        problems.append((root, "no class folders; a silo's data sits in ROOT/CLASS_NAME/*.png"))
+    folders = _silo_class_folders(root, problems)
     masked = set(read_label_spec(root).annotated)
     _warn_unannotated_masks(root, list(folders.values()), masked)
     splits: dict[str, list[ClassificationItem]] = {split: [] for split in SPLITS}

@@ -207,13 +207,31 @@ def round_bytes(cfg: PretrainConfig, algo_cfg, neighbours: list[list[int]], W: n
     return int(transfers * sum(map(len, neighbours)) * model_bytes)
 
 
+def tensors_under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, named without it."""
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def memory_tensors(memory: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """An algorithm's memory {slot: weights} as flat tensors "{slot}.{name}"."""
+    return {f"{slot}.{name}": value for slot, weights in memory.items() for name, value in weights.items()}
+
+
+def memory_slots(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The memory {slot: weights} that ``memory_tensors`` flattened."""
+    memory: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        slot, name = key.split(".", 1)
+        memory.setdefault(slot, {})[name] = value
+    return memory
+
+
 def states_tensors(states: list[SiloState]) -> dict[str, torch.Tensor]:
     """Every silo's weights and memory as checkpoint tensors: "silo{i}.weights.{name}", "silo{i}.memory.{slot}.{name}"."""
     tensors = {}
     for i, state in enumerate(states):
         tensors.update({f"silo{i}.weights.{k}": v for k, v in state.weights.items()})
-        for slot, weights in state.memory.items():
-            tensors.update({f"silo{i}.memory.{slot}.{k}": v for k, v in weights.items()})
+        tensors.update({f"silo{i}.memory.{k}": v for k, v in memory_tensors(state.memory).items()})
     return tensors
 
 
@@ -224,17 +242,9 @@ def states_scalars(states: list[SiloState]) -> list[dict]:
 
 def tensor_states(tensors: dict[str, torch.Tensor], scalars: list[dict]) -> list[SiloState]:
     """The silo states ``states_tensors`` and ``states_scalars`` wrote (other tensors are ignored)."""
-    states = []
-    for i, values in enumerate(scalars):
-        prefix = f"silo{i}."
-        weights = {k.removeprefix(prefix + "weights."): v for k, v in tensors.items() if k.startswith(prefix + "weights.")}
-        memory: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith(prefix + "memory."):
-                slot, name = key.removeprefix(prefix + "memory.").split(".", 1)
-                memory.setdefault(slot, {})[name] = value
-        states.append(SiloState(weights=weights, memory=memory, **values))
-    return states
+    return [SiloState(weights=tensors_under(tensors, f"silo{i}.weights."),
+                      memory=memory_slots(tensors_under(tensors, f"silo{i}.memory.")), **values)
+            for i, values in enumerate(scalars)]
 
 
 class Checkpoint:

@@ -65,6 +65,7 @@ from fedefm.federated.simulator import (
     states_scalars,
     states_tensors,
     tensor_states,
+    tensors_under,
     train_rounds,
 )
 from fedefm.files import drop_rows_after
@@ -521,8 +522,7 @@ def load_checkpoint(store: CheckpointStore, rng: np.random.Generator) -> tuple[i
         return None
     tensors, info = found
     rng.bit_generator.state = info["rng"]
-    sessions = [{k.removeprefix(f"silo{i}.session."): v for k, v in tensors.items() if k.startswith(f"silo{i}.session.")}
-                for i in range(len(info["silos"]))]
+    sessions = [tensors_under(tensors, f"silo{i}.session.") for i in range(len(info["silos"]))]
     return info["round"], tensor_states(tensors, info["silos"]), sessions
 
 

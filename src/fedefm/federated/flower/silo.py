@@ -45,7 +45,18 @@ from fedefm.federated.flower.messages import (
     scalars_record,
     weights_record,
 )
-from fedefm.federated.simulator import Corpus, ImageSource, SiloData, read_corpus, score, silo_data, silo_partition
+from fedefm.federated.simulator import (
+    Corpus,
+    ImageSource,
+    SiloData,
+    memory_slots,
+    memory_tensors,
+    read_corpus,
+    score,
+    silo_data,
+    silo_partition,
+    tensors_under,
+)
 
 
 @dataclass
@@ -254,21 +265,14 @@ SESSION_MESSAGES = ("train", "train.restore", "query.session")
 
 def session_tensors(session: Session) -> Weights:
     """What a silo keeps between messages, as named tensors: its generators' states and the algorithm's memory."""
-    tensors = {f"generator.{name}": state for name, state in (session.generators or {}).items()}
-    for slot, weights in session.memory.items():
-        tensors.update({f"memory.{slot}.{name}": value for name, value in weights.items()})
-    return tensors
+    return ({f"generator.{name}": state for name, state in (session.generators or {}).items()}
+            | {f"memory.{key}": value for key, value in memory_tensors(session.memory).items()})
 
 
 def restore_session(session: Session, tensors: Weights) -> Session:
     """Set a session's generators and memory from ``session_tensors``' output (a checkpoint's, on resume)."""
-    generators = {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")}
-    session.generators = generators or None
-    session.memory = {}
-    for key, value in tensors.items():
-        if key.startswith("memory."):
-            slot, name = key.removeprefix("memory.").split(".", 1)
-            session.memory.setdefault(slot, {})[name] = value
+    session.generators = tensors_under(tensors, "generator.") or None
+    session.memory = memory_slots(tensors_under(tensors, "memory."))
     return session
 
 

@@ -371,6 +371,7 @@ def test_unknown_names_and_small_sizes_raise_config_error(call, match):
         ({"domain": "phantom", "n": 0}, "--n 0"),
         ({"domain": "phantom", "n": 1, "size": 16}, "--size 16"),
         ({"domain": "phantom", "n": 1, "seed": -1}, "--seed -1"),
+        ({"domain": "phantom", "n": 1, "workers": 0}, "--workers 0"),
     ],
 )
 def test_bad_dataset_options_raise_config_error_and_write_nothing(tmp_path, kwargs, match):

@@ -53,6 +53,16 @@ def _write(writer, out: Path, kwargs: dict) -> Path:
     return out
 
 
+@pytest.mark.parametrize("writer, kwargs", [
+    (write_seg_dataset, {"domain": "clinical", "n": 5, "size": 64, "seed": 2}),
+    (write_pretrain_corpus, {"per_class": 1, "size": 64, "seed": 2}),
+    (write_position_dataset, {"n": 5, "size": 64, "seed": 2}),
+], ids=["seg", "pretrain", "position"])
+def test_every_writer_writes_the_same_files_in_several_processes_as_in_one(tmp_path, writer, kwargs):
+    one = dataset_digest(_write(writer, tmp_path / "one", kwargs))
+    assert dataset_digest(_write(writer, tmp_path / "two", kwargs | {"workers": 2})) == one
+
+
 @pytest.mark.parametrize("name, writer, kwargs", CASES, ids=[case[0] for case in CASES])
 def test_fixed_seed_output_matches_the_stored_checksum(tmp_path, name, writer, kwargs):
     stored = json.loads(CHECKSUMS.read_text())

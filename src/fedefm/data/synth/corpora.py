@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +60,37 @@ def _check_counts(value: int, option: str, seed: int) -> None:
         raise ConfigError(f"--seed {seed}: the seed must be a non-negative integer")
 
 
+def _check_workers(workers: int) -> None:
+    """Raise ConfigError unless ``workers`` is an integer of at least 1."""
+    if int(workers) != workers or workers < 1:
+        raise ConfigError(f"--workers {workers}: need at least 1 process; pass --workers 1 or more")
+
+
+def _each_image(write_one: Callable[[int], dict], n: int, workers: int, what: str) -> list[dict]:
+    """``[write_one(i) for i in range(n)]``, in ``workers`` processes when more than one, logging progress.
+
+    Every image draws from its own generator (_image_rng), so the files are the same for any number of
+    workers. Workers are spawned, not forked: the parent may hold torch's thread pools.
+    """
+    step = max(n // 10, 1)
+    entries: list[dict] = []
+
+    def done(entry: dict) -> None:
+        entries.append(entry)
+        if len(entries) % step == 0 or len(entries) == n:
+            logger.info("%s: %d/%d images", what, len(entries), n)
+
+    if workers == 1 or n == 1:
+        for i in range(n):
+            done(write_one(i))
+        return entries
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, n), mp_context=context) as pool:
+        for entry in pool.map(write_one, range(n), chunksize=max(min(n // (4 * workers), 16), 1)):
+            done(entry)
+    return entries
+
+
 def _save_png(path: Path, array: np.ndarray) -> None:
     """Write a uint8 (H, W) array as a greyscale PNG."""
     Image.fromarray(array).save(path, format="PNG")
@@ -79,38 +113,44 @@ def _write_atomically(out: Path, fill: Callable[[Path], dict]) -> dict:
     return manifest
 
 
+def _write_seg_image(tmp: Path, domain: str, size: int, seed: int, wire_label: str, i: int) -> dict:
+    """Render frame ``i`` of a segmentation dataset into TMP/images and TMP/masks; its manifest entry."""
+    image, mask, info = render_fluoro(domain, size, _image_rng(seed, 0, DOMAINS.index(domain), i), wire_label=wire_label)
+    name = f"img_{i:05d}.png"
+    _save_png(tmp / "images" / name, image)
+    _save_png(tmp / "masks" / name, mask)
+    counts = np.bincount(mask.ravel(), minlength=3)
+    return {"name": name, "label_counts": dict(zip(LABEL_NAMES, map(int, counts))), "info": info}
+
+
 def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int = 0,
-                      wire_label: str = "lead") -> dict:
+                      wire_label: str = "lead", workers: int = 1) -> dict:
     """Write ``n`` fluoroscopy frames of ``domain`` with masks: OUT/images, OUT/masks, OUT/manifest.json.
 
     ``wire_label`` is how the guidewire is labelled inside the catheter (WIRE_LABELS; see render_fluoro).
+    ``workers`` processes render the frames; the files are the same for any number.
 
     Returns:
         The manifest: generator_version, kind "seg", domain, n, size, seed, wire_label, and per image
         its name, label_counts {background, catheter, guidewire} and info (see render_fluoro).
 
     Raises:
-        ConfigError: unknown domain or wire label, n < 1, size < 32, negative seed, or OUT exists and is not empty.
+        ConfigError: unknown domain or wire label, n < 1, size < 32, negative seed, workers < 1, or OUT exists
+            and is not empty.
     """
     out = Path(out)
     choose("--domain", domain, DOMAINS)
     choose("--wire-label", wire_label, WIRE_LABELS)
     _check_counts(n, "--n", seed)
     _check_size(size)
+    _check_workers(workers)
     _check_out(out)
-    group = DOMAINS.index(domain)
 
     def fill(tmp: Path) -> dict:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
-        images = []
-        for i in range(n):
-            image, mask, info = render_fluoro(domain, size, _image_rng(seed, 0, group, i), wire_label=wire_label)
-            name = f"img_{i:05d}.png"
-            _save_png(tmp / "images" / name, image)
-            _save_png(tmp / "masks" / name, mask)
-            counts = np.bincount(mask.ravel(), minlength=3)
-            images.append({"name": name, "label_counts": dict(zip(LABEL_NAMES, map(int, counts))), "info": info})
+        write_one = functools.partial(_write_seg_image, tmp, domain, size, seed, wire_label)
+        images = _each_image(write_one, n, workers, f"{domain} frames")
         return {"generator_version": GENERATOR_VERSION, "kind": "seg", "domain": domain, "n": n, "size": size,
                 "seed": seed, "wire_label": wire_label, "images": images}
 
@@ -119,21 +159,33 @@ def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int
     return manifest
 
 
+def _write_pretrain_image(tmp: Path, size: int, seed: int, annotated: Sequence[str], jobs: Sequence[tuple[str, int]],
+                          job: int) -> dict:
+    """Render image ``jobs[job]`` (class, index) of a pre-training corpus into TMP/CLASS (and its mask); {} back."""
+    cls, i = jobs[job]
+    name = f"img_{i:05d}.png"
+    image, mask = render_pretrain_masked(cls, size, _image_rng(seed, 1, PRETRAIN_CLASSES.index(cls), i))
+    _save_png(tmp / cls / name, image)
+    if cls in annotated:
+        _save_png(tmp / cls / "masks" / name, mask)
+    return {}
+
+
 def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int = 0,
-                          classes: Sequence[str] = PRETRAIN_CLASSES, masks: bool = True) -> dict:
+                          classes: Sequence[str] = PRETRAIN_CLASSES, masks: bool = True, workers: int = 1) -> dict:
     """Write ``per_class`` images of each class to OUT/CLASS/img_NNNNN.png plus OUT/manifest.json.
 
     With ``masks``, every image of a class that PRETRAIN_ANNOTATED gives labels also gets its label mask,
     OUT/CLASS/masks/img_NNNNN.png (indices into PRETRAIN_LABELS), and OUT/labels.json holds the label table
     ``{"labels": [...], "annotated": {CLASS: [LABEL, ...]}}`` (docs/design.md §4), which the manifest repeats under
-    ``label_table``. The images are the same with or without masks.
+    ``label_table``. The images are the same with or without masks, and for any number of ``workers`` processes.
 
     Returns:
         The manifest: generator_version, kind "pretrain", classes, per_class, size, seed, counts per class, and
         with masks label_table and masked (masked images per class).
 
     Raises:
-        ConfigError: unknown or repeated class, no classes, per_class < 1, size < 32, negative seed,
+        ConfigError: unknown or repeated class, no classes, per_class < 1, size < 32, negative seed, workers < 1,
             or OUT exists and is not empty.
     """
     out = Path(out)
@@ -146,6 +198,7 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
         raise ConfigError(f"classes {classes}: a class is listed twice; list each once")
     _check_counts(per_class, "--per-class", seed)
     _check_size(size)
+    _check_workers(workers)
     _check_out(out)
     annotated = {cls: list(PRETRAIN_ANNOTATED[cls]) for cls in classes if masks and PRETRAIN_ANNOTATED[cls]}
     label_table = {"labels": list(PRETRAIN_LABELS), "annotated": annotated}
@@ -155,13 +208,9 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
             (tmp / cls).mkdir()
             if cls in annotated:
                 (tmp / cls / "masks").mkdir()
-            group = PRETRAIN_CLASSES.index(cls)
-            for i in range(per_class):
-                name = f"img_{i:05d}.png"
-                image, mask = render_pretrain_masked(cls, size, _image_rng(seed, 1, group, i))
-                _save_png(tmp / cls / name, image)
-                if cls in annotated:
-                    _save_png(tmp / cls / "masks" / name, mask)
+        jobs = [(cls, i) for cls in classes for i in range(per_class)]
+        write_one = functools.partial(_write_pretrain_image, tmp, size, seed, list(annotated), jobs)
+        _each_image(write_one, len(jobs), workers, "pre-training images")
         manifest = {"generator_version": GENERATOR_VERSION, "kind": "pretrain", "classes": classes,
                     "per_class": per_class, "size": size, "seed": seed, "counts": {cls: per_class for cls in classes}}
         if not masks:
@@ -175,17 +224,28 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
     return manifest
 
 
-def write_position_dataset(out: Path, n: int, size: int = 256, seed: int = 0) -> dict:
+def _write_position_image(tmp: Path, size: int, seed: int, jobs: Sequence[tuple[str, int]], job: int) -> dict:
+    """Render frame ``jobs[job]`` (class, index) of a position dataset into TMP/CLASS; its manifest entry."""
+    cls, i = jobs[job]
+    image, _, info = render_position(cls, size, _image_rng(seed, 2, POSITION_CLASSES.index(cls), i))
+    name = f"img_{i:05d}.png"
+    _save_png(tmp / cls / name, image)
+    return {"class": cls, "name": name, "info": info}
+
+
+def write_position_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: int = 1) -> dict:
     """Write ``n`` chest frames, balanced over POSITION_CLASSES, to OUT/CLASS/img_NNNNN.png plus OUT/manifest.json.
 
-    Class k gets ``n // 4`` images, one more for the first ``n % 4`` classes.
+    Class k gets ``n // 4`` images, one more for the first ``n % 4`` classes; ``workers`` processes render
+    them, with the same files for any number.
 
     Returns:
         The manifest: generator_version, kind "position", classes, n, size, seed, counts per class, and
         per image its class, name and info (see render_position).
 
     Raises:
-        ConfigError: n below the number of classes, size < 32, negative seed, or OUT exists and is not empty.
+        ConfigError: n below the number of classes, size < 32, negative seed, workers < 1, or OUT exists and is
+            not empty.
     """
     out = Path(out)
     _check_counts(n, "--n", seed)
@@ -193,19 +253,17 @@ def write_position_dataset(out: Path, n: int, size: int = 256, seed: int = 0) ->
         raise ConfigError(f"--n {n}: the position task has {len(POSITION_CLASSES)} classes; "
                           f"pass --n {len(POSITION_CLASSES)} or more")
     _check_size(size)
+    _check_workers(workers)
     _check_out(out)
     counts = {cls: n // len(POSITION_CLASSES) + (k < n % len(POSITION_CLASSES))
               for k, cls in enumerate(POSITION_CLASSES)}
 
     def fill(tmp: Path) -> dict:
-        images = []
-        for group, (cls, count) in enumerate(counts.items()):
+        for cls in counts:
             (tmp / cls).mkdir()
-            for i in range(count):
-                image, _, info = render_position(cls, size, _image_rng(seed, 2, group, i))
-                name = f"img_{i:05d}.png"
-                _save_png(tmp / cls / name, image)
-                images.append({"class": cls, "name": name, "info": info})
+        jobs = [(cls, i) for cls, count in counts.items() for i in range(count)]
+        images = _each_image(functools.partial(_write_position_image, tmp, size, seed, jobs), len(jobs), workers,
+                             "position frames")
         return {"generator_version": GENERATOR_VERSION, "kind": "position", "classes": list(POSITION_CLASSES),
                 "n": n, "size": size, "seed": seed, "counts": counts, "images": images}
 

@@ -106,8 +106,14 @@ def main(
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
-def _cpu_cores() -> int:
-    """The CPU cores this process may run on."""
+WorkersOption = Annotated[Optional[int], typer.Option(
+    help="Processes that render images (default: one per CPU core); the files are the same for any number.")]
+
+
+def _workers(workers: int | None) -> int:
+    """``--workers``, or the CPU cores this process may run on when it is not given."""
+    if workers is not None:
+        return workers
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -122,15 +128,13 @@ def synth_seg(
     wire_label: Annotated[str, typer.Option(
         help="Guidewire inside the catheter: 'lead' labels only its lead beyond the catheter (catheter wins), "
              "'full' its whole path (guidewire wins).")] = "lead",
-    workers: Annotated[Optional[int], typer.Option(
-        help="Processes that render images (default: one per CPU core); the files are the same for any number.")
-    ] = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Write a segmentation dataset (labels 0 background, 1 catheter, 2 guidewire)."""
     from fedefm.data.synth import write_seg_dataset
 
     manifest = write_seg_dataset(out, domain, n, size=size, seed=seed, wire_label=wire_label,
-                                 workers=_cpu_cores() if workers is None else workers)
+                                 workers=_workers(workers))
     console.print(f"wrote {len(manifest['images'])} {domain} images and masks to {out}")
 
 
@@ -143,14 +147,12 @@ def synth_pretrain(
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
     masks: Annotated[bool, typer.Option(help="Also write CLASS/masks/ and labels.json for the data types that carry "
                                              "masks (--no-masks: images only; the images are the same).")] = True,
-    workers: Annotated[Optional[int], typer.Option(
-        help="Processes that render images (default: one per CPU core); the files are the same for any number.")
-    ] = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Write the pre-training corpus: one folder per data type (the label is the data type), with label masks."""
     from fedefm.data.synth import write_pretrain_corpus
 
-    manifest = write_pretrain_corpus(out, per_class, size=size, seed=seed, masks=masks, workers=_cpu_cores() if workers is None else workers)
+    manifest = write_pretrain_corpus(out, per_class, size=size, seed=seed, masks=masks, workers=_workers(workers))
     console.print(f"wrote {per_class} images for each of {', '.join(manifest['classes'])} to {out}")
     for cls, labels in manifest.get("label_table", {}).get("annotated", {}).items():
         console.print(f"  {cls}: masks of {', '.join(labels)}")
@@ -163,14 +165,12 @@ def synth_position(
     n: Annotated[int, typer.Option(help="Number of images, balanced over the 4 classes.")] = 400,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
-    workers: Annotated[Optional[int], typer.Option(
-        help="Processes that render images (default: one per CPU core); the files are the same for any number.")
-    ] = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Write the catheter position task: chest frames whose catheter tip lies in one of 4 positions."""
     from fedefm.data.synth import write_position_dataset
 
-    manifest = write_position_dataset(out, n, size=size, seed=seed, workers=_cpu_cores() if workers is None else workers)
+    manifest = write_position_dataset(out, n, size=size, seed=seed, workers=_workers(workers))
     counts = ", ".join(f"{cls} {count}" for cls, count in manifest["counts"].items())
     console.print(f"wrote {n} frames ({counts}) to {out}")
 

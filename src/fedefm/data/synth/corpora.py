@@ -66,27 +66,28 @@ def _check_workers(workers: int) -> None:
         raise ConfigError(f"--workers {workers}: need at least 1 process; pass --workers 1 or more")
 
 
-def _each_image(write_one: Callable[[int], dict], n: int, workers: int, what: str) -> list[dict]:
-    """``[write_one(i) for i in range(n)]``, in ``workers`` processes when more than one, logging progress.
+def _each_image(write_one: Callable, jobs: Sequence, workers: int, what: str) -> list:
+    """``[write_one(job) for job in jobs]``, in ``workers`` processes when more than one, logging progress.
 
     Every image draws from its own generator (_image_rng), so the files are the same for any number of
     workers. Workers are spawned, not forked: the parent may hold torch's thread pools.
     """
+    n = len(jobs)
     step = max(n // 10, 1)
-    entries: list[dict] = []
+    entries: list = []
 
-    def done(entry: dict) -> None:
+    def done(entry) -> None:
         entries.append(entry)
         if len(entries) % step == 0 or len(entries) == n:
             logger.info("%s: %d/%d images", what, len(entries), n)
 
     if workers == 1 or n == 1:
-        for i in range(n):
-            done(write_one(i))
+        for job in jobs:
+            done(write_one(job))
         return entries
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, n), mp_context=context) as pool:
-        for entry in pool.map(write_one, range(n), chunksize=max(min(n // (4 * workers), 16), 1)):
+        for entry in pool.map(write_one, jobs, chunksize=max(min(n // (4 * workers), 16), 1)):
             done(entry)
     return entries
 
@@ -115,7 +116,8 @@ def _write_atomically(out: Path, fill: Callable[[Path], dict]) -> dict:
 
 def _write_seg_image(tmp: Path, domain: str, size: int, seed: int, wire_label: str, i: int) -> dict:
     """Render frame ``i`` of a segmentation dataset into TMP/images and TMP/masks; its manifest entry."""
-    image, mask, info = render_fluoro(domain, size, _image_rng(seed, 0, DOMAINS.index(domain), i), wire_label=wire_label)
+    rng = _image_rng(seed, 0, DOMAINS.index(domain), i)
+    image, mask, info = render_fluoro(domain, size, rng, wire_label=wire_label)
     name = f"img_{i:05d}.png"
     _save_png(tmp / "images" / name, image)
     _save_png(tmp / "masks" / name, mask)
@@ -150,7 +152,7 @@ def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         write_one = functools.partial(_write_seg_image, tmp, domain, size, seed, wire_label)
-        images = _each_image(write_one, n, workers, f"{domain} frames")
+        images = _each_image(write_one, range(n), workers, f"{domain} frames")
         return {"generator_version": GENERATOR_VERSION, "kind": "seg", "domain": domain, "n": n, "size": size,
                 "seed": seed, "wire_label": wire_label, "images": images}
 
@@ -159,16 +161,14 @@ def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int
     return manifest
 
 
-def _write_pretrain_image(tmp: Path, size: int, seed: int, annotated: Sequence[str], jobs: Sequence[tuple[str, int]],
-                          job: int) -> dict:
-    """Render image ``jobs[job]`` (class, index) of a pre-training corpus into TMP/CLASS (and its mask); {} back."""
-    cls, i = jobs[job]
+def _write_pretrain_image(tmp: Path, size: int, seed: int, annotated: Sequence[str], job: tuple[str, int]) -> None:
+    """Render image ``job`` (class, index) of a pre-training corpus into TMP/CLASS, its mask into TMP/CLASS/masks."""
+    cls, i = job
     name = f"img_{i:05d}.png"
     image, mask = render_pretrain_masked(cls, size, _image_rng(seed, 1, PRETRAIN_CLASSES.index(cls), i))
     _save_png(tmp / cls / name, image)
     if cls in annotated:
         _save_png(tmp / cls / "masks" / name, mask)
-    return {}
 
 
 def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int = 0,
@@ -209,8 +209,8 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
             if cls in annotated:
                 (tmp / cls / "masks").mkdir()
         jobs = [(cls, i) for cls in classes for i in range(per_class)]
-        write_one = functools.partial(_write_pretrain_image, tmp, size, seed, list(annotated), jobs)
-        _each_image(write_one, len(jobs), workers, "pre-training images")
+        write_one = functools.partial(_write_pretrain_image, tmp, size, seed, list(annotated))
+        _each_image(write_one, jobs, workers, "pre-training images")
         manifest = {"generator_version": GENERATOR_VERSION, "kind": "pretrain", "classes": classes,
                     "per_class": per_class, "size": size, "seed": seed, "counts": {cls: per_class for cls in classes}}
         if not masks:
@@ -224,9 +224,9 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
     return manifest
 
 
-def _write_position_image(tmp: Path, size: int, seed: int, jobs: Sequence[tuple[str, int]], job: int) -> dict:
-    """Render frame ``jobs[job]`` (class, index) of a position dataset into TMP/CLASS; its manifest entry."""
-    cls, i = jobs[job]
+def _write_position_image(tmp: Path, size: int, seed: int, job: tuple[str, int]) -> dict:
+    """Render frame ``job`` (class, index) of a position dataset into TMP/CLASS; its manifest entry."""
+    cls, i = job
     image, _, info = render_position(cls, size, _image_rng(seed, 2, POSITION_CLASSES.index(cls), i))
     name = f"img_{i:05d}.png"
     _save_png(tmp / cls / name, image)
@@ -262,7 +262,7 @@ def write_position_dataset(out: Path, n: int, size: int = 256, seed: int = 0, wo
         for cls in counts:
             (tmp / cls).mkdir()
         jobs = [(cls, i) for cls, count in counts.items() for i in range(count)]
-        images = _each_image(functools.partial(_write_position_image, tmp, size, seed, jobs), len(jobs), workers,
+        images = _each_image(functools.partial(_write_position_image, tmp, size, seed), jobs, workers,
                              "position frames")
         return {"generator_version": GENERATOR_VERSION, "kind": "position", "classes": list(POSITION_CLASSES),
                 "n": n, "size": size, "seed": seed, "counts": counts, "images": images}

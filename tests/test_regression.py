@@ -4,10 +4,14 @@ Every algorithm and topology runs two rounds on a corpus made here from a seeded
 synthetic X-ray generator, whose version may change), and the global weights must hash to what the code of
 9cc69cc wrote on a machine of the same CPU kernel family (torch 2.13 CPU, one thread). AVX-512 and AVX2 round
 some sums differently, so each family has its own digests, recorded by running these cases with 9cc69cc's
-code on such a machine. A refactor of federated/ that changes a single bit of a round fails here.
+code on such a machine. A refactor of federated/ that changes a single bit of a round fails here. Since main
+5ecb0f9 every silo's weights and the metrics rows (less their timings) are pinned too, on the kernel families
+that main was run on.
 """
 
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,19 +76,53 @@ def corpus(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_classify_pretraining_is_bit_identical_to_before_the_objective_seam(corpus, tmp_path, name):
+# Per CPU kernel family, the sha256 prefix of every silo's weights and of the metrics rows (less the timings)
+# that main 5ecb0f9 wrote, before the round had one executor (issue 13).
+RUN_DIGESTS = {
+    "x86_64 AVX2": {
+        "centralized_None": "be20dd75863b37bd",
+        "dpsgd_ring": "ada468f5c05da436",
+        "fedavg_star": "ada468f5c05da436",
+        "fedefm_ring": "5141958d7cc0bb99",
+        "fedefm_ring_update=literal": "c3360654c216fe62",
+        "fedefm_ring_update=released": "c55326db5d633e02",
+        "fedefm_star": "e108c6635ae5eb4d",
+        "fedprox_star_mu=0.5": "38d610209da5b198",
+        "matcha_matcha": "214108e65e89c8b4",
+        "moon_star": "2f84e8bfcf5c7edc",
+    },
+}
+TIMINGS = ("wall_s", "peak_rss_mb", "cycle_time_s")
+
+
+def run_case(corpus, out, name) -> dict[str, str]:
+    """Run case ``name`` two rounds on one thread; the digests of its global weights, silo weights and metrics."""
     algorithm, topology, options = CASES[name]
-    if cpu_kernels() not in DIGESTS:
-        pytest.skip(f"no digests of main 9cc69cc for CPU kernels {cpu_kernels()!r}: run these cases with its code to add them")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(PretrainConfig(data=corpus, out=tmp_path, algorithm=algorithm, topology=topology, silos=3, rounds=2,
+        run(PretrainConfig(data=corpus, out=out, algorithm=algorithm, topology=topology, silos=3, rounds=2,
                            batch_size=4, image_size=32, eval_every=1, checkpoint_every=2, local_steps=2,
                            options=options), progress=False)
     finally:
         torch.set_num_threads(threads)
-    weights, _ = load_weights(tmp_path / "global.safetensors")
-    digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()[:16]
-    assert digest == DIGESTS[cpu_kernels()][name]
+
+    def digest(path: Path) -> str:
+        weights, _ = load_weights(path)
+        return hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()[:16]
+
+    rows = [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    silos = "".join(digest(path) for path in sorted((out / "silos").glob("*.safetensors")))
+    return {"global": digest(out / "global.safetensors"),
+            "run": hashlib.sha256((silos + json.dumps(rows, sort_keys=True)).encode()).hexdigest()[:16]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_classify_pretraining_is_bit_identical_to_before_the_objective_seam(corpus, tmp_path, name):
+    if cpu_kernels() not in DIGESTS:
+        pytest.skip(f"no digests of main 9cc69cc for CPU kernels {cpu_kernels()!r}: run these cases with its code to add them")
+    digests = run_case(corpus, tmp_path, name)
+    assert digests["global"] == DIGESTS[cpu_kernels()][name]
+    if cpu_kernels() in RUN_DIGESTS:
+        assert digests["run"] == RUN_DIGESTS[cpu_kernels()][name], "silo weights or metrics rows changed"

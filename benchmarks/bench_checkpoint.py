@@ -45,21 +45,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     silos, model, start = federation(args.preset, args.silos, args.size, per_class=24, batch_size=16)
-    neighbours, W = ring(args.silos)
+    links = ring(args.silos)
     states = fresh_states(start, args.silos)
     generators = [silo.generator for silo in silos]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Checkpoint(Path(tmp))
+        checkpoint = Checkpoint(Path(tmp), generators, rng)
         rounds = iter(range(1, 10**6))
-        save_s = median_seconds(lambda: checkpoint.save(next(rounds), states, generators, rng), args.repeats)
+        save_s = median_seconds(lambda: checkpoint.save(next(rounds), states), args.repeats)
         newest = checkpoint.store.paths()[-1]
         size = newest.stat().st_size
-        load_s = median_seconds(lambda: checkpoint.load_latest(generators, rng), args.repeats)
+        load_s = median_seconds(checkpoint.load_latest, args.repeats)
 
     cfg = {"dpsgd": dpsgd.Config(local_steps=2), "fedefm": fedefm.Config(local_steps=2)}
     round_s = {name: median_seconds(lambda m=module, c=cfg[name]: timed_round(
-        m, model, fresh_states(start, args.silos), silos, neighbours, W, c), args.repeats)
+        m, model, fresh_states(start, args.silos), silos, links, c), args.repeats)
         for name, module in (("dpsgd", dpsgd), ("fedefm", fedefm))}
 
     params = sum(v.numel() for v in start.values())

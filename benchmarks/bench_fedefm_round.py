@@ -5,7 +5,8 @@
 
 breakdown: wall time of a FedEFM round and of a D-PSGD round on the same silos and batches, with
 FedEFM's time split into overseas training, EMD, home training (distillation) and mixing. The phases
-are timed by wrapping the functions ``fedefm.run_round`` calls; the rest is bookkeeping.
+are timed by wrapping the functions the in-process executor and ``fedefm.local_update`` call; the rest
+is bookkeeping.
 memory: peak resident memory (ru_maxrss) of a process that builds 11 silos of the paper preset and
 runs one FedEFM round on them (each silo's model, its two experts while they exist, the scratch model).
 """
@@ -28,8 +29,9 @@ from fedefm.data.datasets import find_classification_splits
 from fedefm.data.synth import write_pretrain_corpus
 from fedefm.federated import topology
 from fedefm.federated.algorithms import dpsgd, fedefm
-from fedefm.federated.algorithms.base import SiloState
-from fedefm.federated.simulator import ImageSource, SiloData
+from fedefm.federated.algorithms.base import Links, SiloState
+from fedefm.federated.simulator import InProcess
+from fedefm.federated.silo_data import ImageSource, SiloData
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
 
@@ -63,8 +65,9 @@ def fresh_states(start: dict, n: int) -> list[SiloState]:
     return [SiloState(weights={k: v.clone() for k, v in start.items()}, num_examples=1) for _ in range(n)]
 
 
-def timed_round(module, model, states, silos, neighbours, W, cfg, timers: dict | None = None) -> float:
-    """Seconds of one ``module.run_round``; with ``timers``, FedEFM's phases are accumulated into it."""
+def timed_round(module, model, states, silos, links: Links, cfg, timers: dict | None = None) -> float:
+    """Seconds of one round of ``module``'s plan in-process (tasks, then mix); with ``timers``, FedEFM's phases
+    are accumulated into it."""
     originals = {}
     if timers is not None:
         for phase, name in PHASES.items():
@@ -72,7 +75,10 @@ def timed_round(module, model, states, silos, neighbours, W, cfg, timers: dict |
             setattr(fedefm, name, stopwatch(originals[name], timers, phase))
     try:
         started = time.perf_counter()
-        module.run_round(model, states, [s.batches() for s in silos], neighbours, W, cfg)
+        plan = module.round_plan(links, [s.num_examples for s in states], np.random.default_rng(0), cfg)
+        executor = InProcess(module, cfg, model, silos)
+        updated, _ = executor.train(1, plan.tasks, states)
+        executor.mix(plan.mix_at, updated, states, plan.W)
         return time.perf_counter() - started
     finally:
         for name, function in originals.items():
@@ -93,23 +99,22 @@ def stopwatch(function, timers: dict, phase: str):
     return wrapper
 
 
-def ring(n: int) -> tuple[list[list[int]], np.ndarray]:
-    """Neighbours and Metropolis mixing matrix of the Gaia ring over n silos, both directions."""
-    overlay = topology.build_overlay("ring", topology.get_underlay("gaia"), n, 0.0, 0).to_undirected()
-    return [topology.neighbours(overlay, i) for i in range(n)], topology.mixing_matrix(overlay)
+def ring(n: int) -> Links:
+    """The Gaia ring over n silos; both algorithms send models both ways round it."""
+    return Links("ring", topology.build_overlay("ring", topology.get_underlay("gaia"), n, 0.0, 0), None, 2)
 
 
 def breakdown(repeats: int) -> None:
     """Print FedEFM vs D-PSGD round times on the tiny preset and FedEFM's phase breakdown."""
     silos, model, start = federation("tiny", 6, 64, per_class=40, batch_size=16)
-    neighbours, W = ring(6)
+    links = ring(6)
     results = defaultdict(list)
     phase_totals = defaultdict(list)
     for _ in range(repeats):
         states = fresh_states(start, len(silos))
-        results["dpsgd"].append(timed_round(dpsgd, model, states, silos, neighbours, W, dpsgd.Config()))
+        results["dpsgd"].append(timed_round(dpsgd, model, states, silos, links, dpsgd.Config()))
         timers = defaultdict(float)
-        results["fedefm"].append(timed_round(fedefm, model, states, silos, neighbours, W, fedefm.Config(), timers))
+        results["fedefm"].append(timed_round(fedefm, model, states, silos, links, fedefm.Config(), timers))
         for phase in PHASES:
             phase_totals[phase].append(timers[phase])
     fedefm_s, dpsgd_s = statistics.median(results["fedefm"]), statistics.median(results["dpsgd"])
@@ -129,9 +134,9 @@ def memory() -> None:
     """Print the peak RSS of one FedEFM round with 11 paper-preset silos on the Gaia ring."""
     silos, model, start = federation("paper", 11, 256, per_class=8, batch_size=2)
     states = fresh_states(start, len(silos))
-    neighbours, W = ring(11)
+    links = ring(11)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    seconds = timed_round(fedefm, model, states, silos, neighbours, W, fedefm.Config(local_steps=1))
+    seconds = timed_round(fedefm, model, states, silos, links, fedefm.Config(local_steps=1))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"paper preset ({topology.model_bytes(model) / 1e6:.1f} MB per model), 11 silos, Gaia ring, batch 2, "
           f"1 step each: round {seconds:.0f} s; peak RSS {before:.2f} GiB before the round, {peak:.2f} GiB after")

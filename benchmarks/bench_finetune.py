@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fedefm.config import FinetuneConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.labels import LABEL_NAMES
 from fedefm.demo import synthetic_data
 from fedefm.finetune.predict import predict

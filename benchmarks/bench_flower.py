@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from common import record
 
-from fedefm.config import PretrainConfig
+from fedefm.federated.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
 from fedefm.federated.flower import wire
 from fedefm.federated.flower.deploy import LoopbackFederation

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fedefm.config import PretrainConfig
+from fedefm.federated.config import PretrainConfig
 from fedefm.data.datasets import find_classification_splits
 from fedefm.data.precheck import check_decodable
 from fedefm.data.synth import write_pretrain_corpus

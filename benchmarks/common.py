@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from fedefm import __version__
-from fedefm.config import FinetuneConfig, PretrainConfig
+from fedefm.federated.config import PretrainConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.demo import synthetic_data
 from fedefm.errors import DataError, FedefmError
 from fedefm.federated.simulator import run as pretrain

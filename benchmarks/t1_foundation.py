@@ -43,7 +43,7 @@ PLAN = [
 
 
 def parse_variant(text: str) -> common.Pretraining:
-    """'beta09:beta=0.9,update=ours' → FedEFM over the ring with those options, named beta09."""
+    """'beta09:beta=0.9,return_weight=0.5' → FedEFM over the ring with those options, named beta09."""
     name, _, settings = text.partition(":")
     return common.Pretraining(name, "fedefm", "DFL", topology="ring",
                               options=parse_settings([pair for pair in settings.split(",") if pair]))

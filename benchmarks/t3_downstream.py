@@ -29,7 +29,7 @@ from pathlib import Path
 import common
 import torch
 
-from fedefm.config import FinetuneConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.labels import DEVICE_LABELS
 from fedefm.data.synth import DOMAINS
 from fedefm.errors import ConfigError

@@ -26,7 +26,7 @@ TABLE = "T5"
 VARIANTS = {
     "emd": {},
     "uniform": {"options": {"uniform_weights": True}},
-    "released": {"options": {"update": "released"}},
+    "released": {"algorithm": "fedefm_released"},
     "kl_only": {"options": {"beta": 1.0}},
     "beta0.25": {"options": {"beta": 0.25}},
     "beta0.75": {"options": {"beta": 0.75}},
@@ -42,11 +42,12 @@ QUICK_VARIANTS = ["emd", "uniform", "released", "kl_only", "sinkhorn", "star_sho
 
 def variant(name: str) -> common.Pretraining:
     """The FedEFM configuration called ``name`` (ring unless the variant says otherwise)."""
-    spec = {"topology": "ring", "options": {}, "shots": 2} | VARIANTS[name]
-    described = [f"{k}={v}" for k, v in spec["options"].items()] + [f"topology={spec['topology']}"]
+    spec = {"algorithm": "fedefm", "topology": "ring", "options": {}, "shots": 2} | VARIANTS[name]
+    described = ([f"algorithm={spec['algorithm']}"] if spec["algorithm"] != "fedefm" else []) + [
+        f"{k}={v}" for k, v in spec["options"].items()] + [f"topology={spec['topology']}"]
     if spec["topology"] == "star":
         described.append(f"shots={spec['shots']}")
-    return common.Pretraining(name, "fedefm", ", ".join(described), topology=spec["topology"],
+    return common.Pretraining(name, spec["algorithm"], ", ".join(described), topology=spec["topology"],
                               options=spec["options"], shots=spec["shots"])
 
 

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from t6_oracles import oracle_tables
 
-from fedefm.config import FinetuneConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.datasets import find_classification_splits
 from fedefm.data.synth import POSITION_CLASSES, render_position, write_position_dataset
 from fedefm.finetune.classify import load_samples, predict_probabilities

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedefm.config import PretrainConfig
+from fedefm.federated.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
 from fedefm.federated.simulator import run as simulate
 from fedefm.models.weights import load_weights

@@ -103,17 +103,6 @@ def test_overseas_expert_trains_a_copy_at_the_host_and_leaves_the_visitor_untouc
     assert all(torch.equal(visitor.weights[k], start[k]) for k in start)
 
 
-def test_fedefm_round_runs_every_update_reading(model):
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    ring = [[1, 2], [0, 2], [0, 1]]
-    W = np.full((3, 3), 1 / 3)
-    for update in fedefm.UPDATES:
-        states = [SiloState(weights={k: v.clone() for k, v in start.items()}, num_examples=4) for _ in range(3)]
-        cfg = fedefm.Config(update=update, local_steps=2)
-        out = fedefm.run_round(model, states, [batches(i, seed=i) for i in range(3)], ring, W, cfg)
-        assert len(out) == 3 and all(s.grad_steps >= 3 for s in out)
-
-
 def test_sgd_steps_stop_at_a_non_finite_loss(model):
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -124,6 +113,6 @@ def test_sgd_steps_stop_at_a_non_finite_loss(model):
         sgd_steps(model, start, batches(0), fedavg.Config(), nan_loss)
 
 
-def test_fedefm_config_rejects_an_unknown_update():
-    with pytest.raises(ConfigError, match="did you mean 'literal'"):
-        fedefm.Config(update="literall")
+def test_fedefm_config_rejects_a_bad_return_weight():
+    with pytest.raises(ConfigError, match="return_weight 1.5: must be in"):
+        fedefm.Config(return_weight=1.5)

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedefm.cli import app
-from fedefm.config import FinetuneConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.datasets import find_multilabel_splits
 from fedefm.data.synth import POSITION_CLASSES, write_position_dataset
 from fedefm.errors import ConfigError, DataError

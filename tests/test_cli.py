@@ -142,7 +142,7 @@ def test_flower_commands_without_the_flower_extra_say_how_to_install_it(tmp_path
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
-    from fedefm.config import FinetuneConfig
+    from fedefm.finetune.config import FinetuneConfig
     from fedefm.data.synth import write_seg_dataset
     from fedefm.finetune import train
 

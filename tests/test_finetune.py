@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedefm.cli import app
-from fedefm.config import FinetuneConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import find_segmentation_splits
 from fedefm.data.synth import write_seg_dataset

@@ -15,15 +15,16 @@ import torch
 
 pytest.importorskip("flwr")
 
-from fedefm.config import PretrainConfig  # noqa: E402
+from fedefm.federated.config import PretrainConfig  # noqa: E402
 from fedefm.data.datasets import list_silo_images  # noqa: E402
 from fedefm.data.synth import write_pretrain_corpus  # noqa: E402
 from fedefm.errors import ConfigError, DataError  # noqa: E402
 from fedefm.federated import topology  # noqa: E402
 from fedefm.federated.algorithms import dpsgd, fedefm  # noqa: E402
-from fedefm.federated.algorithms.base import SiloState, Task, mix_row  # noqa: E402
+from fedefm.federated.algorithms.base import SiloState, mix_row  # noqa: E402
 from fedefm.federated.flower import deploy  # noqa: E402
 from fedefm.federated.flower.messages import pretrain_config, record_weights, weights_record  # noqa: E402
+from fedefm.federated.rounds import train_rounds  # noqa: E402
 from fedefm.models.weights import load_weights  # noqa: E402
 from flower_helpers import (  # noqa: E402
     FEDERATION_ENV,
@@ -51,7 +52,7 @@ def test_algorithms_and_simulator_run_without_importing_flwr():
                           check=True).stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("algorithm,cfg", [(dpsgd, dpsgd.Config()), (fedefm, fedefm.Config(update="ours"))])
+@pytest.mark.parametrize("algorithm,cfg", [(dpsgd, dpsgd.Config()), (fedefm, fedefm.Config())])
 def test_each_silo_mixing_its_own_row_gives_the_simulators_mix_bit_for_bit(algorithm, cfg):
     states = random_states(5)
     ring = topology.build_overlay("ring", topology.get_underlay("gaia"), 5, 0.0, 1000).to_undirected()
@@ -63,18 +64,6 @@ def test_each_silo_mixing_its_own_row_gives_the_simulators_mix_bit_for_bit(algor
         assert torch.equal(alone.weights["w"], together[i].weights["w"])
 
 
-def test_fedefm_round_tasks_run_experts_before_each_home_update_in_silo_order():
-    # ring of 3 silos: every silo neighbours the other two
-    tasks = fedefm.round_tasks([[1, 2], [0, 2], [0, 1]], fedefm.Config())
-    assert tasks[:3] == [Task(1, 0, "expert", 0), Task(2, 0, "expert", 0), Task(0, 0, "home", 0)]
-    assert [t for t in tasks if t.silo == 1] == [Task(1, 0, "expert", 0), Task(1, 1, "home", 1), Task(1, 2, "expert", 2)]
-
-
-def test_released_update_trains_the_neighbours_models_at_home_and_keeps_them():
-    tasks = fedefm.round_tasks([[1], [0]], fedefm.Config(update="released"))
-    assert tasks == [Task(0, 1, "expert", 0), Task(0, 0, "home", 0), Task(1, 0, "expert", 1), Task(1, 1, "home", 1)]
-
-
 def test_weights_travel_through_an_array_record_bit_for_bit():
     weights = {"a": torch.randn(3, 5, dtype=torch.float32), "n": torch.tensor([7], dtype=torch.int64)}
     back = record_weights(weights_record(weights))
@@ -82,10 +71,10 @@ def test_weights_travel_through_an_array_record_bit_for_bit():
 
 
 def test_run_config_becomes_the_pretrain_config():
-    cfg = pretrain_config({"algorithm": "dpsgd", "local-steps": 3, "options": "beta=0.9 update=literal",
+    cfg = pretrain_config({"algorithm": "dpsgd", "local-steps": 3, "options": "beta=0.9 weighting=softmax",
                            "topology": "", "data": "/corpus", "out": "/runs/a"})
     assert (cfg.algorithm, cfg.local_steps, cfg.topology, cfg.options) == ("dpsgd", 3, None,
-                                                                            {"beta": 0.9, "update": "literal"})
+                                                                            {"beta": 0.9, "weighting": "softmax"})
     assert cfg.data == Path("/corpus") and cfg.out == Path("/runs/a")
 
 
@@ -160,36 +149,73 @@ def silo_answers(silo_of, broken=None):
     return answer
 
 
-def ring_round(grid, round_, states, min_healthy=2, silos=None):
-    from fedefm.federated.flower.relay import Silos, relay_round
+def ring_round(grid, round_, states, out, min_healthy=2, silos=None):
+    """Round ``round_`` of FedEFM on a 3-silo ring through the round loop and the Flower executor; (silos, (states, row))."""
+    from fedefm.federated.flower.relay import FlowerSilos, Silos
 
-    cfg = PretrainConfig(data=Path("unused"), out=Path("unused"), algorithm="fedefm", topology="ring", silos=3,
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = PretrainConfig(data=out, out=out, algorithm="fedefm", topology="ring", silos=3, rounds=round_,
                          min_healthy_silos=min_healthy)
     silos = silos or Silos(grid=grid, nodes=[11, 12, 13], timeout=0.2)
-    ring = [[1, 2], [0, 2], [0, 1]]
-    W = np.full((3, 3), 1 / 3)
-    return silos, relay_round(silos, cfg, cfg.algorithm_config(), {"classes": ["a"], "outputs": 1}, round_, states,
-                              ring, W)
+    executor = FlowerSilos(silos, fedefm, cfg.algorithm_config(), {"classes": ["a"], "outputs": 1})
+    after = train_rounds(cfg, fedefm, executor.cfg, torch.nn.Linear(2, 1), states, executor,
+                         np.random.default_rng(0), None, first_round=round_, progress=False)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return silos, (after, row)
 
 
-def test_a_silo_that_fails_is_left_out_of_the_round_by_health_rules_and_rejoins_on_a_new_node(in_a_server_app):
+def test_a_silo_that_fails_is_left_out_of_the_round_by_health_rules_and_rejoins_on_a_new_node(in_a_server_app, tmp_path):
     silo_of = {11: 0, 12: 1, 13: 2, 14: 2}
     grid = AnsweringGrid([11, 12, 13], silo_answers(silo_of, lambda node, message: "disk full" if node == 13 else None))
     states = [SiloState(weights={"w": torch.full((2,), float(i))}, num_examples=10) for i in range(3)]
-    silos, (after, row) = ring_round(grid, 1, states)
+    silos, (after, row) = ring_round(grid, 1, states, tmp_path)
     assert row["excluded"] == [{"silo": 2, "reason": "node 13: disk full"}]
     assert sorted((f["silo"], f["host"]) for f in row["dropped_experts"]) == [(0, 2), (1, 2)]
     assert sum(m.metadata.dst_node_id == 13 for m in grid.sent) == 1  # no more messages once it failed
     assert torch.equal(after[2].weights["w"], states[2].weights["w"]) and after[2].grad_steps == 0
     mixes = [m.content["mix"] for m in grid.sent if m.metadata.message_type == "train.mix"]
-    assert [list(m["senders"]) for m in mixes] == [[0, 1], [0, 1]] and list(mixes[0]["row"]) == [0.5, 0.5]
+    assert [list(m["senders"]) for m in mixes] == [[0, 1], [0, 1]] and list(mixes[0]["row"]) == pytest.approx([0.5, 0.5])
     # its SuperNode restarts under a new node id and the next round finds it
     grid.nodes, grid.answer = [11, 12, 14], silo_answers(silo_of)
-    silos, (_, row) = ring_round(grid, 2, after, silos=silos)
+    silos, (_, row) = ring_round(grid, 2, after, tmp_path, silos=silos)
     assert silos.nodes == [11, 12, 14] and row["excluded"] == [] and row["dropped_experts"] == []
 
 
-def test_a_silent_or_malformed_silo_is_named_and_too_few_healthy_silos_stop_the_run(in_a_server_app):
+def test_both_executors_leave_a_failing_silo_out_of_the_round_the_same_way(in_a_server_app, tmp_path, monkeypatch):
+    # The same failure (silo 2's machine fails everything it runs) in one process and over Flower messages.
+    import itertools
+    from types import SimpleNamespace
+
+    from fedefm.federated.simulator import InProcess
+
+    def plus_one(model, state, batches, cfg, trained=()):
+        if next(batches) == 2:
+            raise OSError("disk full")
+        return SiloState(weights={k: v + 1 for k, v in state.weights.items()}, num_examples=10, grad_steps=1)
+
+    algorithm = SimpleNamespace(round_plan=fedefm.round_plan, mix=fedefm.mix, local_update=plus_one,
+                                overseas_expert=lambda model, visitor, batches, cfg: plus_one(model, visitor, batches, cfg))
+    silos = [SimpleNamespace(batches=lambda i=i: itertools.repeat(i)) for i in range(3)]
+    states = [SiloState(weights={"w": torch.full((2,), float(i))}, num_examples=10) for i in range(3)]
+    cfg = PretrainConfig(data=tmp_path, out=tmp_path / "here", algorithm="fedefm", topology="ring", silos=3, rounds=1)
+    cfg.out.mkdir()
+    here = train_rounds(cfg, algorithm, cfg.algorithm_config(), torch.nn.Linear(2, 1), states,
+                        InProcess(algorithm, cfg.algorithm_config(), None, silos), np.random.default_rng(0), None,
+                        progress=False)
+    here_row = json.loads((tmp_path / "here" / "metrics.jsonl").read_text())
+    grid = AnsweringGrid([11, 12, 13], silo_answers({11: 0, 12: 1, 13: 2},
+                                                    lambda node, message: "disk full" if node == 13 else None))
+    _, (there, there_row) = ring_round(grid, 1, states, tmp_path / "there")
+
+    for row in (here_row, there_row):
+        assert [f["silo"] for f in row["excluded"]] == [2]
+        assert sorted((f["silo"], f["host"]) for f in row["dropped_experts"]) == [(0, 2), (1, 2)]
+    assert "disk full" in here_row["excluded"][0]["reason"] and "disk full" in there_row["excluded"][0]["reason"]
+    for after in (here, there):  # the failed silo keeps its round-start model, with no steps counted
+        assert torch.equal(after[2].weights["w"], states[2].weights["w"]) and after[2].grad_steps == 0
+
+
+def test_a_silent_or_malformed_silo_is_named_and_too_few_healthy_silos_stop_the_run(in_a_server_app, tmp_path):
     from fedefm.federated.health import TooFewHealthySilos
 
     silo_of = {11: 0, 12: 1, 13: 2}
@@ -208,12 +234,12 @@ def test_a_silent_or_malformed_silo_is_named_and_too_few_healthy_silos_stop_the_
         return None if special is False else special or silo_answers(silo_of)(node, message)
 
     states = [SiloState(weights={"w": torch.zeros(2)}, num_examples=10) for _ in range(3)]
-    _, (_, row) = ring_round(AnsweringGrid([11, 12, 13], answer), 1, states, min_healthy=1)
+    _, (_, row) = ring_round(AnsweringGrid([11, 12, 13], answer), 1, states, tmp_path, min_healthy=1)
     reasons = {f["silo"]: f["reason"] for f in row["excluded"]}
     assert reasons[2] == "node 13: no reply within 0.2 s (is its SuperNode still running?)"
     assert reasons[1].startswith("node 12: returned unusable weights: home: w is (3,)")
     with pytest.raises(TooFewHealthySilos, match=r"round 1: 1 of 3 silos healthy, the run needs 2.*silo 2: node 13"):
-        ring_round(AnsweringGrid([11, 12, 13], answer), 1, states, min_healthy=2)
+        ring_round(AnsweringGrid([11, 12, 13], answer), 1, states, tmp_path / "again", min_healthy=2)
 
 
 def test_flower_cli_writes_test_certificates_node_keys_and_the_app_folder(tmp_path):

@@ -145,7 +145,7 @@ def test_the_worker_serves_on_a_0600_socket_and_a_second_one_for_its_silo_is_ref
 
 
 def test_the_worker_answers_a_query_and_names_a_bad_message_without_stopping(worker):
-    from fedefm.federated.simulator import silo_partition
+    from fedefm.federated.silo_data import silo_partition
     from fedefm.federated.flower.messages import pretrain_config
 
     path, _ = worker
@@ -189,7 +189,8 @@ def test_without_a_worker_the_client_app_computes_the_workers_replies_message_af
 
     from fedefm.federated.flower import client_app
     from fedefm.federated.flower.messages import pretrain_config, record_weights, weights_record
-    from fedefm.federated.simulator import initial_model, silo_partition
+    from fedefm.federated.runs import initial_model
+    from fedefm.federated.silo_data import silo_partition
 
     path, _ = worker
     corpus_path = path.parent.parent / "corpus"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fedefm.config import FinetuneConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.synth.domains import render_position
 from fedefm.errors import DataError, WeightsError
 from fedefm.finetune import classify

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fedefm.config import PretrainConfig, cpu_kernels
+from fedefm.config import cpu_kernels
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.simulator import run
 from fedefm.models.weights import load_weights
 
@@ -32,8 +33,8 @@ CASES = {
     "matcha_matcha": ('matcha', 'matcha', {}),
     "fedefm_ring": ('fedefm', 'ring', {}),
     "fedefm_star": ('fedefm', 'star', {}),
-    "fedefm_ring_update=literal": ('fedefm', 'ring', {'update': 'literal'}),
-    "fedefm_ring_update=released": ('fedefm', 'ring', {'update': 'released'}),
+    "fedefm_ring_update=literal": ('fedefm_literal', 'ring', {}),
+    "fedefm_ring_update=released": ('fedefm_released', 'ring', {}),
 }
 # Per CPU kernel family (config.cpu_kernels), the sha256 prefix of the global weights main 9cc69cc wrote there.
 DIGESTS = {

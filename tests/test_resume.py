@@ -18,7 +18,7 @@ import torch
 
 import fedefm
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import FinetuneConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.synth import write_position_dataset, write_pretrain_corpus, write_seg_dataset
 from fedefm.errors import WeightsError
 from fedefm.finetune import classify, train

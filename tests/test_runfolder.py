@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedefm.config import FinetuneConfig, PretrainConfig
+from fedefm.federated.config import PretrainConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.synth import write_seg_dataset
 from fedefm.errors import ConfigError
 from fedefm.federated.simulator import run as pretrain

@@ -251,7 +251,7 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
 ) -> None:
     """Fine-tune a segmenter (selected on validation Dice) or a classifier (validation balanced accuracy) on K images."""
-    from fedefm.config import FinetuneConfig
+    from fedefm.finetune.config import FinetuneConfig
     from fedefm.finetune import classify, train
 
     cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, pooling=pooling, init=init,
@@ -272,7 +272,7 @@ def finetune(
 def pretrain(
     data: Annotated[Path, typer.Option(help="Pre-training corpus, ROOT/CLASS/*.ext (the label is the data type).")],
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
-    algorithm: Annotated[str, typer.Option(help="centralized, fedavg, fedprox, moon, dpsgd, matcha or fedefm.")] = "fedefm",
+    algorithm: Annotated[str, typer.Option(help="centralized, fedavg, fedprox, moon, dpsgd, matcha, fedefm, fedefm_literal or fedefm_released.")] = "fedefm",
     objective: Annotated[str, typer.Option(help="classify (data type), segment (masks each silo holds), mim, or a sum "
                                                 "such as segment+mim or segment+mim*0.5.")] = "classify",
     images_only: Annotated[list[str], typer.Option(help="Data-type class whose masks are ignored (a silo with frames "
@@ -300,7 +300,8 @@ def pretrain(
     overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
 ) -> None:
     """Federated pre-training of the foundation model; writes metrics.jsonl, global.safetensors, silos/."""
-    from fedefm.config import PretrainConfig, parse_settings
+    from fedefm.config import parse_settings
+    from fedefm.federated.config import PretrainConfig
     from fedefm.federated.simulator import run
 
     cfg = PretrainConfig(data=data, out=out, algorithm=algorithm, objective=objective, images_only=tuple(images_only),
@@ -612,7 +613,7 @@ def flower_run(
     data: Annotated[Optional[Path], typer.Option(help="Corpus on the SuperLink's machine whose validation and test "
                                                       "splits score the global model (default: none; each silo "
                                                       "scores on images it holds out).")] = None,
-    algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, moon, dpsgd, matcha or fedefm.")] = "fedefm",
+    algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, moon, dpsgd, matcha, fedefm, fedefm_literal or fedefm_released.")] = "fedefm",
     topology: Annotated[Optional[str], typer.Option(help="star, ring, mst, complete or matcha.")] = None,
     silos: Annotated[int, typer.Option(help="SuperNodes to wait for (silo ids 0 … S-1).")] = 3,
     rounds: Annotated[int, typer.Option(help="Communication rounds.")] = 50,

@@ -7,17 +7,19 @@ healthy silos. An overseas expert that fails at its host is dropped the same way
 its owner. Fewer healthy silos than the run's minimum stop the run with a message naming the round
 and every fault, before anything is mixed or saved.
 
-``weights_fault``, ``renormalise`` and ``check_quorum`` are pure and shared by the in-process
-simulator and the Flower transport. ``RoundGuard`` is the in-process driver of them: it calls a
-silo's work, catches what it raises and times it. In one process a late silo cannot be preempted:
-its update runs to the end and is then discarded as late; a transport with real timeouts stops
-waiting instead.
+``weights_fault``, ``renormalise`` and ``check_quorum`` are pure, and the round (federated/rounds.py)
+applies them the same way whichever executor ran its tasks. ``RoundGuard`` is the in-process
+executor's watch over a silo's work: it catches what the work raises, times it and checks its weights;
+the Flower executor turns an error reply, a timeout or unusable weights into the same faults. In one
+process a late silo cannot be preempted: its update runs to the end and is then discarded as late; a
+transport with real timeouts stops waiting instead.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,64 +100,51 @@ def check_quorum(faults: Sequence[Fault], n_silos: int, min_healthy: int, round_
                                  f"{min(min_healthy, n_silos)} (--min-healthy-silos). {listed}")
 
 
+@dataclass
+class Watched:
+    """The result of a piece of work RoundGuard.watch watches (a SiloState), or None once it failed."""
+
+    state: Any = None
+
+
 class RoundGuard:
-    """Runs each silo's work of one round in-process and turns a failure into a Fault instead of an abort.
+    """Watches each piece of a silo's work in one in-process round and turns a failure into a Fault, not an abort.
 
     Args:
-        round_: the round number, for messages.
-        n_silos: silos in the round.
-        min_healthy: fewest healthy silos the round may mix (capped at n_silos).
         time_limit_s: a silo's update or an expert's training that takes longer is late; None: no limit.
         clock: seconds, monotonic; None: time.perf_counter.
-        tolerant: False re-raises a silo's exception unchanged (see ``strict``).
     """
 
-    def __init__(self, round_: int, n_silos: int, min_healthy: int = 1, time_limit_s: float | None = None,
-                 clock: Callable[[], float] | None = None, tolerant: bool = True) -> None:
-        self.round = round_
-        self.n_silos = n_silos
-        self.min_healthy = min_healthy
+    def __init__(self, time_limit_s: float | None = None, clock: Callable[[], float] | None = None) -> None:
         self.time_limit_s = time_limit_s
         self.clock = clock or time.perf_counter
-        self.tolerant = tolerant
         self.faults: list[Fault] = []
 
-    @classmethod
-    def strict(cls, n_silos: int) -> RoundGuard:
-        """A guard that lets no silo fail: an exception propagates as it is, bad weights stop the round."""
-        return cls(0, n_silos, min_healthy=n_silos, tolerant=False)
-
-    def call(self, silo: int, reference: Weights, fn: Callable, *args, host: int | None = None, **kwargs):
-        """``fn(*args, **kwargs)`` → a state with healthy weights, or None with the fault recorded.
+    @contextmanager
+    def watch(self, silo: int, reference: Weights, host: int | None = None) -> Iterator[Watched]:
+        """Watch one piece of a silo's work: set ``.state`` inside the block; after it, ``.state`` is the result
+        with healthy weights, or None with the fault recorded.
 
         ``reference`` is the model the result must match in names, shapes and dtypes; ``host`` is set
-        when ``fn`` trains silo ``silo``'s overseas expert at silo ``host``.
+        when the block trains silo ``silo``'s overseas expert at silo ``host``.
         """
+        watched = Watched()
         started = self.clock()
         try:
-            result = fn(*args, **kwargs)
+            yield watched
         except Exception as exc:  # a silo's failure, whatever it is, must not end the other silos' round
-            if not self.tolerant:
-                raise
-            return self._fail(silo, host, f"raised {type(exc).__name__}: {exc}")
+            watched.state = self._fail(silo, host, f"raised {type(exc).__name__}: {exc}")
+            return
         elapsed = self.clock() - started
         if self.time_limit_s is not None and elapsed > self.time_limit_s:
-            return self._fail(silo, host, f"late: took {elapsed:.2f} s, the limit is {self.time_limit_s:g} s")
-        reason = weights_fault(result.weights, reference)
+            watched.state = self._fail(silo, host, f"late: took {elapsed:.2f} s, the limit is {self.time_limit_s:g} s")
+            return
+        reason = weights_fault(watched.state.weights, reference)
         if reason is not None:
-            return self._fail(silo, host, f"returned unusable weights: {reason}")
-        return result
+            watched.state = self._fail(silo, host, f"returned unusable weights: {reason}")
 
     def _fail(self, silo: int, host: int | None, reason: str) -> None:
+        """Record the fault; None, the failed work's result."""
         where = reason if host is None else f"expert trained at silo {host} dropped: {reason}"
         self.faults.append(Fault(silo, where, host))
-
-    def excluded(self) -> set[int]:
-        """Silos whose own update failed this round."""
-        return {f.silo for f in self.faults if f.host is None}
-
-    def mixing_matrix(self, W: np.ndarray) -> np.ndarray:
-        """W renormalised over the healthy silos, after checking that enough of them are left."""
-        check_quorum(self.faults, self.n_silos, self.min_healthy, self.round)
-        excluded = self.excluded()
-        return renormalise(W, [i not in excluded for i in range(self.n_silos)])
+        return None

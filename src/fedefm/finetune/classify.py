@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedefm.config import SEGMENTER_NEEDED, FinetuneConfig, resolve_device
+from fedefm.config import resolve_device
+from fedefm.finetune.config import FinetuneConfig, SEGMENTER_NEEDED
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import (
     ClassificationDataset,

@@ -21,7 +21,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import FinetuneConfig, run_record
+from fedefm.config import run_record
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.augment import TrainTransforms
 from fedefm.errors import ConfigError, DataError
 from fedefm.files import append_jsonl, drop_rows_after, write_json

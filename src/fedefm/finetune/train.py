@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from monai.losses import DiceCELoss, SoftclDiceLoss, SoftDiceclDiceLoss
 
-from fedefm.config import FinetuneConfig, resolve_device
+from fedefm.config import resolve_device
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import SegmentationDataset, SegmentationItem, find_segmentation_splits
 from fedefm.data.labels import LABEL_NAMES

@@ -1,7 +1,6 @@
-"""Federated algorithms, one module each, behind one interface (see base.py).
+"""Federated algorithms, one module each, behind one interface (base.py says what a module declares).
 
-Each module holds a frozen ``Config``, ``EXCHANGE`` (how models travel: "none", "client_server",
-"gossip" or "overseas"), ``local_update``, ``mix`` and ``run_round``.
+A new algorithm is one module here and one line in ALGORITHMS.
 """
 
 from __future__ import annotations
@@ -9,7 +8,17 @@ from __future__ import annotations
 from types import ModuleType
 
 from fedefm.errors import choose
-from fedefm.federated.algorithms import centralized, dpsgd, fedavg, fedefm, fedprox, matcha, moon
+from fedefm.federated.algorithms import (
+    centralized,
+    dpsgd,
+    fedavg,
+    fedefm,
+    fedefm_literal,
+    fedefm_released,
+    fedprox,
+    matcha,
+    moon,
+)
 
 ALGORITHMS: dict[str, ModuleType] = {
     "centralized": centralized,
@@ -19,6 +28,8 @@ ALGORITHMS: dict[str, ModuleType] = {
     "dpsgd": dpsgd,
     "matcha": matcha,
     "fedefm": fedefm,
+    "fedefm_literal": fedefm_literal,
+    "fedefm_released": fedefm_released,
 }
 
 

@@ -1,25 +1,33 @@
-"""What every federated algorithm shares: the silo state, local SGD, and weight mixing.
+"""What every federated algorithm shares: the silo state, local SGD, weight mixing, and the round plan.
 
-An algorithm is a module with a frozen ``Config`` (a subclass of ``LocalTraining``) and two pure
-functions over silo states, as DESIGN.md §2 and STYLE.md §4 describe:
+An algorithm is a module the registry (``algorithms/__init__.py``) reads, as DESIGN.md §2 and STYLE.md §4
+describe. It declares:
 
-* ``local_update(model, state, batches, cfg, experts=None) -> SiloState``: what a silo does with its own
-  data in a round. ``model`` is a scratch module of the right architecture: the function loads the
-  state's weights into it, trains, and returns new weights; nothing else survives the call.
-* ``mix(states, W, cfg) -> list[SiloState]``: the exchange, W the (S, S) row-stochastic mixing matrix.
-* ``run_round(model, states, batches, neighbours, W, cfg, guard=None)``: a whole round; ``guard``
-  (federated/health.py) runs each silo's work and leaves failed silos out of the mixing.
+* ``FACTS``: the overlays it runs on (the first is its default) and whether it pools every image in one silo;
+* ``Config``: its frozen settings, a subclass of ``LocalTraining``;
+* ``round_plan(links, counts, rng, cfg) -> RoundPlan``: the round as plain data — the tasks (who trains
+  which model on whose data, in the order one process runs them), the mixing matrix W and where the mix
+  happens, and the model transfers it costs;
+* ``local_update(model, state, batches, cfg, trained=()) -> SiloState``: a silo's update of its own model
+  on its own data, given the models trained for it this round (``trained``: FedEFM's overseas experts).
+  ``model`` is a scratch module of the right architecture: the function loads the state's weights into
+  it, trains, and returns new weights; nothing else survives the call;
+* ``mix(states, W, cfg) -> list[SiloState]``: the exchange, W the (S, S) row-stochastic mixing matrix;
+* ``overseas_expert(model, visitor, host_batches, cfg) -> SiloState``, for an algorithm whose plan has
+  "expert" tasks.
 
-What a batch is and what the local loss is belong to the pre-training objective (``cfg.objective``,
-federated/objectives/): algorithms wrap the objective's loss, they never compute one of their own.
-
-Nothing here knows whether it runs in-process or over Flower, chooses a device, logs or touches files.
+A driver runs the plan through an executor (federated/rounds.py): in-process or over Flower, the same
+round. What a batch is and what the local loss is belong to the pre-training objective
+(``cfg.objective``, federated/objectives/): algorithms wrap the objective's loss, they never compute one
+of their own. Nothing here knows whether it runs in-process or over Flower, chooses a device, logs or
+touches files.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Literal
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fedefm.errors import ConfigError, FedefmError
-from fedefm.federated.health import RoundGuard
+from fedefm.federated import topology
 from fedefm.federated.objectives import Batch, Objective, local_loss
 from fedefm.federated.objectives.classify import Classify
 
@@ -197,26 +205,82 @@ class Task:
 
 
 def home_tasks(n_silos: int) -> list[Task]:
-    """The round of an algorithm without overseas experts: every silo updates its own model."""
+    """The tasks of a round without overseas experts: every silo updates its own model."""
     return [Task(silo=i, model=i, kind="home", user=i) for i in range(n_silos)]
 
 
-def local_then_mix(local_update, mix):
-    """The round of every algorithm without overseas experts: local_update at each silo, then mix."""
+@dataclass(frozen=True)
+class Facts:
+    """What the registry, the config check and the drivers know of an algorithm before it runs.
 
-    def run_round(
-        model: nn.Module, states: Sequence[SiloState], batches: Sequence[Iterator[Batch]],
-        neighbours: Sequence[Sequence[int]], W: np.ndarray, cfg: LocalTraining, guard: RoundGuard | None = None,
-    ) -> list[SiloState]:
-        """One round: local_update at every silo (neighbours unused), then mix with W over the healthy silos.
+    Attributes:
+        topologies: the overlays it runs on (topology.OVERLAYS); the first is its default.
+        pooled: it trains one silo holding every image (centralised learning), so it has no federation.
+        relays_shots: on a star, the server relays each silo's model to ``--shots`` other silos.
+    """
 
-        A silo the guard excludes keeps its previous state (with no gradient steps counted this round).
-        """
-        guard = guard or RoundGuard.strict(len(states))
-        updated = []
-        for i, state in enumerate(states):
-            new = guard.call(i, state.weights, local_update, model, state, batches[i], cfg)
-            updated.append(replace(state, grad_steps=0) if new is None else new)
-        return mix(updated, guard.mixing_matrix(W), cfg)
+    topologies: tuple[str, ...]
+    pooled: bool = False
+    relays_shots: bool = False
 
-    return run_round
+
+@dataclass(frozen=True)
+class Links:
+    """The run's overlay, built once by the round loop; an algorithm draws each round's links from it.
+
+    Attributes:
+        topology: the overlay's name (``--topology``).
+        overlay: its directed graph over the silos (topology.build_overlay); None for a single silo.
+        matchings: MATCHA's disjoint matchings of the overlay, or None.
+        shots: neighbours a star's server relays each FedEFM model to (``--shots``).
+    """
+
+    topology: str
+    overlay: object | None
+    matchings: list | None
+    shots: int
+
+
+MixAt = Literal["server", "silos", "nowhere"]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round as plain data: tasks in the order one process runs them, then how the states mix.
+
+    Attributes:
+        tasks: the round's work; each silo runs its own tasks in this order (they share its batch stream).
+        neighbours: silo i's neighbours this round (where its model travels, or whose models it mixes).
+        W: (S, S) row-stochastic mixing matrix of ``mix``.
+        mix_at: "server" (one place mixes every row), "silos" (each silo mixes its own row from the
+            models it receives) or "nowhere" (``mix`` keeps every silo's model).
+        graph: the graph the models travel on, for the cycle time; None for a single silo.
+        transfers: model copies sent over links this round (bytes sent = transfers x model bytes).
+        transfers_per_link: model transfers per (silo, neighbour) pair in the round, for the cycle time.
+    """
+
+    tasks: list[Task]
+    neighbours: list[list[int]]
+    W: np.ndarray
+    mix_at: MixAt
+    graph: object | None
+    transfers: int
+    transfers_per_link: int = 1
+
+
+def client_server_plan(links: Links, counts: Sequence[int]) -> RoundPlan:
+    """Every silo trains its own model and a server averages them by example count: S uploads, S downloads."""
+    n = len(counts)
+    return RoundPlan(home_tasks(n), [[] for _ in range(n)], topology.fedavg_matrix(counts), "server",
+                     links.overlay, transfers=2 * n)
+
+
+def gossip_plan(graph, travelled) -> RoundPlan:
+    """Every silo trains its own model, then mixes it with its neighbours' on ``graph`` (undirected) by W.
+
+    ``travelled`` is the graph the models travel on (the directed overlay, or the round's matchings).
+    """
+    n = graph.number_of_nodes()
+    W = topology.mixing_matrix(graph)
+    return RoundPlan(home_tasks(n), [topology.neighbours(graph, i) for i in range(n)], W, "silos", travelled,
+                     transfers=int((W > 0).sum() - n))

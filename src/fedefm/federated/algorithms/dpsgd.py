@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedefm.federated.algorithms.base import LocalTraining
-from fedefm.federated.algorithms.fedavg import local_update, mix, run_round
+import numpy as np
 
-EXCHANGE = "gossip"
+from fedefm.federated.algorithms.base import Facts, Links, LocalTraining, RoundPlan, gossip_plan
+from fedefm.federated.algorithms.fedavg import local_update, mix
 
-__all__ = ["Config", "EXCHANGE", "local_update", "mix", "run_round"]
+__all__ = ["FACTS", "Config", "round_plan", "local_update", "mix"]
+
+FACTS = Facts(topologies=("ring", "star", "mst", "complete"))
 
 
 @dataclass(frozen=True)
 class Config(LocalTraining):
     """D-PSGD needs only the shared local-training settings; W comes from the overlay (ring by default)."""
+
+
+def round_plan(links: Links, counts: Sequence[int], rng: np.random.Generator, cfg: Config) -> RoundPlan:
+    """Local SGD, then gossip both ways along the overlay's links (a ring's as in the released code)."""
+    return gossip_plan(links.overlay.to_undirected(), links.overlay)

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 from torch import Tensor, nn
 
 from fedefm.errors import ConfigError
-from fedefm.federated.algorithms.base import LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+from fedefm.federated.algorithms.base import Facts, LocalTraining, SiloState, sgd_steps
+from fedefm.federated.algorithms.fedavg import mix, round_plan
 from fedefm.federated.objectives import Batch, Objective, local_loss
 
-EXCHANGE = "client_server"
+FACTS = Facts(topologies=("star",))
+
+__all__ = ["FACTS", "Config", "round_plan", "local_update", "mix"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def proximal_loss(anchor: dict[str, Tensor], mu: float, objective: Objective):
 
 
 def local_update(
-    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, experts: Sequence[SiloState] | None = None
+    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, trained: Sequence[SiloState] = ()
 ) -> SiloState:
     """E steps of SGD on the objective's loss plus the proximal term, anchored at the model the silo received."""
     anchor = {name: tensor.detach() for name, tensor in state.weights.items()}
@@ -47,9 +49,3 @@ def local_update(
     return replace(state, weights=weights, train_loss=loss, grad_steps=cfg.local_steps)
 
 
-def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:
-    """Server average, as FedAvg."""
-    return mix_weights(states, W)
-
-
-run_round = local_then_mix(local_update, mix)

@@ -1,20 +1,24 @@
 """MATCHA (Wang et al., 2019): D-PSGD whose mixing matrix each round comes from randomly activated matchings.
 
-The driver draws the round's matchings with ``topology.sample_matcha_round(matchings, budget, rng)``
-and passes that round's mixing matrix to ``mix``; the silo-side work is D-PSGD's.
+Each round activates every matching of the overlay with probability ``budget``
+(``topology.sample_matcha_round``) and gossips over the union; the silo-side work is D-PSGD's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedefm.errors import ConfigError
-from fedefm.federated.algorithms.base import LocalTraining
-from fedefm.federated.algorithms.fedavg import local_update, mix, run_round
+from fedefm.federated import topology
+from fedefm.federated.algorithms.base import Facts, Links, LocalTraining, RoundPlan, gossip_plan
+from fedefm.federated.algorithms.fedavg import local_update, mix
 
-EXCHANGE = "gossip"
+__all__ = ["FACTS", "Config", "round_plan", "local_update", "mix"]
 
-__all__ = ["Config", "EXCHANGE", "local_update", "mix", "run_round"]
+FACTS = Facts(topologies=("matcha",))
 
 
 @dataclass(frozen=True)
@@ -28,3 +32,9 @@ class Config(LocalTraining):
         super().__post_init__()
         if not 0 < self.budget <= 1:
             raise ConfigError(f"--budget {self.budget}: must be in (0, 1]")
+
+
+def round_plan(links: Links, counts: Sequence[int], rng: np.random.Generator, cfg: Config) -> RoundPlan:
+    """Local SGD, then gossip over this round's randomly activated matchings."""
+    graph = topology.sample_matcha_round(links.matchings, cfg.budget, rng)
+    return gossip_plan(graph, graph)

@@ -10,17 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedefm.errors import ConfigError
-from fedefm.federated.algorithms.base import LocalTraining, SiloState, local_then_mix, mix_weights, sgd_steps
+from fedefm.federated.algorithms.base import Facts, LocalTraining, SiloState, sgd_steps
+from fedefm.federated.algorithms.fedavg import mix, round_plan
 from fedefm.federated.objectives import Batch, Objective
 from fedefm.federated.objectives.base import call_with
 
-EXCHANGE = "client_server"
+FACTS = Facts(topologies=("star",))
+
+__all__ = ["FACTS", "Config", "round_plan", "local_update", "mix"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def contrastive_loss(global_weights: dict[str, Tensor], previous_weights: dict[s
 
 
 def local_update(
-    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, experts: Sequence[SiloState] | None = None
+    model: nn.Module, state: SiloState, batches: Iterator[Batch], cfg: Config, trained: Sequence[SiloState] = ()
 ) -> SiloState:
     """E steps of SGD on the objective's loss + μ ℓ_con; remembers the result as next round's previous model."""
     received = {name: tensor.detach() for name, tensor in state.weights.items()}
@@ -69,9 +71,3 @@ def local_update(
     return replace(state, weights=weights, memory={"previous": weights}, train_loss=loss, grad_steps=cfg.local_steps)
 
 
-def mix(states: Sequence[SiloState], W: np.ndarray, cfg: Config) -> list[SiloState]:
-    """Server average, as FedAvg; each silo keeps its own previous model in memory."""
-    return mix_weights(states, W)
-
-
-run_round = local_then_mix(local_update, mix)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, MetricRecord, UserConfig
 
-from fedefm.config import PretrainConfig, parse_settings
+from fedefm.config import parse_settings
+from fedefm.federated.config import PretrainConfig
 from fedefm.errors import ConfigError, WeightsError
 from fedefm.federated.algorithms.base import SiloState, Weights
 from fedefm.models.weights import pack_weights, unpack_weights

@@ -1,17 +1,20 @@
-"""The ServerApp's work: find the silos, then run the simulator's round loop with messages instead of calls.
+"""The ServerApp's work: find the silos, then run the round loop of federated/rounds.py through ``FlowerSilos``,
+the executor that sends messages where the simulator's calls functions.
 
-Client-server algorithms (fedavg, fedprox, moon, and FedEFM on a star) average at the relay, as
-their server does in the simulator. The decentralised ones (dpsgd, matcha, FedEFM on any other
-overlay) only pass through it: a silo receives the models its overlay gives it — its neighbours'
+A plan that mixes at the "server" (fedavg, fedprox, moon, and FedEFM on a star) averages at the
+relay, as the simulator does. The decentralised ones (dpsgd, matcha, FedEFM on any other overlay)
+only pass through it: a silo receives the models its overlay gives it — its neighbours'
 for gossip, visiting models to train as overseas experts, its own experts coming back — and mixes
 them itself with its row of W; the relay never averages them.
 
-A round is a series of waves. Each silo runs its tasks in the order a single process would
-(``fedefm.round_tasks``), because they draw from one batch stream; a wave sends every silo the
-longest run of its next tasks whose inputs exist (a home update waits for the experts of its model).
+A round's tasks run as a series of waves. Each silo runs its tasks in the order of the algorithm's
+round plan, as a single process would, because they draw from one batch stream; a wave sends every
+silo the longest run of its next tasks whose inputs exist (a home update waits for the experts of its
+model).
 With the same seed, data and dropout = 0 the run reproduces the simulator bit for bit.
 
-Every reply is checked before anything is mixed, with federated/health.py's rules: a silo whose
+Every reply is checked before anything is mixed, and the round loop applies federated/health.py's rules
+as it does in-process: a silo whose
 SuperNode answers with an error, not at all within ``reply-timeout`` seconds, or with weights that
 cannot be mixed is left out of the round (its hosted experts dropped, its own update excluded, the
 others' rows of W renormalised) and gets no more messages that round; the run stops only when fewer
@@ -31,19 +34,21 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict, UserConfig
 from flwr.serverapp import Grid
 
 from fedefm.checkpoints import CheckpointStore
-from fedefm.config import PretrainConfig, resolve_device
+from fedefm.config import resolve_device
+from fedefm.federated.config import PretrainConfig
 from fedefm.data.datasets import LabelSpec
 from fedefm.errors import ConfigError, FedefmError, WeightsError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
-from fedefm.federated.algorithms.base import SiloState, Task, home_tasks, mean_weights, mix_row
-from fedefm.federated.health import Fault, check_quorum, renormalise, weights_fault
+from fedefm.federated.algorithms.base import LocalTraining, MixAt, SiloState, Task, mean_weights, mix_row
+from fedefm.federated.health import Fault, weights_fault
 from fedefm.federated.flower.messages import (
     evaluates_at_silos,
     pretrain_config,
@@ -52,22 +57,17 @@ from fedefm.federated.flower.messages import (
     scalars_record,
     weights_record,
 )
-from fedefm.federated.simulator import (
+from fedefm.federated.rounds import Evaluate, scored_here, train_rounds
+from fedefm.federated.runs import (
     RESUMABLE_CHANGES,
-    Corpus,
-    Evaluate,
-    ImageSource,
     finish,
     initial_model,
-    read_corpus,
-    scored_here,
+    load_round,
+    save_round,
     start_run_folder,
-    states_scalars,
-    states_tensors,
-    tensor_states,
     tensors_under,
-    train_rounds,
 )
+from fedefm.federated.silo_data import Corpus, ImageSource, read_corpus
 from fedefm.files import drop_rows_after
 from fedefm.runfolder import owned_run_folder
 
@@ -132,7 +132,6 @@ class Silos:
     def fail(self, silo: int, reason: str) -> str:
         """Mark ``silo``'s SuperNode down for the rest of the round; returns the reason, naming its node."""
         self.down[silo] = f"node {self.nodes[silo]}: {reason}"
-        log.warning("round %d, silo %d (%s)", self.round_, silo, self.down[silo])
         return self.down[silo]
 
     def rejoin(self, run_info: dict) -> None:
@@ -292,7 +291,7 @@ def silo_evaluation(silos: Silos, run_info: dict, split: str) -> Evaluate:
             contents[i] = content
         replies, failures = silos.exchange(contents, "evaluate") if contents else ({}, {})
         for i, reason in failures.items():
-            silos.fail(i, f"evaluate: {reason}")
+            log.warning("round %d, silo %d: %s", silos.round_, i, silos.fail(i, f"evaluate: {reason}"))
         scored = {i: reply["scores"] for i, reply in replies.items() if int(reply["scores"]["num-examples"]) > 0}
         weighted = [(int(r["num-examples"]), float(r["global"])) for r in scored.values() if math.isfinite(r["global"])]
         total = sum(n for n, _ in weighted)
@@ -301,15 +300,6 @@ def silo_evaluation(silos: Silos, run_info: dict, split: str) -> Evaluate:
         return global_score, per_silo
 
     return evaluate
-
-
-def mixing_place(cfg: PretrainConfig, algorithm, algo_cfg) -> str:
-    """Where a round's models are mixed: "relay" (client-server), "silos" (gossip) or "none" (each keeps its own)."""
-    if algorithm.EXCHANGE == "client_server" or cfg.topology == "star":
-        return "relay"
-    if algorithm.EXCHANGE == "overseas" and not algorithm.mixes_neighbours(algo_cfg):
-        return "none"
-    return "silos"
 
 
 def run_waves(silos: Silos, tasks: list[Task], states: list[SiloState], run_info: dict,
@@ -444,37 +434,44 @@ def mix_at_silos(silos: Silos, states: list[SiloState], start: list[SiloState], 
     return mixed
 
 
-def relay_round(silos: Silos, cfg: PretrainConfig, algo_cfg, run_info: dict, round_: int,
-                states: list[SiloState], neighbours: list[list[int]], W: np.ndarray) -> tuple[list[SiloState], dict]:
-    """One round over Flower: the tasks in waves, then the mix where the algorithm does it, over the healthy silos.
+@dataclass
+class FlowerSilos:
+    """The round executor over Flower: a plan's tasks as waves of "train" messages, the mix where the plan says.
 
-    The metrics row's "excluded" and "dropped_experts" name each silo left out and why, as the simulator's do.
-
-    Raises:
-        TooFewHealthySilos: fewer than ``cfg.min_healthy_silos`` silos came through (health.check_quorum).
+    A silo whose SuperNode fails (an error, no reply within the reply timeout, unusable weights) fails all
+    its tasks of the round and is reported as a Fault, as the in-process executor reports one; the round
+    loop (federated/rounds.py) applies the same health rules to both.
     """
-    algorithm = get_algorithm(cfg.algorithm)
-    silos.round_, silos.bytes_moved, silos.timings = round_, 0, []
-    silos.rejoin(run_info)
-    tasks = (algorithm.round_tasks(neighbours, algo_cfg) if algorithm.EXCHANGE == "overseas"
-             else home_tasks(len(states)))
-    faults: list[Fault] = []
-    updated = run_waves(silos, tasks, states, run_info, faults)
-    for i in sorted(set(silos.down) - {f.silo for f in faults if f.host is None}):  # failed after its home update
-        faults.append(Fault(i, silos.down[i]))
-        updated[i] = replace(states[i], grad_steps=0)
-    check_quorum(faults, len(states), cfg.min_healthy_silos, round_)
-    excluded = {f.silo for f in faults if f.host is None}
-    mixing = renormalise(W, [i not in excluded for i in range(len(states))])
-    place = mixing_place(cfg, algorithm, algo_cfg)
-    if place == "relay":
-        updated = algorithm.mix(updated, mixing, algo_cfg)
-    elif place == "silos":
-        updated = mix_at_silos(silos, updated, states, mixing, algo_cfg, algorithm.mix, faults)
-        check_quorum(faults, len(states), cfg.min_healthy_silos, round_)
-    return updated, {"excluded": [f.to_dict() for f in faults if f.host is None],
-                     "dropped_experts": [f.to_dict() for f in faults if f.host is not None],
-                     "relay_bytes": silos.bytes_moved, "message_timing": mean_timing(silos.timings)}
+
+    silos: Silos
+    algorithm: ModuleType
+    cfg: LocalTraining
+    run_info: dict  # {"classes": the data types, "outputs": the model's output count}, in every message
+
+    def train(self, round_: int, tasks: list[Task], states: list[SiloState]) -> tuple[list[SiloState], list[Fault]]:
+        """Look again for the silos down last round, then run the tasks wave by wave (``run_waves``)."""
+        self.silos.round_, self.silos.bytes_moved, self.silos.timings = round_, 0, []
+        self.silos.rejoin(self.run_info)
+        faults: list[Fault] = []
+        updated = run_waves(self.silos, tasks, states, self.run_info, faults)
+        for i in sorted(set(self.silos.down) - {f.silo for f in faults if f.host is None}):  # failed after its home update
+            faults.append(Fault(i, self.silos.down[i]))
+            updated[i] = replace(states[i], grad_steps=0)
+        return updated, faults
+
+    def mix(self, mix_at: MixAt, updated: list[SiloState], start: list[SiloState], W: np.ndarray
+            ) -> tuple[list[SiloState], list[Fault]]:
+        """"server": ``algorithm.mix`` here, as a client-server round's server; "silos": each silo mixes its own row."""
+        if mix_at == "server":
+            return self.algorithm.mix(updated, W, self.cfg), []
+        faults: list[Fault] = []
+        if mix_at == "silos":
+            updated = mix_at_silos(self.silos, updated, start, W, self.cfg, self.algorithm.mix, faults)
+        return updated, faults
+
+    def round_metrics(self) -> dict:
+        """The payload bytes the relay sent and received this round, and the mean timing of its messages."""
+        return {"relay_bytes": self.silos.bytes_moved, "message_timing": mean_timing(self.silos.timings)}
 
 
 def silo_sessions(silos: Silos, run_info: dict, n: int) -> list[dict] | None:
@@ -483,7 +480,7 @@ def silo_sessions(silos: Silos, run_info: dict, n: int) -> list[dict] | None:
     replies, failures = silos.exchange({i: content for i in range(n) if i not in silos.down}, "query.session")
     missing = sorted(set(range(n)) - set(replies))
     for i, reason in failures.items():
-        silos.fail(i, f"session: {reason}")
+        log.warning("round %d, silo %d: %s", silos.round_, i, silos.fail(i, f"session: {reason}"))
     if missing:
         return None
     try:
@@ -510,20 +507,18 @@ def restore_silos(silos: Silos, sessions: list[dict], run_info: dict) -> None:
 def save_checkpoint(store: CheckpointStore, round_: int, states: list[SiloState], sessions: list[dict],
                     rng: np.random.Generator) -> None:
     """Write the relay's checkpoint of the end of ``round_``: every silo's weights and what it keeps, the relay's rng."""
-    tensors = states_tensors(states) | {f"silo{i}.session.{k}": v for i, session in enumerate(sessions)
-                                        for k, v in session.items()}
-    store.save(round_, tensors, {"round": round_, "silos": states_scalars(states), "rng": rng.bit_generator.state})
+    save_round(store, round_, states, {f"silo{i}.session.{k}": v for i, session in enumerate(sessions)
+                                       for k, v in session.items()}, rng=rng.bit_generator.state)
 
 
 def load_checkpoint(store: CheckpointStore, rng: np.random.Generator) -> tuple[int, list[SiloState], list[dict]] | None:
     """The newest intact relay checkpoint: (round, silo states, silo sessions), rng restored; None if there is none."""
-    found = store.load_latest()
+    found = load_round(store)
     if found is None:
         return None
-    tensors, info = found
+    round_, states, tensors, info = found
     rng.bit_generator.state = info["rng"]
-    sessions = [tensors_under(tensors, f"silo{i}.session.") for i in range(len(info["silos"]))]
-    return info["round"], tensor_states(tensors, info["silos"]), sessions
+    return round_, states, [tensors_under(tensors, f"silo{i}.session.") for i in range(len(states))]
 
 
 def run(grid: Grid, run_config: UserConfig) -> dict:
@@ -540,8 +535,7 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
         The run's summary.json: {"test_<metric>", "final_val_<metric>", "rounds", "grad_steps", "bytes_sent"}.
     """
     cfg = pretrain_config(run_config).validate()
-    algorithm = get_algorithm(cfg.algorithm)
-    if algorithm.EXCHANGE == "none":
+    if get_algorithm(cfg.algorithm).FACTS.pooled:
         raise ConfigError(f"--algorithm {cfg.algorithm} pools all data in one place; run it with fedefm pretrain")
     flags = {key: run_config.get(key, False) for key in ("overwrite", "resume")}
     for key, value in flags.items():
@@ -589,9 +583,6 @@ def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig, resume: b
 
         val, test = held("val"), held("test")
 
-    def step(round_: int, states: list[SiloState], neighbours: list[list[int]], W: np.ndarray):
-        return relay_round(silos, cfg, algo_cfg, run_info, round_, states, neighbours, W)
-
     def save(round_: int, states: list[SiloState]) -> None:
         sessions = silo_sessions(silos, run_info, len(states))
         if sessions is None:  # the previous checkpoint stays the newest
@@ -599,6 +590,8 @@ def relay_run(grid: Grid, run_config: UserConfig, cfg: PretrainConfig, resume: b
             return
         save_checkpoint(store, round_, states, sessions, rng)
 
-    states = train_rounds(cfg, algo_cfg, model, states, step, rng, val, first_round=first_round, save=save,
-                          last_good=f"The last good checkpoint is in {store.folder}", progress=False)
+    algorithm = get_algorithm(cfg.algorithm)
+    executor = FlowerSilos(silos, algorithm, algo_cfg, run_info)
+    states = train_rounds(cfg, algorithm, algo_cfg, model, states, executor, rng, val, first_round=first_round,
+                          save=save, last_good=f"The last good checkpoint is in {store.folder}", progress=False)
     return finish(cfg, out, model, states, test, corpus, objective)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict, UserConfig
 
-from fedefm.config import PretrainConfig, resolve_device
+from fedefm.config import resolve_device
+from fedefm.federated.config import PretrainConfig
 from fedefm.data.datasets import ClassificationItem, find_silo_splits, list_silo_classes, read_label_spec
 from fedefm.errors import ConfigError, DataError, choose
 from fedefm.federated.algorithms import get_algorithm
@@ -45,18 +46,9 @@ from fedefm.federated.flower.messages import (
     scalars_record,
     weights_record,
 )
-from fedefm.federated.simulator import (
-    Corpus,
-    ImageSource,
-    SiloData,
-    memory_slots,
-    memory_tensors,
-    read_corpus,
-    score,
-    silo_data,
-    silo_partition,
-    tensors_under,
-)
+from fedefm.federated.rounds import score
+from fedefm.federated.runs import memory_slots, memory_tensors, tensors_under
+from fedefm.federated.silo_data import Corpus, ImageSource, SiloData, read_corpus, silo_data, silo_partition
 
 
 @dataclass
@@ -181,12 +173,9 @@ def train(session: Session, content: RecordDict) -> RecordDict:
             continue
         state = SiloState(weights=record_weights(content[f"model-{silo}"]), memory=dict(session.memory),
                           num_examples=len(data.source))
-        if algorithm.EXCHANGE == "overseas":
-            trained = [record_state(content[f"trained-{k}"], content[f"trained-{k}.scalars"])
-                       for k in range(int(tasks["n-trained"]))]
-            new = at_silo(silo, algorithm.home_update, model, state, batches, algo_cfg, trained + kept)
-        else:
-            new = at_silo(silo, algorithm.local_update, model, state, batches, algo_cfg)
+        trained = [record_state(content[f"trained-{k}"], content[f"trained-{k}.scalars"])
+                   for k in range(int(tasks["n-trained"]))]
+        new = at_silo(silo, algorithm.local_update, model, state, batches, algo_cfg, trained + kept)
         session.memory.update(new.memory)
         reply["home"] = weights_record(new.weights)
         reply["home.scalars"] = scalars_record(new)

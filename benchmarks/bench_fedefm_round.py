@@ -30,8 +30,8 @@ from fedefm.data.synth import write_pretrain_corpus
 from fedefm.federated import topology
 from fedefm.federated.algorithms import dpsgd, fedefm
 from fedefm.federated.algorithms.base import Links, SiloState
-from fedefm.federated.simulator import InProcess
 from fedefm.federated.silo_data import ImageSource, SiloData
+from fedefm.federated.simulator import InProcess
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.labels import LABEL_NAMES
 from fedefm.demo import synthetic_data
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.predict import predict
 from fedefm.finetune.train import run as finetune
 from fedefm.finetune.train import segmentation_loss

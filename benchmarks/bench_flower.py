@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from common import record
 
-from fedefm.federated.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.flower import wire
 from fedefm.federated.flower.deploy import LoopbackFederation
 from fedefm.federated.flower.relay import TIMING_KEYS

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from fedefm.federated.config import PretrainConfig
 from fedefm.data.datasets import find_classification_splits
 from fedefm.data.precheck import check_decodable
 from fedefm.data.synth import write_pretrain_corpus
+from fedefm.federated.config import PretrainConfig
 from fedefm.runfolder import owned_run_folder
 
 CLASSES = 6

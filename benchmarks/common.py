@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from fedefm import __version__
-from fedefm.federated.config import PretrainConfig
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.demo import synthetic_data
 from fedefm.errors import DataError, FedefmError
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.simulator import run as pretrain
 from fedefm.files import append_jsonl
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.train import run as finetune
 from fedefm.results import read_results

@@ -29,10 +29,10 @@ from pathlib import Path
 import common
 import torch
 
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.labels import DEVICE_LABELS
 from fedefm.data.synth import DOMAINS
 from fedefm.errors import ConfigError
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.results import downstream_summary, group, markdown, mean_std, read_results
 
 TABLE = "T3"

@@ -41,11 +41,11 @@ import torch
 from PIL import Image
 from t6_oracles import oracle_tables
 
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.datasets import find_classification_splits
 from fedefm.data.synth import POSITION_CLASSES, render_position, write_position_dataset
 from fedefm.finetune.classify import load_samples, predict_probabilities
 from fedefm.finetune.classify import run as finetune_classifier
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.train import run as finetune_segmenter
 from fedefm.models.weights import build_from_weights

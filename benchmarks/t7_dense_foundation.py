@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from fedefm.federated.config import PretrainConfig
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.datasets import find_segmentation_splits
 from fedefm.data.labels import DEVICE_LABELS
 from fedefm.data.synth import PRETRAIN_CLASSES, write_pretrain_corpus, write_seg_dataset
+from fedefm.federated.config import PretrainConfig
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.evaluate import split_settings, weights_path
 from fedefm.finetune.metrics import one_hot
 from fedefm.finetune.train import load_samples

@@ -29,9 +29,9 @@ import common
 import numpy as np
 import torch
 
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.labels import DEVICE_LABELS
 from fedefm.data.synth import DOMAINS, write_seg_dataset
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T8"

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedefm.federated.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.simulator import run as simulate
 from fedefm.models.weights import load_weights
 

@@ -9,11 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedefm.cli import app
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.datasets import find_multilabel_splits
 from fedefm.data.synth import POSITION_CLASSES, write_position_dataset
 from fedefm.errors import ConfigError, DataError
 from fedefm.finetune import classify, loop
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.predict import classify_images
 from fedefm.models.heads import Classifier

@@ -142,9 +142,9 @@ def test_flower_commands_without_the_flower_extra_say_how_to_install_it(tmp_path
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
-    from fedefm.finetune.config import FinetuneConfig
     from fedefm.data.synth import write_seg_dataset
     from fedefm.finetune import train
+    from fedefm.finetune.config import FinetuneConfig
 
     root = tmp_path_factory.mktemp("segmenter")
     write_seg_dataset(root / "data", "clinical", 8, size=64, seed=0)

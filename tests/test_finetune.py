@@ -7,14 +7,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedefm.cli import app
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import find_segmentation_splits
 from fedefm.data.synth import write_seg_dataset
 from fedefm.errors import ConfigError, DataError, WeightsError
 from fedefm.finetune import loop, train
-from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune import predict as predict_module
+from fedefm.finetune.config import FinetuneConfig
+from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.predict import predict
 from fedefm.models.heads import Classifier
 from fedefm.models.presets import get_preset

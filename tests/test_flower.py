@@ -15,13 +15,13 @@ import torch
 
 pytest.importorskip("flwr")
 
-from fedefm.federated.config import PretrainConfig  # noqa: E402
 from fedefm.data.datasets import list_silo_images  # noqa: E402
 from fedefm.data.synth import write_pretrain_corpus  # noqa: E402
 from fedefm.errors import ConfigError, DataError  # noqa: E402
 from fedefm.federated import topology  # noqa: E402
 from fedefm.federated.algorithms import dpsgd, fedefm  # noqa: E402
 from fedefm.federated.algorithms.base import SiloState, mix_row  # noqa: E402
+from fedefm.federated.config import PretrainConfig  # noqa: E402
 from fedefm.federated.flower import deploy  # noqa: E402
 from fedefm.federated.flower.messages import pretrain_config, record_weights, weights_record  # noqa: E402
 from fedefm.federated.rounds import train_rounds  # noqa: E402

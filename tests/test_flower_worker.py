@@ -145,8 +145,8 @@ def test_the_worker_serves_on_a_0600_socket_and_a_second_one_for_its_silo_is_ref
 
 
 def test_the_worker_answers_a_query_and_names_a_bad_message_without_stopping(worker):
-    from fedefm.federated.silo_data import silo_partition
     from fedefm.federated.flower.messages import pretrain_config
+    from fedefm.federated.silo_data import silo_partition
 
     path, _ = worker
     run_config = {"silos": 3, "image-size": 32, "data": "unused"}

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedefm.federated.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
 from fedefm.federated import health
 from fedefm.federated.algorithms import dpsgd, fedefm
 from fedefm.federated.algorithms.base import SiloState
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.health import Fault, RoundGuard, TooFewHealthySilos, check_quorum, renormalise, weights_fault
 from fedefm.federated.simulator import run
 from fedefm.models.heads import Classifier

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.datasets import check_dataset, find_segmentation_splits, read_item_mask
 from fedefm.data.readers import count_frames, read_image, read_label_values, read_mask
 from fedefm.data.synth import write_seg_dataset
 from fedefm.errors import DataError
 from fedefm.finetune import train
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.evaluate import evaluate_model
 
 SIZE = 64

@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.synth.domains import render_position
 from fedefm.errors import DataError, WeightsError
+from fedefm.errors import ConfigError
 from fedefm.finetune import classify
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.predict import classify_images
 from fedefm.models.heads import Classifier
-from fedefm.errors import ConfigError
 from fedefm.models.position import (
     MaskPositionClassifier,
     PositionClassifier,

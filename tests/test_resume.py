@@ -18,10 +18,10 @@ import torch
 
 import fedefm
 from fedefm.checkpoints import CheckpointStore
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.synth import write_position_dataset, write_pretrain_corpus, write_seg_dataset
 from fedefm.errors import WeightsError
 from fedefm.finetune import classify, train
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.models.weights import load_weights
 
 MEASURED = ("wall_s", "cycle_time_s", "peak_rss_mb", "train_images_per_s")  # timings, not results

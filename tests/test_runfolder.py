@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from fedefm.federated.config import PretrainConfig
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.synth import write_seg_dataset
 from fedefm.errors import ConfigError
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.simulator import run as pretrain
 from fedefm.finetune import train
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.runfolder import LOCK, MANIFEST, owned_run_folder
 from test_simulator import corpus  # noqa: F401 - the pre-training corpus fixture
 

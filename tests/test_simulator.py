@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fedefm.federated.config import PretrainConfig
 from fedefm.data.synth import write_pretrain_corpus
 from fedefm.errors import ConfigError, DataError
 from fedefm.federated.algorithms import ALGORITHMS
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.health import TooFewHealthySilos
 from fedefm.federated.objectives import OBJECTIVES
 from fedefm.federated.objectives.classify import Classify

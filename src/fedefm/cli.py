@@ -251,8 +251,8 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="Replace the fedefm run already in --out (it is deleted first).")] = False,
 ) -> None:
     """Fine-tune a segmenter (selected on validation Dice) or a classifier (validation balanced accuracy) on K images."""
-    from fedefm.finetune.config import FinetuneConfig
     from fedefm.finetune import classify, train
+    from fedefm.finetune.config import FinetuneConfig
 
     cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, pooling=pooling, init=init,
                          init_parts=init_parts, arch=arch, preset=preset,

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedefm.federated.config import PretrainConfig
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.synth import GENERATOR_VERSION, write_position_dataset, write_pretrain_corpus, write_seg_dataset
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.simulator import run as pretrain
 from fedefm.finetune.classify import run as finetune_classifier
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.evaluate import evaluate_model
 from fedefm.finetune.train import run as finetune
 

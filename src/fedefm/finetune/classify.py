@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from fedefm.config import resolve_device
-from fedefm.finetune.config import FinetuneConfig, SEGMENTER_NEEDED
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import (
     ClassificationDataset,
@@ -27,6 +26,7 @@ from fedefm.data.datasets import (
 from fedefm.data.labels import LABEL_NAMES
 from fedefm.errors import ConfigError, DataError
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
+from fedefm.finetune.config import SEGMENTER_NEEDED, FinetuneConfig
 from fedefm.finetune.loop import FinetuneTask, fit, require_validation_split, run_folder, select_shots
 from fedefm.models.heads import Classifier
 from fedefm.models.position import MaskPositionClassifier, PositionClassifier

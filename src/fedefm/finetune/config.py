@@ -14,7 +14,6 @@ from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import ARCHS
 from fedefm.models.weights import INIT_PARTS
 
-
 FINETUNE_TASKS = ("segment", "classify")
 # classify: the mean token over the image, features where the catheter tip lies, or the predicted catheter's shape
 POOLINGS = ("mean", "tip", "mask")

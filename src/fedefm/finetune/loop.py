@@ -22,10 +22,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedefm.checkpoints import CheckpointStore
 from fedefm.config import run_record
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.augment import TrainTransforms
 from fedefm.errors import ConfigError, DataError
 from fedefm.files import append_jsonl, drop_rows_after, write_json
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.memory import peak_rss_mb
 from fedefm.models.weights import TransferReport, save_weights
 from fedefm.runfolder import owned_run_folder

@@ -10,10 +10,10 @@ import torch
 from monai.losses import DiceCELoss, SoftclDiceLoss, SoftDiceclDiceLoss
 
 from fedefm.config import resolve_device
-from fedefm.finetune.config import FinetuneConfig
 from fedefm.data.augment import train_transforms
 from fedefm.data.datasets import SegmentationDataset, SegmentationItem, find_segmentation_splits
 from fedefm.data.labels import LABEL_NAMES
+from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.loop import FinetuneTask, fit, require_validation_split, run_folder, select_shots
 from fedefm.finetune.metrics import SegmentationScores
 from fedefm.models.presets import get_preset

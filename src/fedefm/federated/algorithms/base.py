@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Literal
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch

@@ -15,9 +15,9 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, MetricRecord, UserConfig
 
 from fedefm.config import parse_settings
-from fedefm.federated.config import PretrainConfig
 from fedefm.errors import ConfigError, WeightsError
 from fedefm.federated.algorithms.base import SiloState, Weights
+from fedefm.federated.config import PretrainConfig
 from fedefm.models.weights import pack_weights, unpack_weights
 
 # Run-config keys (Flower's spelling) → PretrainConfig fields; "options" holds "NAME=VALUE NAME=VALUE".

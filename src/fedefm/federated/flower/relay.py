@@ -1,5 +1,5 @@
 """The ServerApp's work: find the silos, then run the round loop of federated/rounds.py through ``FlowerSilos``,
-the executor that sends messages where the simulator's calls functions.
+the executor that sends messages where the simulator's calls functions in one process.
 
 A plan that mixes at the "server" (fedavg, fedprox, moon, and FedEFM on a star) averages at the
 relay, as the simulator does. The decentralised ones (dpsgd, matcha, FedEFM on any other overlay)
@@ -13,12 +13,11 @@ silo the longest run of its next tasks whose inputs exist (a home update waits f
 model).
 With the same seed, data and dropout = 0 the run reproduces the simulator bit for bit.
 
-Every reply is checked before anything is mixed, and the round loop applies federated/health.py's rules
-as it does in-process: a silo whose
-SuperNode answers with an error, not at all within ``reply-timeout`` seconds, or with weights that
-cannot be mixed is left out of the round (its hosted experts dropped, its own update excluded, the
-others' rows of W renormalised) and gets no more messages that round; the run stops only when fewer
-than ``min-healthy-silos`` silos come through. At the next round the relay looks for the silo again
+Every reply is checked before anything is mixed, and the round loop applies federated/health.py's
+rules as it does in-process: a silo whose SuperNode answers with an error, not at all within
+``reply-timeout`` seconds, or with weights that cannot be mixed is left out of the round (its hosted
+experts dropped, its own update excluded, the others' rows of W renormalised) and gets no more
+messages that round; the run stops only when fewer than ``min-healthy-silos`` silos come through. At the next round the relay looks for the silo again
 (a restarted SuperNode registers under a new node id), and it rejoins.
 
 Without a corpus at the relay the silos score the models on images they hold out (``silo_evaluation``).
@@ -42,13 +41,12 @@ from flwr.serverapp import Grid
 
 from fedefm.checkpoints import CheckpointStore
 from fedefm.config import resolve_device
-from fedefm.federated.config import PretrainConfig
 from fedefm.data.datasets import LabelSpec
 from fedefm.errors import ConfigError, FedefmError, WeightsError
 from fedefm.federated import topology
 from fedefm.federated.algorithms import get_algorithm
 from fedefm.federated.algorithms.base import LocalTraining, MixAt, SiloState, Task, mean_weights, mix_row
-from fedefm.federated.health import Fault, weights_fault
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.flower.messages import (
     evaluates_at_silos,
     pretrain_config,
@@ -57,6 +55,7 @@ from fedefm.federated.flower.messages import (
     scalars_record,
     weights_record,
 )
+from fedefm.federated.health import Fault, weights_fault
 from fedefm.federated.rounds import Evaluate, scored_here, train_rounds
 from fedefm.federated.runs import (
     RESUMABLE_CHANGES,

@@ -32,11 +32,11 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict, UserConfig
 
 from fedefm.config import resolve_device
-from fedefm.federated.config import PretrainConfig
 from fedefm.data.datasets import ClassificationItem, find_silo_splits, list_silo_classes, read_label_spec
 from fedefm.errors import ConfigError, DataError, choose
 from fedefm.federated.algorithms import get_algorithm
 from fedefm.federated.algorithms.base import SiloState, Weights, at_silo, mix_row
+from fedefm.federated.config import PretrainConfig
 from fedefm.federated.flower.messages import (
     DATA_LAYOUTS,
     evaluates_at_silos,

@@ -133,18 +133,18 @@ class RoundGuard:
         try:
             yield watched
         except Exception as exc:  # a silo's failure, whatever it is, must not end the other silos' round
-            watched.state = self._fail(silo, host, f"raised {type(exc).__name__}: {exc}")
+            self._fail(watched, silo, host, f"raised {type(exc).__name__}: {exc}")
             return
         elapsed = self.clock() - started
         if self.time_limit_s is not None and elapsed > self.time_limit_s:
-            watched.state = self._fail(silo, host, f"late: took {elapsed:.2f} s, the limit is {self.time_limit_s:g} s")
+            self._fail(watched, silo, host, f"late: took {elapsed:.2f} s, the limit is {self.time_limit_s:g} s")
             return
         reason = weights_fault(watched.state.weights, reference)
         if reason is not None:
-            watched.state = self._fail(silo, host, f"returned unusable weights: {reason}")
+            self._fail(watched, silo, host, f"returned unusable weights: {reason}")
 
-    def _fail(self, silo: int, host: int | None, reason: str) -> None:
-        """Record the fault; None, the failed work's result."""
+    def _fail(self, watched: Watched, silo: int, host: int | None, reason: str) -> None:
+        """Record the fault and drop the work's result."""
         where = reason if host is None else f"expert trained at silo {host} dropped: {reason}"
         self.faults.append(Fault(silo, where, host))
-        return None
+        watched.state = None

@@ -29,7 +29,15 @@ from fedefm.federated.health import Fault, RoundGuard
 from fedefm.federated.objectives import needs_masks
 from fedefm.federated.rounds import scored_here, train_rounds
 from fedefm.federated.runs import RESUMABLE_CHANGES, finish, initial_model, load_round, save_round, start_run_folder
-from fedefm.federated.silo_data import ImageSource, SiloData, decoded_bytes, partition_tables, silo_data, silo_partition
+from fedefm.federated.silo_data import (
+    Corpus,
+    ImageSource,
+    SiloData,
+    decoded_bytes,
+    partition_tables,
+    silo_data,
+    silo_partition,
+)
 from fedefm.files import atomic_write, drop_rows_after
 from fedefm.runfolder import owned_run_folder
 
@@ -139,7 +147,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True, overwr
         corpus = silo_partition(cfg)
         splits = corpus.splits
         log.info("silo partition:\n%s", partition_tables(corpus))
-        in_memory = fits_in_memory(cfg, splits, corpus, progress)
+        in_memory = fits_in_memory(cfg, corpus, progress)
         silos = [silo_data(cfg, corpus, [splits["train"][k] for k in indices], i, device, in_memory)
                  for i, indices in enumerate(corpus.silo_indices)]
         model = initial_model(cfg, len(corpus.model_classes(cfg)), device)
@@ -173,11 +181,12 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True, overwr
         return finish(cfg, out, model, states, scored_here(objective, model, test), corpus, objective)
 
 
-def fits_in_memory(cfg: PretrainConfig, splits: dict, corpus, progress: bool) -> bool:
+def fits_in_memory(cfg: PretrainConfig, corpus: Corpus, progress: bool) -> bool:
     """Whether the decoded training and validation images fit in --data-memory-mb; if not, check every file now.
 
     Read per batch, a file that cannot be decoded would otherwise stop the run at the batch that draws it.
     """
+    splits = corpus.splits
     per_image = 3 if needs_masks(cfg.objective) else 1  # a mask decodes to int64: twice an image's float32 bytes
     n_decoded = (len(splits["train"]) + len(splits["val"])) * per_image
     if decoded_bytes(n_decoded, cfg.image_size) <= cfg.data_memory_mb * 2**20:

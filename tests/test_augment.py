@@ -120,3 +120,18 @@ def test_labels_from_shares_keeps_the_largest_foreground_class_where_foreground_
     shares = torch.tensor([[[1.0, 0.8, 0.6, 0.2]], [[0.0, 0.1, 0.25, 0.3]], [[0.0, 0.1, 0.15, 0.5]]])
 
     assert labels_from_shares(shares).tolist() == [[0, 0, 1, 2]]
+
+
+def test_kept_orientation_never_mirrors_or_turns_a_frame():
+    # a bright block in the top-left quarter: a flip or quarter turn would carry it to another quarter, while the
+    # small affine (20 degrees, 15% scale) leaves its centre of mass in the quarter it started in
+    image = torch.full((1, 64, 64), 0.1)
+    image[0, 4:24, 4:24] = 0.9
+    kept, free = train_transforms(3, keep_orientation=True), train_transforms(3)
+    moved = {"kept": 0, "free": 0}
+    for _ in range(40):
+        for name, augment in (("kept", kept), ("free", free)):
+            out = augment({"image": image.clone()})["image"][0]
+            rows, cols = ndimage.center_of_mass((out > 0.5).numpy())
+            moved[name] += not (rows < 32 and cols < 32)
+    assert moved["kept"] == 0 and moved["free"] > 10

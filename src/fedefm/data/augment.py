@@ -64,14 +64,14 @@ class TrainTransforms:
         self.crop = None if crop is None else RandCropByLabelClassesd(
             _KEYS, label_key="mask", spatial_size=(crop, crop), ratios=list(CROP_CLASS_RATIOS),
             num_classes=len(CROP_CLASS_RATIOS), num_samples=1)
-        # A label that depends on up and down (where a catheter tip lies in the chest) must not be
-        # flipped upside down or turned by 90 degrees; left-right flips keep it.
-        upside_down = RandFlipd(_KEYS, prob=0.5, spatial_axis=0, allow_missing_keys=True)
-        quarter_turns = RandRotate90d(_KEYS, prob=0.5, max_k=3, allow_missing_keys=True)
+        # A label that depends on where things lie in the patient (a catheter tip in the arch, in a right- or a
+        # left-side branch) must not be flipped either way or turned by 90 degrees: a mirrored chest swaps
+        # the patient's right and left branches. The small affine below keeps the patient's axes.
+        flips_and_turns = [RandFlipd(_KEYS, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+                           RandFlipd(_KEYS, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+                           RandRotate90d(_KEYS, prob=0.5, max_k=3, allow_missing_keys=True)]
         self.transforms = Compose([
-            *([] if keep_orientation else [upside_down]),
-            RandFlipd(_KEYS, prob=0.5, spatial_axis=1, allow_missing_keys=True),
-            *([] if keep_orientation else [quarter_turns]),
+            *([] if keep_orientation else flips_and_turns),
             RandAffined(
                 _KEYS,
                 prob=0.5,
@@ -111,7 +111,7 @@ class TrainTransforms:
 
 
 def train_transforms(seed: int, keep_orientation: bool = False, crop: int | None = None) -> TrainTransforms:
-    """Seeded training augmentation for ``{"image": (1, H, W), "mask": (H, W)}`` samples (no up-down turns if asked).
+    """Seeded training augmentation for ``{"image": (1, H, W), "mask": (H, W)}`` samples (no flips or turns if asked).
 
     With ``crop``, samples come out (1, crop, crop) and (crop, crop), centred on devices more often than not.
     """

@@ -1,4 +1,5 @@
-"""Position classification from where the device is: tip locator, tip pooling, the tip model's runs and predictions."""
+"""Position classification from where the device is: tip locator, tip pooling, the catheter's traced course, the
+position models' runs and predictions."""
 
 import json
 
@@ -15,10 +16,15 @@ from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.predict import classify_images
 from fedefm.models.heads import Classifier
 from fedefm.models.position import (
+    PATH_FEATURES,
+    PATH_POINTS,
     MaskPositionClassifier,
+    PathPositionClassifier,
     PositionClassifier,
+    catheter_path,
     locate_tip,
     locate_tips,
+    path_features,
     pool_at,
     shape_encoder,
 )
@@ -119,11 +125,13 @@ def segmenter_weights(tmp_path, preset="tiny"):
     torch.manual_seed(5)
     segmenter = TransUNet(get_preset(preset))
     path = tmp_path / f"segmenter_{preset}.safetensors"
-    save_weights(path, segmenter, model_metadata(segmenter) | {"classes": ["background", "catheter", "guidewire"]})
+    save_weights(path, segmenter, model_metadata(segmenter) | {"classes": ["background", "catheter", "guidewire"],
+                                                               "image_size": SIZE})
     return path
 
 
-@pytest.mark.parametrize(("pooling", "arch"), [("tip", "position"), ("mask", "position_mask")])
+@pytest.mark.parametrize(("pooling", "arch"), [("tip", "position"), ("mask", "position_mask"),
+                                               ("path", "position_path")])
 def test_position_model_trains_and_predict_shows_where_it_looked(positions, tmp_path, pooling, arch):
     out = tmp_path / "run"
     result = classify.run(quick_config(positions, out, pooling=pooling, init=str(segmenter_weights(tmp_path))),
@@ -163,13 +171,15 @@ def test_shape_encoder_output_moves_with_the_catheter():
     assert int(here.argmax()) == 0 and int(there.argmax()) == 2
 
 
-def test_mask_model_holds_its_segmenter_and_learns_only_the_shape_head(tmp_path):
-    model = MaskPositionClassifier(get_preset("tiny"), n_classes=4, width=8)
+@pytest.mark.parametrize("pooling", ["mask", "path"])
+def test_held_segmenter_models_learn_only_what_reads_the_catheter(pooling):
+    model = {"mask": lambda: MaskPositionClassifier(get_preset("tiny"), n_classes=4, width=8),
+             "path": lambda: PathPositionClassifier(get_preset("tiny"), n_classes=4)}[pooling]()
     model.load_state_dict(TransUNet(get_preset("tiny")).state_dict(), strict=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model.train()
-    assert not model.encoder.training and not model.decoder.training and model.shape_encoder.training
+    assert not model.encoder.training and not model.decoder.training and model.head.training
     logits = model(torch.rand(2, 1, 64, 96))  # (2, 4); a non-square image, both sides multiples of 32
     assert logits.shape == (2, 4)
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
@@ -182,18 +192,89 @@ def test_mask_model_holds_its_segmenter_and_learns_only_the_shape_head(tmp_path)
     assert seen["catheter"].shape == (1, 64, 64) and seen["tip"].shape == (1, 2)
 
 
-def test_mask_model_needs_a_trained_segmentation_head(positions, tmp_path):
-    with pytest.raises(ConfigError, match="--pooling mask --init scratch: classifies the catheter a segmenter"):
-        classify.run(quick_config(positions, tmp_path / "a", pooling="mask"), progress=False)
+@pytest.mark.parametrize("pooling", ["mask", "path"])
+def test_held_segmenter_models_need_a_trained_segmentation_head(positions, tmp_path, pooling):
+    with pytest.raises(ConfigError, match=f"--pooling {pooling} --init scratch: classifies the catheter a segmenter"):
+        classify.run(quick_config(positions, tmp_path / "a", pooling=pooling), progress=False)
     assert not (tmp_path / "a").exists()  # refused before the run folder is claimed
     classifier = Classifier(get_preset("tiny"), 4)
     path = tmp_path / "foundation.safetensors"
     save_weights(path, classifier, model_metadata(classifier) | {"classes": ["a", "b", "c", "d"]})
     with pytest.raises(ConfigError, match="foundation.safetensors: gives no trained segmentation head"):
-        classify.build_model(quick_config(positions, tmp_path / "b", pooling="mask", init=str(path)), 4)
+        classify.build_model(quick_config(positions, tmp_path / "b", pooling=pooling, init=str(path)), 4)
 
 
 def test_mask_model_refuses_a_segmenter_of_another_preset(positions, tmp_path):
     path = segmenter_weights(tmp_path, "small")
     with pytest.raises(WeightsError, match="preset 'small' but the model is preset 'tiny'"):
         classify.build_model(quick_config(positions, tmp_path / "run", pooling="mask", init=str(path)), 4)
+
+
+def test_path_model_refuses_a_segmenter_of_another_preset(positions, tmp_path):
+    path = segmenter_weights(tmp_path, "small")
+    with pytest.raises(WeightsError, match="preset 'small' but the model is preset 'tiny'"):
+        classify.run(quick_config(positions, tmp_path / "run", pooling="path", init=str(path)), progress=False)
+
+
+@pytest.mark.parametrize("cls", ["aortic_arch", "descending_aorta", "looped", "supra_aortic"])
+def test_catheter_path_walks_a_synthetic_catheter_from_its_entry_to_its_tip(cls):
+    for seed in range(3):
+        _, mask, info = render_position(cls, 64, np.random.default_rng(seed))
+        path = catheter_path(mask == 1)
+        assert (mask[path[:, 0], path[:, 1]] == 1).all()
+        assert np.abs(np.diff(path, axis=0)).max() == 1  # one 8-connected step at a time, never standing still
+        assert path[0, 0] >= path[:, 0].max() - 2  # it enters from below
+        if cls != "looped":  # a loop can put the far end of the walk at the loop, not the tip
+            assert np.hypot(*(path[-1] - info["catheter"]["tip"])) <= 2, (cls, seed)
+
+
+def hook(size: int, shift: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """A catheter entering at the bottom of a size² mask, running up and bending right; shifted by (rows, cols)."""
+    mask = np.zeros((size, size), bool)
+    unit = size // 8
+    mask[3 * unit : size, 2 * unit] = True
+    mask[3 * unit, 2 * unit : 5 * unit] = True
+    return np.roll(mask, shift, axis=(0, 1))
+
+
+def test_path_features_read_the_same_course_at_any_image_size_and_move_with_it():
+    small, large = (path_features(catheter_path(hook(size)), hook(size)) for size in (64, 128))
+    assert small.shape == (PATH_FEATURES,)
+    # scale-free: the same hook at twice the size reads the same, but for one pixel's rounding at the corner
+    assert np.abs(small - large).max() < 0.08
+    moved = path_features(catheter_path(hook(64, (-8, 16))), hook(64, (-8, 16)))
+    points, moved_points = small[: 2 * PATH_POINTS].reshape(-1, 2), moved[: 2 * PATH_POINTS].reshape(-1, 2)
+    np.testing.assert_allclose(moved_points - points, np.tile([-16 / 63, 32 / 63], (PATH_POINTS, 1)), atol=1e-5)
+    np.testing.assert_allclose(moved[2 * PATH_POINTS :], small[2 * PATH_POINTS :], atol=1e-6)
+
+
+def test_path_features_tell_a_loop_from_a_hook():
+    rows, cols = np.mgrid[:64, :64]
+    looped = (np.abs(np.hypot(rows - 20, cols - 20) - 6) < 0.8) | ((cols == 20) & (rows >= 26))
+    *_, off_path, enclosed, _, turning = path_features(catheter_path(looped), looped)[-5:]
+    *_, hook_off_path, hook_enclosed, _, hook_turning = path_features(catheter_path(hook(64)), hook(64))[-5:]
+    assert hook_off_path == 0 and hook_enclosed == 0 and abs(hook_turning - 0.25) < 0.05  # one right angle
+    assert off_path > 0.15 and enclosed > 0.01  # the half of the loop the walk cut short, and what it encloses
+
+
+def test_path_model_reports_the_course_it_read_and_its_tip_at_its_end():
+    model = PathPositionClassifier(get_preset("tiny"), n_classes=3).eval()
+    images = torch.rand(2, 1, 64, 64)
+    seen = model(images, parts=("logits", "path", "tip"))
+    assert seen["logits"].shape == (2, 3) and seen["path"].shape == (2, PATH_POINTS, 2)
+    assert torch.equal(seen["tip"], seen["path"][:, -1])
+    assert torch.equal(seen["tip"], locate_tips(model.catheter(images)))  # where the tip model would pool
+
+
+def test_path_pooling_trains_its_head_at_a_higher_learning_rate(positions, tmp_path):
+    init = str(segmenter_weights(tmp_path))
+    assert quick_config(positions, tmp_path, pooling="path", init=init).validate().lr == 1e-2
+    assert quick_config(positions, tmp_path, pooling="mask", init=init).validate().lr == 1e-3
+
+
+def test_held_segmenter_runs_classify_at_the_size_their_segmenter_was_fine_tuned_at(positions, tmp_path):
+    init = str(segmenter_weights(tmp_path))  # fine-tuned at SIZE, not the preset's 128
+    assert quick_config(positions, tmp_path, pooling="path", init=init, image_size=None).validate().image_size == SIZE
+    assert quick_config(positions, tmp_path, pooling="mean", init=init, image_size=None).validate().image_size == 128
+    with pytest.warns(UserWarning, match=f"--image-size 64: the segmenter of --init .* was fine-tuned at {SIZE} px"):
+        quick_config(positions, tmp_path, pooling="mask", init=init, image_size=64).validate()

@@ -228,10 +228,11 @@ def finetune(
     task: Annotated[str, typer.Option(help="segment (masks) or classify (one class per image).")] = "segment",
     multilabel: Annotated[bool, typer.Option(help="classify: --data is a CSV image,LABEL_1,... of 0/1 columns.")] = False,
     pooling: Annotated[str, typer.Option(help="classify: mean (mean token over the image), tip (segment the "
-                                              "catheter, read the features at its tip) or mask (a small CNN on the "
-                                              "catheter a segmenter given as --init predicts).")] = "mean",
-    init: Annotated[str, typer.Option(help="'scratch', a foundation .safetensors file, or (classify --pooling tip or mask) "
-                                           "a fine-tuned segmenter's.")] = "scratch",
+                                              "catheter, read the features at its tip), mask (a small CNN on the "
+                                              "catheter a segmenter given as --init predicts) or path (a linear head "
+                                              "on that catheter's course, entry to tip).")] = "mean",
+    init: Annotated[str, typer.Option(help="'scratch', a foundation .safetensors file, or (classify --pooling tip, mask "
+                                           "or path) a fine-tuned segmenter's.")] = "scratch",
     init_parts: Annotated[str, typer.Option(help="What --init gives a segmenter: encoder, all (encoder, decoder, head "
                                                  "by class name) or auto (all when the file holds a decoder).")] = "auto",
     arch: Annotated[str, typer.Option(help="segment: transunet, unet, resunet or swinunetr.")] = "transunet",
@@ -239,9 +240,9 @@ def finetune(
     shots: Annotated[Optional[int], typer.Option(help="K labelled training images; per class for classify (default: all).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of max(training images, --samples-per-epoch) augmented samples each (default: 30 at 128 px, in proportion to the image side; classify 30).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-2 segment, 1e-3 classify).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-2 segment and classify --pooling path, 1e-3 other classify).")] = None,
     samples_per_epoch: Annotated[Optional[int], typer.Option(help="Augmented samples per epoch (at least K; default max(64, 4 K) for segment, 64 for classify).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's; classify --pooling mask or path: the --init segmenter's).")] = None,
     loss: Annotated[str, typer.Option(help="segment: dicece (Dice + cross-entropy), cldice (the same + soft clDice) or dicecldice (Dice + clDice).")] = "dicece",
     crop: Annotated[Optional[int], typer.Option(help="segment: train on crops of this side (multiple of 32), centred on devices 3 times in 4 (default: 128 above 128 px, else whole images; the image size: whole images).")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Epochs between validations; the last is always validated (default: 1, on crops round((image size / crop)^2 / 2)).")] = None,

@@ -26,10 +26,10 @@ from fedefm.data.datasets import (
 from fedefm.data.labels import LABEL_NAMES
 from fedefm.errors import ConfigError, DataError
 from fedefm.finetune.classification_metrics import class_scores, confusion_matrix, multilabel_scores
-from fedefm.finetune.config import SEGMENTER_NEEDED, FinetuneConfig
+from fedefm.finetune.config import HELD_SEGMENTER, SEGMENTER_NEEDED, FinetuneConfig
 from fedefm.finetune.loop import FinetuneTask, fit, require_validation_split, run_folder, select_shots
 from fedefm.models.heads import Classifier
-from fedefm.models.position import MaskPositionClassifier, PositionClassifier
+from fedefm.models.position import POSITION_MODELS
 from fedefm.models.presets import get_preset
 from fedefm.models.weights import TransferReport, load_pretrained, model_metadata
 
@@ -116,18 +116,16 @@ def val_columns(result: dict) -> dict:
             "val_macro_auroc": result.get("macro_auroc")}
 
 
-POSITION_MODELS = {"tip": PositionClassifier, "mask": MaskPositionClassifier}  # --pooling → model over a TransUNet
-
 
 def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, TransferReport | None]:
     """A classifier with a new head over ``n_classes``, by ``cfg.pooling``, from scratch or from fedefm weights.
 
-    ``mean`` takes any fedefm weights' encoder; ``tip`` and ``mask`` also a segmenter's (or dense foundation's)
-    decoder and segmentation head (background, catheter, guidewire by name) under ``--init-parts auto`` or
-    ``all``. ``mask`` holds its segmenter as loaded, so it needs one whose segmentation head was trained.
+    ``mean`` takes any fedefm weights' encoder; ``tip``, ``mask`` and ``path`` also a segmenter's (or dense
+    foundation's) decoder and segmentation head (background, catheter, guidewire by name) under ``--init-parts auto`` or
+    ``all``. ``mask`` and ``path`` hold their segmenter as loaded, so they need one whose segmentation head was trained.
 
     Raises:
-        ConfigError: ``mask`` from weights that leave the catheter's segmentation head new.
+        ConfigError: ``mask`` or ``path`` from weights that leave the catheter's segmentation head new.
     """
     preset = get_preset(cfg.preset)
     if cfg.pooling == "mean":
@@ -137,9 +135,9 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, T
     if cfg.init == "scratch":  # config validation refuses mask from scratch
         return model, None
     transfer = load_pretrained(model, Path(cfg.init), parts, LABEL_NAMES)
-    if cfg.pooling == "mask" and "segmentation_head.weight" not in transfer.loaded:
+    if cfg.pooling in HELD_SEGMENTER and "segmentation_head.weight" not in transfer.loaded:
         raise ConfigError(f"--init {cfg.init}: gives no trained segmentation head ({transfer.head or transfer.parts}); "
-                          f"--pooling mask {SEGMENTER_NEEDED}")
+                          f"--pooling {cfg.pooling} {SEGMENTER_NEEDED}")
     return model, transfer
 
 

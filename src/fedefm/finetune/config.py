@@ -12,14 +12,16 @@ from fedefm.config import resolve_device
 from fedefm.errors import ConfigError, choose
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import ARCHS
-from fedefm.models.weights import INIT_PARTS
+from fedefm.models.weights import INIT_PARTS, load_weights
 
 FINETUNE_TASKS = ("segment", "classify")
-# classify: the mean token over the image, features where the catheter tip lies, or the predicted catheter's shape
-POOLINGS = ("mean", "tip", "mask")
+# classify: the mean token over the image, features where the catheter tip lies, the predicted catheter's shape
+# through a CNN, or its course traced from entry to tip
+POOLINGS = ("mean", "tip", "mask", "path")
 SEGMENTER_NEEDED = ("classifies the catheter a segmenter predicts and keeps that segmenter as loaded; pass --init "
                     "the model.safetensors of a catheter segmenter (fedefm finetune --task segment), or use "
                     "--pooling mean or tip")
+HELD_SEGMENTER = ("mask", "path")  # poolings that classify the catheter a held (loaded, frozen) segmenter predicts
 # Segmentation losses (finetune/train.py segmentation_loss): MONAI Dice + cross-entropy; the same plus
 # MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy.
 SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice")
@@ -58,11 +60,16 @@ class FinetuneConfig:
     ``pooling`` (classify) is what the head reads: ``mean`` the mean token over the whole image (the plain
     classifier), ``tip`` a :class:`~fedefm.models.position.PositionClassifier` that segments the catheter and
     reads the features at and around its tip, ``mask`` a :class:`~fedefm.models.position.MaskPositionClassifier`
-    that classifies the catheter its segmenter predicts through a small CNN (both: image size a multiple of 32).
+    that classifies the catheter its segmenter predicts through a small CNN, ``path`` a
+    :class:`~fedefm.models.position.PathPositionClassifier` that classifies that catheter's course, traced from
+    where it enters to its tip, through a linear head (all three: image size a multiple of 32). ``mask`` and
+    ``path`` (HELD_SEGMENTER) hold the segmenter of ``init`` as loaded; ``image_size`` then defaults to the size
+    it was fine-tuned at (another size warns), and ``lr`` to 1e-2 for ``path``, whose head alone learns.
 
     ``init_parts`` says what ``init`` gives the segmenter: ``encoder``, ``all`` (every tensor whose name and
     shape match, the head by class name) or ``auto`` (``all`` when the file holds a decoder, else ``encoder``);
-    a ``mean`` classifier takes the encoder only, a ``tip`` or ``mask`` classifier also a segmenter's decoder and head.
+    a ``mean`` classifier takes the encoder only, a ``tip``, ``mask`` or ``path`` classifier also a segmenter's decoder
+    and head.
     """
 
     data: Path
@@ -102,14 +109,23 @@ class FinetuneConfig:
         if self.multilabel and self.task != "classify":
             raise ConfigError("--multilabel belongs to --task classify")
         preset = get_preset(self.preset)
+        if self.init != "scratch" and not Path(self.init).is_file():
+            raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
+        # A held segmenter must see the catheter at the scale it was fine-tuned at.
+        trained_at = (load_weights(Path(self.init))[1].get("image_size")
+                      if self.pooling in HELD_SEGMENTER and self.init != "scratch" else None)
         if self.image_size is None:
-            self.image_size = preset.image_size
+            self.image_size = int(trained_at) if trained_at else preset.image_size
+        elif trained_at and int(trained_at) != self.image_size:
+            warnings.warn(f"--image-size {self.image_size}: the segmenter of --init {self.init} was fine-tuned at "
+                          f"{trained_at} px, so it sees the catheter at another scale; omit --image-size to use "
+                          f"{trained_at}", stacklevel=2)
         # The segmenter's decoder needs stride 32; the classifier only the encoder's patch stride of 16.
         stride = 32 if self.task == "segment" or self.pooling != "mean" else 16
         if self.image_size % stride:
             raise ConfigError(f"--image-size {self.image_size}: must be a multiple of {stride}")
         if self.lr is None:
-            self.lr = 1e-2 if self.task == "segment" else 1e-3
+            self.lr = 1e-2 if self.task == "segment" or self.pooling == "path" else 1e-3
         choose("--loss", self.loss, SEGMENTATION_LOSSES)
         if self.crop is None and self.task == "segment" and self.image_size > DEFAULT_CROP:
             self.crop = DEFAULT_CROP
@@ -122,14 +138,12 @@ class FinetuneConfig:
             self.epochs = max(30, round(30 * self.image_size / 128)) if self.task == "segment" else 30
         if self.samples_per_epoch is None:
             self.samples_per_epoch = max(64, 4 * self.shots) if self.shots and self.task == "segment" else 64
-        if self.init != "scratch" and not Path(self.init).is_file():
-            raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
         choose("--init-parts", self.init_parts, INIT_PARTS)
         if self.task == "classify" and self.pooling == "mean" and self.init_parts == "all":
             raise ConfigError("--init-parts all: --task classify --pooling mean takes only the encoder of --init (its "
-                              "head is new); use --init-parts encoder or auto, or --pooling mask or tip")
-        if self.pooling == "mask" and self.init == "scratch":
-            raise ConfigError(f"--pooling mask --init scratch: {SEGMENTER_NEEDED}")
+                              "head is new); use --init-parts encoder or auto, or --pooling tip, mask or path")
+        if self.pooling in HELD_SEGMENTER and self.init == "scratch":
+            raise ConfigError(f"--pooling {self.pooling} --init scratch: {SEGMENTER_NEEDED}")
         if self.init == "scratch" and self.init_parts != "auto":
             warnings.warn(f"--init-parts {self.init_parts} has no effect with --init scratch", stacklevel=2)
         if self.shots is not None and self.shots < 1:

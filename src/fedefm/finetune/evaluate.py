@@ -11,6 +11,7 @@ from fedefm.data.datasets import find_classification_splits, find_multilabel_spl
 from fedefm.errors import ConfigError, DataError
 from fedefm.finetune import classify
 from fedefm.finetune.train import evaluate, load_samples
+from fedefm.models.position import POSITION_MODELS
 from fedefm.models.weights import build_from_weights, load_weights
 
 
@@ -34,7 +35,7 @@ def split_settings(model: Path) -> dict:
 
 def is_classifier(metadata: dict) -> bool:
     """Whether a weights file's metadata describes an image classifier (fine-tuned or pre-trained), not a segmenter."""
-    return metadata.get("arch") in ("classifier", "position", "position_mask")
+    return metadata.get("arch") in ("classifier", *(model.arch for model in POSITION_MODELS.values()))
 
 
 def holds_classifier(model: Path) -> bool:

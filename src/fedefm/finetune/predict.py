@@ -28,7 +28,7 @@ from fedefm.finetune.cine import DEFAULT_FPS, cine_path, device_pixels, source_f
 from fedefm.finetune.classify import predict_probabilities
 from fedefm.finetune.dicom_seg import require_dicom_suffix, write_dicom_seg
 from fedefm.finetune.evaluate import is_classifier, weights_path
-from fedefm.models.position import MaskPositionClassifier, PositionClassifier
+from fedefm.models.position import POSITION_MODELS
 from fedefm.models.weights import build_from_weights
 from fedefm.runfolder import owned_run_folder
 
@@ -212,9 +212,9 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
     With ``out``, the rows also go to OUT/predictions.jsonl (and skipped inputs to OUT/skipped.txt); OUT is
     claimed as a run folder of kind "predict" (another run there is refused unless ``overwrite``).
 
-    A position classifier (``--pooling tip`` or ``mask``) also says where it looked: its rows add ``"tip": [row, col]`` in px
-    of the input image, and with ``out`` it writes NAME_overlay.png, the image with the predicted catheter
-    (probability >= 0.5, orange) and a cross at the tip.
+    A position classifier (``--pooling tip``, ``mask`` or ``path``) also says where it looked: its rows add
+    ``"tip": [row, col]`` in px of the input image, and with ``out`` it writes NAME_overlay.png, the image with
+    the predicted catheter (probability >= 0.5, orange) and a cross at the tip.
 
     Returns:
         One {"image": name, "class": most likely class (multi-label: the labels at p >= 0.5, as a list),
@@ -239,7 +239,7 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
             chosen = ([c for c, p in zip(classes, probabilities) if p >= 0.5] if multilabel
                       else classes[int(np.argmax(probabilities))])
             rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
-            if isinstance(network, (PositionClassifier, MaskPositionClassifier)):
+            if isinstance(network, tuple(POSITION_MODELS.values())):
                 tip, catheter = where_it_looked(network, frame.image, size)
                 rows[-1]["tip"] = tip
                 if out is not None:
@@ -254,7 +254,7 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
 
 
 @torch.no_grad()
-def where_it_looked(network: PositionClassifier | MaskPositionClassifier, image: np.ndarray, size: int) -> tuple[list[float], np.ndarray]:
+def where_it_looked(network: torch.nn.Module, image: np.ndarray, size: int) -> tuple[list[float], np.ndarray]:
     """The tip [row, col] in px of ``image`` (H, W) and its catheter mask (H, W) bool, as the classifier saw them."""
     network.eval()
     seen = network(resize_image(image, size)[None], parts=("tip", "catheter"))

@@ -4,8 +4,9 @@ The plain classifier (models/heads.py) mean-pools tokens over the whole image, w
 position class is about: where the tip lies relative to the anatomy. :class:`PositionClassifier` segments the
 catheter with TransUNet's decoder, finds the tip (the end of the catheter farthest along it from where it enters
 the field), and classifies from the features at and around the tip, the mask-weighted features, the tip's
-coordinates and the mean token. :class:`MaskPositionClassifier` classifies the shape and place of the predicted
-catheter itself, through a small CNN on its probability map, with the segmenter held as loaded.
+coordinates and the mean token. Two models hold a fine-tuned segmenter as loaded and classify the catheter it
+predicts: :class:`MaskPositionClassifier` through a small CNN on its probability map, and
+:class:`PathPositionClassifier` through a linear head on its course, traced from entry to tip.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from fedefm.models.segmenters import DecoderCup
 
 CATHETER = 1  # the catheter's channel of the segmentation head (background, catheter, guidewire)
 NEIGHBOURS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
+PATH_POINTS = 16  # points a catheter's course is resampled to, entry to tip (path_features)
+PATH_FEATURES = 4 * PATH_POINTS + 3  # the points (2 each), the directions between them (2 each), 5 scalars
 
 
 def geodesic_distances(rows: np.ndarray, cols: np.ndarray, start: int) -> np.ndarray:
@@ -43,14 +46,16 @@ def geodesic_distances(rows: np.ndarray, cols: np.ndarray, start: int) -> np.nda
     return distance
 
 
-def locate_tip(mask: np.ndarray) -> tuple[float, float] | None:
-    """The catheter tip (row, col) of a device mask (H, W) bool, None when it is empty.
+def catheter_path(mask: np.ndarray) -> np.ndarray | None:
+    """The pixels (M, 2) row, col of a device mask (H, W) bool along its catheter, from where it enters to its
+    tip, None when the mask is empty.
 
     In the largest 8-connected component the two ends are the pixels farthest apart along it (the farthest
     pixel from any pixel is one end, the farthest from that the other), so a curved or looped catheter's
     ends are where it stops, not the points farthest apart in a line. The catheter enters the field at one
     end: the end touching the image border when exactly one does, else the lower end (a femoral catheter
-    reaches the chest from below; collimator blades often cut it off before the border). The tip is the other.
+    reaches the chest from below; collimator blades often cut it off before the border). The tip is the other;
+    the path is a shortest 8-connected walk between them (a loop the catheter closes on itself is cut short).
     """
     components, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     if count == 0:
@@ -58,27 +63,82 @@ def locate_tip(mask: np.ndarray) -> tuple[float, float] | None:
     sizes = np.bincount(components.ravel())[1:]
     rows, cols = np.nonzero(components == 1 + int(np.argmax(sizes)))
     first = int(np.argmax(geodesic_distances(rows, cols, 0)))
-    second = int(np.argmax(geodesic_distances(rows, cols, first)))
-    ends = (first, second)
+    from_first = geodesic_distances(rows, cols, first)
+    second = int(np.argmax(from_first))
     height, width = mask.shape
-    touching = [k for k in ends if min(rows[k], cols[k], height - 1 - rows[k], width - 1 - cols[k]) <= 1]
-    entry = touching[0] if len(touching) == 1 else max(ends, key=lambda k: rows[k])
+    touching = [k for k in (first, second) if min(rows[k], cols[k], height - 1 - rows[k], width - 1 - cols[k]) <= 1]
+    entry = touching[0] if len(touching) == 1 else max((first, second), key=lambda k: rows[k])
     tip = second if entry == first else first
-    return float(rows[tip]), float(cols[tip])
+    from_entry = from_first if entry == first else geodesic_distances(rows, cols, entry)
+    index = {(int(r), int(c)): k for k, (r, c) in enumerate(zip(rows, cols))}
+    walk = [tip]
+    while from_entry[walk[-1]] > 0:  # step back towards the entry, one pixel nearer each time
+        k = walk[-1]
+        walk.append(next(j for j in (index.get((int(rows[k]) + dr, int(cols[k]) + dc)) for dr, dc in NEIGHBOURS)
+                         if j is not None and from_entry[j] == from_entry[k] - 1))
+    return np.stack([rows[walk[::-1]], cols[walk[::-1]]], axis=1)
+
+
+def locate_tip(mask: np.ndarray) -> tuple[float, float] | None:
+    """The catheter tip (row, col) of a device mask (H, W) bool (the end of :func:`catheter_path`), None when empty."""
+    path = catheter_path(mask)
+    return None if path is None else (float(path[-1, 0]), float(path[-1, 1]))
+
+
+def trace_catheter(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """The catheter path (M, 2) row, col from entry to tip (:func:`catheter_path`) of a probability map (H, W).
+
+    The mask is the pixels at ``probability >= threshold``; a map with none (an untrained or unsure segmenter)
+    gives its most probable pixel as a path of one, so every image gets a location.
+    """
+    path = catheter_path(probability >= threshold)
+    if path is None:
+        path = np.array([np.unravel_index(int(np.argmax(probability)), probability.shape)])
+    return path
 
 
 def locate_tips(probability: Tensor, threshold: float = 0.5) -> Tensor:
-    """Tip (row, col) in px of each catheter probability map (B, H, W) → (B, 2) float.
-
-    The mask is the pixels at ``probability >= threshold``; an image with none (an untrained or unsure
-    segmenter) falls back to its most probable pixel, so every image gets a location.
-    """
-    maps = probability.detach().cpu().numpy()
-    tips = []
-    for prob in maps:
-        tip = locate_tip(prob >= threshold)
-        tips.append(tip if tip is not None else np.unravel_index(int(np.argmax(prob)), prob.shape))
+    """Tip (row, col) in px of each catheter probability map (B, H, W) → (B, 2) float: where its traced path ends."""
+    tips = [trace_catheter(prob, threshold)[-1] for prob in probability.detach().cpu().numpy()]
     return torch.tensor(np.asarray(tips, dtype=np.float32), device=probability.device)
+
+
+def resample_path(path: np.ndarray, n: int = PATH_POINTS) -> np.ndarray:
+    """``n`` points (n, 2) evenly spaced by arc length along a path (M, 2), its first and last point included."""
+    steps = np.linalg.norm(np.diff(path.astype(float), axis=0), axis=1)
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    where = np.linspace(0.0, arc[-1], n)
+    return np.stack([np.interp(where, arc, path[:, 0]), np.interp(where, arc, path[:, 1])], axis=1)
+
+
+def path_features(path: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """What the catheter's course says about where it lies, from its path (M, 2) in a device mask (H, W) bool:
+    (PATH_FEATURES,) float32, every entry scale-free (the same catheter at another image size reads the same).
+
+    [PATH_POINTS points along the path, entry to tip, as row, col in [-1, 1]; the unit direction between each
+    pair (where it runs and where it turns); the path's length / image height; the share of the catheter's
+    pixels off the path (a loop the shortest walk cuts short, a branch); the area the catheter encloses /
+    length²; its signed and its absolute turning / 2π (a loop turns by a full circle)].
+    """
+    height, width = mask.shape
+    points = resample_path(path)
+    steps = np.diff(points, axis=0)
+    directions = steps / np.maximum(np.linalg.norm(steps, axis=1, keepdims=True), 1e-6)
+    turns = np.angle(np.exp(1j * np.diff(np.arctan2(directions[:, 0], directions[:, 1]))))  # wrapped to (-π, π]
+    components = ndimage.label(mask, structure=np.ones((3, 3), bool))[0]
+    label = components[path[0, 0], path[0, 1]]
+    catheter = components == label if label else np.zeros_like(mask)
+    on_path = np.zeros_like(mask)
+    on_path[path[:, 0], path[:, 1]] = True
+    from_path = ndimage.distance_transform_edt(~on_path)
+    half_width = float(np.median(ndimage.distance_transform_edt(catheter)[on_path])) if catheter.any() else 0.0
+    off_path = (catheter & (from_path > 2 * half_width + 1)).sum() / max(catheter.sum(), 1)
+    length = len(path)
+    enclosed = (ndimage.binary_fill_holes(catheter) & ~catheter).sum() / length**2
+    scalars = [length / height, off_path, enclosed, turns.sum() / (2 * np.pi), np.abs(turns).sum() / (2 * np.pi)]
+    corners = np.array([height - 1, width - 1], float)
+    return np.concatenate([(points / np.maximum(corners, 1) * 2 - 1).ravel(), directions.ravel(), scalars]
+                          ).astype(np.float32)
 
 
 def pool_at(features: Tensor, points: Tensor, image_size: Sequence[int], radius: float) -> Tensor:
@@ -173,36 +233,51 @@ def shape_encoder(width: int = 32, blocks: int = 4, grid: int = 4) -> nn.Sequent
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid), nn.Flatten())
 
 
-class MaskPositionClassifier(nn.Module):
-    """TransUNet (encoder, decoder, segmentation head) + a small CNN on the catheter it predicts, then a linear head.
+class HeldSegmenterClassifier(nn.Module):
+    """A TransUNet (encoder, decoder, segmentation head) held as loaded, for a classifier of the catheter it predicts.
 
-    The position classes are the shape and place of the device: where it runs and where it stops relative to
-    the arch. A CNN on the TRUE catheter mask alone reads them from K = 16 frames per class, where image
-    features do not (benchmarks/t6_oracles.py), so this model classifies the predicted catheter probability
-    (B, 1, H, W) through :func:`shape_encoder` and Dropout→Linear. The segmenter is held as loaded (the
-    probability is detached): the class labels of a few frames cannot teach it where the catheter is, and
-    would pull it from the masks it was fine-tuned on; only ``shape_encoder`` and the head learn. Its tensors
-    ``encoder.*``, ``decoder.*``, ``segmentation_head.*`` are a TransUNet's, so a fine-tuned segmenter loads
-    whole (``finetune --task classify --pooling mask``).
+    The class labels of a few frames cannot teach a segmenter where the catheter is, and would pull it from
+    the masks it was fine-tuned on, so its probability is computed without gradient and its parts stay in
+    eval mode; only what a subclass adds learns. Its tensors ``encoder.*``, ``decoder.*`` and
+    ``segmentation_head.*`` are a TransUNet's, so a fine-tuned segmenter loads whole.
     """
 
-    arch = "position_mask"
     segmenter_arch = "transunet"  # the architecture whose whole weights it takes
 
-    def __init__(self, preset: Preset, n_classes: int, width: int = 32, dropout: float = 0.3) -> None:
+    def __init__(self, preset: Preset, n_classes: int) -> None:
         super().__init__()
         self.preset = preset
         self.n_classes = n_classes
         add_segmenter(self, preset)
-        self.shape_encoder = shape_encoder(width)
-        self.head = nn.Sequential(OrderedDict(dropout=nn.Dropout(dropout), linear=nn.Linear(width * 16, n_classes)))
 
-    def train(self, mode: bool = True) -> MaskPositionClassifier:
+    def train(self, mode: bool = True) -> HeldSegmenterClassifier:
         """Set train or eval mode; the segmenter parts stay in eval (no dropout): they are held as loaded."""
         super().train(mode)
         for part in (self.encoder, self.decoder, self.segmentation_head):
             part.eval()
         return self
+
+    @torch.no_grad()
+    def catheter(self, x: Tensor) -> Tensor:
+        """The catheter probability (B, H, W) the held segmenter predicts for images x (B, in_channels, H, W)."""
+        return segment_catheter(self, x)[3]
+
+
+class MaskPositionClassifier(HeldSegmenterClassifier):
+    """A held TransUNet + a small CNN on the catheter it predicts, then a linear head.
+
+    The position classes are the shape and place of the device: where it runs and where it stops relative to
+    the arch. A CNN on the TRUE catheter mask alone reads them from K = 16 frames per class, where image
+    features do not (benchmarks/t6_oracles.py), so this model classifies the predicted catheter probability
+    (B, 1, H, W) through :func:`shape_encoder` and Dropout→Linear (``finetune --task classify --pooling mask``).
+    """
+
+    arch = "position_mask"
+
+    def __init__(self, preset: Preset, n_classes: int, width: int = 32, dropout: float = 0.3) -> None:
+        super().__init__(preset, n_classes)
+        self.shape_encoder = shape_encoder(width)
+        self.head = nn.Sequential(OrderedDict(dropout=nn.Dropout(dropout), linear=nn.Linear(width * 16, n_classes)))
 
     def forward(self, x: Tensor, parts: Sequence[str] | None = None) -> Tensor | dict[str, Tensor]:
         """Classify images x: (B, in_channels, H, W), H and W multiples of 32; returns logits (B, n_classes).
@@ -210,10 +285,49 @@ class MaskPositionClassifier(nn.Module):
         With ``parts`` (a subset of "logits", "tip", "catheter") it returns those by name from one pass:
         "catheter" the probability (B, H, W) it classified, "tip" (B, 2) row, col in px where that catheter ends.
         """
-        with torch.no_grad():
-            catheter = segment_catheter(self, x)[3]
+        catheter = self.catheter(x)
         logits = self.head(self.shape_encoder(catheter[:, None]))
         if parts is None:
             return logits
         seen = {"logits": logits, "catheter": catheter}
         return {name: seen[name] if name != "tip" else locate_tips(catheter) for name in parts}
+
+
+class PathPositionClassifier(HeldSegmenterClassifier):
+    """A held TransUNet + a linear head on the course of the catheter it predicts (:func:`path_features`).
+
+    The position classes are geometric relations: whether the catheter runs straight up the descending
+    aorta, turns over the arch, turns up again into a branch, or buckles into a loop. Traced from the predicted
+    mask (probability >= 0.5) and resampled to PATH_POINTS points, that course is 67 numbers a linear head
+    learns from a few frames per class, where a CNN on the same mask must first learn to follow a line
+    (``finetune --task classify --pooling path``).
+    """
+
+    arch = "position_path"
+
+    def __init__(self, preset: Preset, n_classes: int) -> None:
+        super().__init__(preset, n_classes)
+        self.head = nn.Sequential(OrderedDict(linear=nn.Linear(PATH_FEATURES, n_classes)))
+
+    def forward(self, x: Tensor, parts: Sequence[str] | None = None) -> Tensor | dict[str, Tensor]:
+        """Classify images x: (B, in_channels, H, W), H and W multiples of 32; returns logits (B, n_classes).
+
+        With ``parts`` (a subset of "logits", "tip", "path", "catheter") it returns those by name from one pass:
+        "catheter" the probability (B, H, W), "path" (B, PATH_POINTS, 2) row, col in px along the course it
+        read, entry to tip, and "tip" (B, 2) the last of them.
+        """
+        catheter = self.catheter(x)
+        maps = catheter.cpu().numpy()
+        paths = [trace_catheter(prob) for prob in maps]
+        features = np.stack([path_features(path, prob >= 0.5) for path, prob in zip(paths, maps)])
+        logits = self.head(torch.from_numpy(features).to(x.device))
+        if parts is None:
+            return logits
+        points = torch.tensor(np.stack([resample_path(path) for path in paths]), dtype=torch.float32, device=x.device)
+        seen = {"logits": logits, "catheter": catheter, "path": points, "tip": points[:, -1]}
+        return {name: seen[name] for name in parts}
+
+
+# --pooling → the position model over a TransUNet (``mean``, the plain classifier, is models/heads.py)
+POSITION_MODELS: dict[str, type[nn.Module]] = {"tip": PositionClassifier, "mask": MaskPositionClassifier,
+                                               "path": PathPositionClassifier}

@@ -328,7 +328,7 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             or of the wrong shape.
     """
     # Imported here: segmenters pulls in MONAI, which a Flower silo (a new process per message) never needs.
-    from fedefm.models.position import MaskPositionClassifier, PositionClassifier
+    from fedefm.models.position import POSITION_MODELS
     from fedefm.models.segmenters import ARCHS, build_classifier, build_segmenter
 
     tensors, metadata = load_weights(path)
@@ -338,8 +338,7 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     arch, preset_name, n_classes = metadata["arch"], metadata["preset"], metadata["n_classes"]
     if preset_name not in PRESETS:
         raise WeightsError(f"{path}: unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
-    classifiers = {"classifier": build_classifier, PositionClassifier.arch: PositionClassifier,
-                   MaskPositionClassifier.arch: MaskPositionClassifier}
+    classifiers = {"classifier": build_classifier} | {model.arch: model for model in POSITION_MODELS.values()}
     if arch not in classifiers and arch not in ARCHS:
         raise WeightsError(f"{path}: unknown arch {arch!r}; known: {', '.join([*classifiers, *ARCHS])}")
     preset = get_preset(preset_name)

@@ -36,7 +36,7 @@ TABLES: dict[str, tuple[str, str, Callable[[list[dict]], str]]] = {
     "T3": ("Downstream few-shot segmentation", "t3_downstream.py", t3_downstream.tables),
     "T4": ("Backbones", "t4_backbones.py", t4_backbones.tables),
     "T5": ("FedEFM ablations", "t5_fedefm_ablation.py", t5_fedefm_ablation.tables),
-    "T6": ("Few-shot catheter position: mean pooling against the device-anchored models (tip, mask) on a fixed "
+    "T6": ("Few-shot catheter position: mean pooling against the device-anchored models (tip, mask, path) on a fixed "
            "test set",
            "t6_position.py", t6_position.tables),
     "T7": ("Dense foundations and whole-model transfer: few-shot segmentation on a fixed test set",

@@ -2,19 +2,24 @@
 
     python benchmarks/t6_oracles.py --out benchmarks/results/t6 --threads 1 --sizes 64
     python benchmarks/t6_oracles.py --out benchmarks/results/t6 --threads 1 --sizes 128 --per-class 16 \
-        --inputs true_mask segmenter_mask --segmenter benchmarks/results/t6/runs/segmenter/model.safetensors
+        --inputs true_mask segmenter_mask true_mask_path segmenter_mask_path \
+        --segmenter benchmarks/results/t6/runs/segmenter/model.safetensors
 
 Upper bounds with inputs a deployed model does not have: a small CNN (4 strided conv blocks, GroupNorm,
 flattened 4x4 map → linear; it keeps where things are) trained on the image alone, on the TRUE catheter
 mask alone, and on both as two channels, at K = 16 per class and on a pool of 1000 frames (learnability),
 at 64 and 128 px; with ``--segmenter`` (T6's segmenter init) also, at its image size, on the catheter
-probability it predicts (what a deployed model can have), alone and with the image. Frames:
+probability it predicts (what a deployed model can have), alone and with the image. The ``_path`` inputs read
+instead the course of the catheter traced in that mask, entry to tip (``--pooling path``'s features), through a
+linear head: how much of the class the course alone gives a linear read-out. Frames:
 ``render_position`` with its device mask, training pool generator seed 1000, validation seed 1001 (200
 frames, 50 per class: accuracy is balanced accuracy). Two seeds per cell; 400 steps of 32.
 Also records the catheter's median contrast-to-noise on the validation frames, in its tip half and its entry
 half: whether the pixels show the part of the catheter that decides the class. Rows go to OUT/results.jsonl
 (T6's file; ``kind`` "oracle": ``size``, ``input``, ``per_class``, ``seed``, ``steps``, ``val_balanced_accuracy``;
-``kind`` "contrast": ``size``, ``frames``, ``tip_half``, ``entry_half``); runs already there are skipped.
+``kind`` "contrast": ``size``, ``frames``, ``tip_half``, ``entry_half``; with ``--segmenter``, ``kind``
+"segmenter_reach": ``size``, ``frames``, ``segmenter``, ``tip_error_px``, ``tip_within_5px``, ``found_tip_half``,
+``found_entry_half``, how far along the true catheter its mask reaches); runs already there are skipped.
 """
 
 from __future__ import annotations
@@ -30,13 +35,17 @@ from scipy import ndimage
 from torch import nn
 
 from fedefm.data.synth import POSITION_CLASSES, render_position
+from fedefm.models.position import PATH_FEATURES, path_features, trace_catheter
 from fedefm.models.weights import build_from_weights, load_weights
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"  # its rows sit in T6's result file (kind "oracle" and "contrast") and print under T6
 
-INPUTS = {"image": (0,), "true_mask": (1,), "image+true_mask": (0, 1), "segmenter_mask": (2,),
-          "image+segmenter_mask": (0, 2)}
+# input → the channels of frames() (plus with_segmenter_mask) it reads; a "_path" input reads the catheter's course
+# traced from that mask (models/position.py path_features) through a linear head instead of the small CNN
+INPUTS = {"image": (0,), "true_mask": (1,), "image+true_mask": (0, 1), "true_mask_path": (1,), "segmenter_mask": (2,),
+          "image+segmenter_mask": (0, 2), "segmenter_mask_path": (2,)}
+DEFAULT_INPUTS = ("image", "true_mask", "image+true_mask", "true_mask_path")
 
 
 def frames(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,18 +78,28 @@ def small_cnn(channels: int, size: int, width: int = 32) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def course(masks: torch.Tensor) -> torch.Tensor:
+    """The catheter's course (N, PATH_FEATURES) traced in each mask or probability map (N, 1, S, S) at 0.5."""
+    maps = masks[:, 0].numpy()
+    return torch.from_numpy(np.stack([path_features(trace_catheter(m), m >= 0.5) for m in maps]))
+
+
 def train_and_score(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, seed: int,
-                    steps: int) -> float:
-    """AdamW for ``steps`` batches of 32 (random shifts of up to 3 px), the best validation accuracy of 10 checks."""
+                    steps: int, path: bool = False) -> float:
+    """AdamW for ``steps`` batches of 32, the best validation accuracy of 10 checks: the small CNN on the frames
+    (random shifts of up to 3 px; lr 2e-3) or, with ``path``, a linear head on the course of their one mask
+    channel (lr 1e-2, finetune's default for ``--pooling path``)."""
     torch.manual_seed(seed)
-    model = small_cnn(x.shape[1], x.shape[-1])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
+    if path:
+        x, val_x = course(x), course(val_x)
+    model = nn.Linear(PATH_FEATURES, len(POSITION_CLASSES)) if path else small_cnn(x.shape[1], x.shape[-1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2 if path else 2e-3, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(seed)
     best = 0.0
     for step in range(1, steps + 1):
         index = torch.randint(0, x.shape[0], (32,), generator=generator)
         shift = torch.randint(-3, 4, (2,), generator=generator).tolist()
-        batch = torch.roll(x[index], shift, dims=(2, 3))
+        batch = x[index] if path else torch.roll(x[index], shift, dims=(2, 3))
         loss = F.cross_entropy(model(batch), y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,18 +133,43 @@ def catheter_contrast(images: torch.Tensor) -> dict[str, float]:
     return {name: float(np.median(values)) for name, values in halves.items()}
 
 
+def segmenter_reach(images: torch.Tensor) -> dict[str, float]:
+    """How far along the true catheter the segmenter's mask reaches, in frames (N, 3, S, S) (image, true mask,
+    segmenter probability): the median distance in px between the tips traced in the two masks, the share within
+    5 px, and the share of the true catheter's pixels the segmenter finds (p >= 0.5) in its tip and entry half
+    (as catheter_contrast splits them)."""
+    errors, found = [], {"tip_half": [], "entry_half": []}
+    for _, truth, probability in images.numpy():
+        catheter = truth > 0
+        errors.append(float(np.hypot(*(trace_catheter(truth)[-1] - trace_catheter(probability)[-1]))))
+        rows, cols = np.nonzero(catheter)
+        upper = rows < np.median(rows)
+        for name, part in (("tip_half", upper), ("entry_half", ~upper)):
+            if part.any():
+                found[name].append(float((probability[rows[part], cols[part]] >= 0.5).mean()))
+    return {"tip_error_px": float(np.median(errors)), "tip_within_5px": float(np.mean(np.array(errors) <= 5))} | {
+        f"found_{name}": float(np.mean(values)) for name, values in found.items()}
+
+
 def oracle_tables(results: list[dict]) -> str:
-    """The catheter's contrast per image size and the oracle table (mean over seeds), from T6 result rows."""
+    """The catheter's contrast per image size, how far the segmenter's mask reaches, and the oracle table (mean
+    over seeds), from T6 result rows."""
     lines = [f"Catheter contrast-to-noise on the {r['frames']} validation frames at {r['size']} px (median; ring 2-3 px "
              f"around it): tip half {r['tip_half']:.2f}, entry half {r['entry_half']:.2f}."
              for r in results if r.get("kind") == "contrast"]
+    lines += [f"The segmenter's catheter on the {r['frames']} validation frames at {r['size']} px: its traced tip lies "
+              f"a median {r['tip_error_px']:.1f} px from the true one ({100 * r['tip_within_5px']:.0f}% within 5 px); it "
+              f"finds {100 * r['found_tip_half']:.0f}% of the true catheter's pixels in the tip half and "
+              f"{100 * r['found_entry_half']:.0f}% in the entry half."
+              for r in results if r.get("kind") == "segmenter_reach"]
     runs = [r for r in results if r.get("kind") == "oracle"]
     by_cell = group(runs, lambda r: (r["size"], r["input"], r["per_class"]))
     rows = [[str(size), name, str(per_class), mean_std(r["val_balanced_accuracy"] for r in cell), str(len(cell))]
             for (size, name, per_class), cell in sorted(by_cell.items())]
     if rows:
-        lines.append(markdown((["px", "small CNN input", "training frames per class",
-                                "val balanced accuracy (best of 10 checks: an upper bound)", "seeds"], rows)))
+        lines.append(markdown((["px", "input (small CNN; _path: linear head on the traced course)",
+                                "training frames per class", "val balanced accuracy (best of 10 checks: an upper bound)",
+                                "seeds"], rows)))
     return "\n\n".join(lines)
 
 
@@ -135,7 +179,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--per-class", nargs="+", type=int, default=[16, 250], help="training frames per class")
-    parser.add_argument("--inputs", nargs="+", default=list(INPUTS)[:3], choices=list(INPUTS))
+    parser.add_argument("--inputs", nargs="+", default=list(DEFAULT_INPUTS), choices=list(INPUTS))
     parser.add_argument("--segmenter", type=Path, help="TransUNet weights for the segmenter inputs (at their size only)")
     args = parser.parse_args()
     pool, val = (1000, 200) if not args.quick else (40, 16)  # frames; classes in turn, so a quarter per class
@@ -154,6 +198,10 @@ def main() -> None:
         inputs = [name for name in args.inputs if "segmenter" not in name or size == segmenter_size]
         if size == segmenter_size:
             pool_x, val_x = with_segmenter_mask(pool_x, args.segmenter), with_segmenter_mask(val_x, args.segmenter)
+            if ("segmenter_reach", size, None, None, None) not in done:
+                common.record(args.out, TABLE, {"kind": "segmenter_reach", "size": size, "frames": len(val_x),
+                                                "segmenter": str(args.segmenter)} | segmenter_reach(val_x),
+                              time.perf_counter())
         for name in inputs:
             for n_train in args.per_class:  # 16: K = 16; 250: the whole pool
                 for seed in args.seeds:
@@ -166,7 +214,7 @@ def main() -> None:
                                       [:n_train] for c in range(len(POSITION_CLASSES))])
                     channels = INPUTS[name]
                     accuracy = train_and_score(pool_x[pick][:, channels], pool_y[pick], val_x[:, channels], val_y,
-                                               seed, args.steps)
+                                               seed, args.steps, path=name.endswith("_path"))
                     row = common.record(args.out, TABLE, {"kind": "oracle", "size": size, "input": name,
                                                           "per_class": n_train, "seed": seed, "steps": args.steps,
                                                           "val_balanced_accuracy": accuracy}, started)

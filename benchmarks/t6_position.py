@@ -7,15 +7,17 @@ The task is ``fedefm synth position`` (4 classes: the catheter tip in the aortic
 or a supra-aortic branch, or a looped catheter), 128 px (at 64 px the catheter is under a pixel wide), tiny
 preset. Fixed splits from their own generator seeds, shared by every seed and model: a training pool of 400
 frames (seed 1000; K per class drawn from it by the seed), a validation set of 80 (1001) and a test set of 200
-(1002, 50 per class: accuracy is balanced accuracy). Models (``--pooling``): ``mean`` (the plain classifier, mean token → linear), ``tip``
-(models/position.py: segment the catheter, pool features at its tip) and ``mask`` (a small CNN on the catheter
-the segmenter predicts, the segmenter held as loaded). Initialisations: ``scratch`` and ``segmenter``, a
-TransUNet fine-tuned once on catheter masks of the same kind of frames (seed 0, 210 of 300 position frames with
-their masks, generator seed 1003, disjoint from the splits; 30 epochs of 1000 samples) — ``mean`` takes its encoder, ``tip`` and
-``mask`` the whole segmenter; with ``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its
-``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms POOLING/INIT``): by default
-mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter. K in {4, 16}, seeds 0-2, 20 epochs
-of 64 samples, the epoch selected on validation balanced accuracy, the test set scored once.
+(1002, 50 per class: accuracy is balanced accuracy). Models (``--pooling``): ``mean`` (the plain classifier, mean
+token → linear), ``tip`` (models/position.py: segment the catheter, pool features at its tip), ``mask`` (a small
+CNN on the catheter the segmenter predicts) and ``path`` (a linear head on that catheter's course, entry to tip;
+``mask`` and ``path`` hold the segmenter as loaded). Initialisations: ``scratch`` and ``segmenter``, a TransUNet
+fine-tuned once on catheter masks of the same kind of frames (seed 0, the training split of 1200 position frames
+with their masks, generator seed 1003, disjoint from the splits; 30 epochs of 1000 samples) — ``mean`` takes its
+encoder, the others the whole segmenter; with ``--foundation`` (a T1 output folder) also ``foundation``, the
+encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms
+POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter,
+path/segmenter. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's default for the
+pooling), the epoch selected on validation balanced accuracy, the test set scored once.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
 * the segmenter (``kind`` "segmenter"): ``seed``, ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test
@@ -52,8 +54,8 @@ from fedefm.models.weights import build_from_weights
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
-ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter")  # POOLING/INIT
-FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask needs a segmentation head
+ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter")  # POOLING/INIT
+FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter init's training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}
 SPLITS = {"train": (400, 1000), "val": (80, 1001), "test": (200, 1002)}  # frames and generator seed per split

@@ -21,8 +21,8 @@ EXPECTED = {
     "t3": (DOWNSTREAM, {"scratch", "centralized", "fedavg", "dpsgd", "fedefm_ring"}),
     "t4": (DOWNSTREAM, {"unet/scratch", "swinunetr/scratch", "transunet/scratch", "transunet/fedefm_ring"}),
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
-    "t6": (POSITION, {"mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "mean/foundation",
-                      "tip/foundation"}),
+    "t6": (POSITION, {"mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
+                      "mean/foundation", "tip/foundation"}),
     "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "eval_every", "budget", "train_s"}, {"scratch"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
@@ -187,7 +187,7 @@ def test_t6_oracles_record_each_input_and_the_contrast_once(tmp_path):
     first = (tmp_path / "results.jsonl").read_text()
     rows = read_rows(tmp_path / "results.jsonl")
     oracles = [r for r in rows if r["kind"] == "oracle"]
-    assert {r["input"] for r in oracles} == {"image", "true_mask", "image+true_mask"}
+    assert {r["input"] for r in oracles} == {"image", "true_mask", "image+true_mask", "true_mask_path"}
     assert all(r["table"] == "T6" and 0 <= r["val_balanced_accuracy"] <= 1 and r["per_class"] == 4 for r in oracles)
     assert [(r["size"], r["frames"]) for r in rows if r["kind"] == "contrast"] == [(32, 16)]
     run_benchmark("t6_oracles.py", "--quick", "--threads", "1", "--out", str(tmp_path))

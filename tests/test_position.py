@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from fedefm.data.synth.domains import render_position
-from fedefm.errors import DataError, WeightsError
-from fedefm.errors import ConfigError
+from fedefm.errors import ConfigError, DataError, WeightsError
 from fedefm.finetune import classify
 from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.predict import classify_images

@@ -116,13 +116,13 @@ def val_columns(result: dict) -> dict:
             "val_macro_auroc": result.get("macro_auroc")}
 
 
-
 def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, TransferReport | None]:
     """A classifier with a new head over ``n_classes``, by ``cfg.pooling``, from scratch or from fedefm weights.
 
     ``mean`` takes any fedefm weights' encoder; ``tip``, ``mask`` and ``path`` also a segmenter's (or dense
-    foundation's) decoder and segmentation head (background, catheter, guidewire by name) under ``--init-parts auto`` or
-    ``all``. ``mask`` and ``path`` hold their segmenter as loaded, so they need one whose segmentation head was trained.
+    foundation's) decoder and segmentation head (background, catheter, guidewire by name) under ``--init-parts
+    auto`` or ``all``. ``mask`` and ``path`` hold their segmenter as loaded, so they need one whose segmentation
+    head was trained.
 
     Raises:
         ConfigError: ``mask`` or ``path`` from weights that leave the catheter's segmentation head new.
@@ -132,7 +132,7 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, T
         model, parts = Classifier(preset, n_classes), "encoder"
     else:
         model, parts = POSITION_MODELS[cfg.pooling](preset, n_classes), cfg.init_parts
-    if cfg.init == "scratch":  # config validation refuses mask from scratch
+    if cfg.init == "scratch":  # config validation refuses mask and path from scratch
         return model, None
     transfer = load_pretrained(model, Path(cfg.init), parts, LABEL_NAMES)
     if cfg.pooling in HELD_SEGMENTER and "segmentation_head.weight" not in transfer.loaded:

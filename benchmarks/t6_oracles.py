@@ -36,7 +36,7 @@ from torch import nn
 
 from fedefm.data.synth import POSITION_CLASSES, render_position
 from fedefm.models.position import PATH_FEATURES, path_features, trace_catheter
-from fedefm.models.weights import build_from_weights, load_weights
+from fedefm.models.weights import build_from_weights, load_metadata
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"  # its rows sit in T6's result file (kind "oracle" and "contrast") and print under T6
@@ -186,7 +186,7 @@ def main() -> None:
     if args.quick:
         args.sizes, args.seeds, args.steps, args.per_class = [32], [0], 20, [4]
     torch.set_num_threads(args.threads)
-    segmenter_size = int(load_weights(args.segmenter)[1]["image_size"]) if args.segmenter else None
+    segmenter_size = int(load_metadata(args.segmenter)["image_size"]) if args.segmenter else None
     done = common.recorded(args.out, lambda r: (r.get("kind"), r.get("size"), r.get("input"), r.get("per_class"),
                                                 r.get("seed")))
     for size in args.sizes:

@@ -21,6 +21,7 @@ from fedefm.data.labels import LABEL_NAMES
 from fedefm.models.segmenters import TransUNet
 from fedefm.models.weights import (
     build_from_weights,
+    load_metadata,
     load_pretrained,
     load_weights,
     model_metadata,
@@ -132,6 +133,23 @@ def test_truncated_file_is_refused_with_its_name(classifier_file, tmp_path, keep
     cut.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(WeightsError, match="cut.safetensors: .*truncated"):
         load_weights(cut)
+
+
+def test_metadata_is_read_from_the_header_alone(classifier_file, tmp_path):
+    assert load_metadata(classifier_file) == load_weights(classifier_file)[1]
+    data = classifier_file.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    cut = tmp_path / "tensors_cut.safetensors"
+    cut.write_bytes(data[: header_end + 10])  # the header whole, the tensors cut off
+    assert load_metadata(cut) == load_metadata(classifier_file)
+    with pytest.raises(WeightsError, match="tensors_cut.safetensors: .*truncated"):
+        load_weights(cut)
+    for name, damaged in (("short.safetensors", data[:20]), ("garbled.safetensors", data[:8] + b"x" * (header_end - 8))):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(WeightsError, match=f"{name}: .*(header claims|corrupt)"):
+            load_metadata(tmp_path / name)
+    with pytest.raises(WeightsError, match="absent.safetensors: weights file not found"):
+        load_metadata(tmp_path / "absent.safetensors")
 
 
 def test_file_cut_inside_the_header_is_refused(classifier_file, tmp_path):

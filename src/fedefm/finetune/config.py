@@ -12,7 +12,7 @@ from fedefm.config import resolve_device
 from fedefm.errors import ConfigError, choose
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import ARCHS
-from fedefm.models.weights import INIT_PARTS, load_weights
+from fedefm.models.weights import INIT_PARTS, load_metadata
 
 FINETUNE_TASKS = ("segment", "classify")
 # classify: the mean token over the image, features where the catheter tip lies, the predicted catheter's shape
@@ -112,7 +112,7 @@ class FinetuneConfig:
         if self.init != "scratch" and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init}: no such weights file; pass 'scratch' or a .safetensors path")
         # A held segmenter must see the catheter at the scale it was fine-tuned at.
-        trained_at = (load_weights(Path(self.init))[1].get("image_size")
+        trained_at = (load_metadata(Path(self.init)).get("image_size")
                       if self.pooling in HELD_SEGMENTER and self.init != "scratch" else None)
         if self.image_size is None:
             self.image_size = int(trained_at) if trained_at else preset.image_size

@@ -12,7 +12,7 @@ from fedefm.errors import ConfigError, DataError
 from fedefm.finetune import classify
 from fedefm.finetune.train import evaluate, load_samples
 from fedefm.models.position import POSITION_MODELS
-from fedefm.models.weights import build_from_weights, load_weights
+from fedefm.models.weights import build_from_weights, load_metadata
 
 
 def weights_path(model: Path) -> Path:
@@ -40,7 +40,7 @@ def is_classifier(metadata: dict) -> bool:
 
 def holds_classifier(model: Path) -> bool:
     """Whether the weights of ``model`` (run folder or .safetensors file) are a classifier's."""
-    return is_classifier(load_weights(weights_path(model))[1])
+    return is_classifier(load_metadata(weights_path(model)))
 
 
 def evaluate_model(model: Path, data: Path, split: str = "test") -> dict:

@@ -65,6 +65,35 @@ def read_metadata_value(text: str) -> Any:
         return text
 
 
+def _header_length(path: Path, f: Any) -> tuple[bytes, int]:
+    """The first 8 bytes of an open safetensors file and the header length they give, checked against its size.
+
+    Raises:
+        WeightsError: naming the file when it is too short or its header length cannot be right.
+    """
+    size = path.stat().st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise not_safetensors(path, head, f"{size} bytes is too short for a safetensors file; the file is truncated")
+    header_bytes = int.from_bytes(head, "little")
+    # Checked before anything else is read: a hostile header length must not make us allocate it.
+    if header_bytes > MAX_HEADER_BYTES or header_bytes > size - 8:
+        raise not_safetensors(path, head, f"header claims {header_bytes} bytes but the file has {size}; "
+                                          "the file is truncated or not a safetensors file")
+    return head, header_bytes
+
+
+def _metadata(header: dict[str, Any]) -> dict[str, Any]:
+    """The decoded ``__metadata__`` of a parsed safetensors header."""
+    return {key: read_metadata_value(value) for key, value in header.get("__metadata__", {}).items()}
+
+
+def _require_file(path: Path) -> None:
+    """Raise WeightsError naming ``path`` when no file is there."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found; check the path (fedefm writes RUN/*.safetensors)")
+
+
 def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a safetensors file: (tensors by name, metadata decoded from JSON). Never unpickles.
 
@@ -72,18 +101,9 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         WeightsError: naming the file when it is missing, a pickle / torch.save archive, truncated or corrupt.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found; check the path (fedefm writes RUN/*.safetensors)")
-    size = path.stat().st_size
+    _require_file(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise not_safetensors(path, head, f"{size} bytes is too short for a safetensors file; the file is truncated")
-        header_bytes = int.from_bytes(head, "little")
-        # Checked before anything else is read: a hostile header length must not make us allocate it.
-        if header_bytes > MAX_HEADER_BYTES or header_bytes > size - 8:
-            raise not_safetensors(path, head, f"header claims {header_bytes} bytes but the file has {size}; "
-                                              "the file is truncated or not a safetensors file")
+        head, header_bytes = _header_length(path, f)
         data = head + f.read()
     try:
         header = json.loads(data[8 : 8 + header_bytes])
@@ -94,8 +114,24 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         if tensor.is_floating_point() and not tensor.isfinite().all():
             raise WeightsError(f"{path}: tensor {name} holds NaN or infinite values; these weights come from a "
                                "diverged run: use an earlier checkpoint or train again with a lower --lr")
-    metadata = {key: read_metadata_value(value) for key, value in header.get("__metadata__", {}).items()}
-    return tensors, metadata
+    return tensors, _metadata(header)
+
+
+def load_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of a safetensors file (decoded from JSON), read from its header alone: no tensor is loaded.
+
+    Raises:
+        WeightsError: naming the file when it is missing, not a safetensors file or its header is corrupt.
+    """
+    path = Path(path)
+    _require_file(path)
+    with open(path, "rb") as f:
+        head, header_bytes = _header_length(path, f)
+        text = f.read(header_bytes)
+    try:
+        return _metadata(json.loads(text))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise not_safetensors(path, head, f"truncated or corrupt safetensors file ({error}); write it again") from error
 
 
 def pack_weights(weights: dict[str, Tensor]) -> bytes:

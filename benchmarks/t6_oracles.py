@@ -35,7 +35,7 @@ from scipy import ndimage
 from torch import nn
 
 from fedefm.data.synth import POSITION_CLASSES, render_position
-from fedefm.models.position import PATH_FEATURES, path_features, trace_catheter
+from fedefm.models.position import PATH_FEATURES, read_course, trace_catheter
 from fedefm.models.weights import build_from_weights, load_metadata
 from fedefm.results import group, markdown, mean_std, read_results
 
@@ -80,8 +80,7 @@ def small_cnn(channels: int, size: int, width: int = 32) -> nn.Module:
 
 def course(masks: torch.Tensor) -> torch.Tensor:
     """The catheter's course (N, PATH_FEATURES) traced in each mask or probability map (N, 1, S, S) at 0.5."""
-    maps = masks[:, 0].numpy()
-    return torch.from_numpy(np.stack([path_features(trace_catheter(m), m >= 0.5) for m in maps]))
+    return torch.from_numpy(np.stack([read_course(m)[1] for m in masks[:, 0].numpy()]))
 
 
 def train_and_score(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, seed: int,

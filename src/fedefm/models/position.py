@@ -141,6 +141,13 @@ def path_features(path: np.ndarray, mask: np.ndarray) -> np.ndarray:
                           ).astype(np.float32)
 
 
+def read_course(probability: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The catheter path (M, 2) traced in a probability map (H, W) and its :func:`path_features` (PATH_FEATURES,),
+    both from the mask at ``probability >= threshold``."""
+    path = trace_catheter(probability, threshold)
+    return path, path_features(path, probability >= threshold)
+
+
 def pool_at(features: Tensor, points: Tensor, image_size: Sequence[int], radius: float) -> Tensor:
     """Features (B, C, h, w) sampled bilinearly at points (B, 2) (row, col in px of an image ``image_size``)
     and on a ring of 8 points ``radius`` px around each: (B, 2C), the centre then the ring's mean.
@@ -317,10 +324,8 @@ class PathPositionClassifier(HeldSegmenterClassifier):
         read, entry to tip, and "tip" (B, 2) the last of them.
         """
         catheter = self.catheter(x)
-        maps = catheter.cpu().numpy()
-        paths = [trace_catheter(prob) for prob in maps]
-        features = np.stack([path_features(path, prob >= 0.5) for path, prob in zip(paths, maps)])
-        logits = self.head(torch.from_numpy(features).to(x.device))
+        paths, features = zip(*(read_course(prob) for prob in catheter.cpu().numpy()))
+        logits = self.head(torch.from_numpy(np.stack(features)).to(x.device))
         if parts is None:
             return logits
         points = torch.tensor(np.stack([resample_path(path) for path in paths]), dtype=torch.float32, device=x.device)

@@ -17,7 +17,9 @@ encoder, the others the whole segmenter; with ``--foundation`` (a T1 output fold
 encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms
 POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter,
 path/segmenter. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's default for the
-pooling), the epoch selected on validation balanced accuracy, the test set scored once.
+pooling), the epoch selected on validation balanced accuracy, the test set scored once. ``--segmenter-frames``,
+``--segmenter-epochs`` and ``--preset`` change the segmenter init's budget and every model's preset (for a check
+of what the segmenter's training buys; the defaults are T6's), ``--workers`` renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
 * the segmenter (``kind`` "segmenter"): ``seed``, ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test
@@ -33,8 +35,11 @@ K, seed and test image: mean and a 95% interval from a two-level bootstrap (seed
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import common
@@ -73,9 +78,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--preset", default="tiny", help="model preset of the segmenter and every classifier")
+    parser.add_argument("--segmenter-frames", type=int, default=SEGMENTER["frames"],
+                        help="position frames with masks the segmenter init trains on")
+    parser.add_argument("--segmenter-epochs", type=int, default=SEGMENTER["epochs"],
+                        help=f"its epochs of {SEGMENTER['samples_per_epoch']} samples")
+    parser.add_argument("--workers", type=int, default=1, help="processes that render the frames")
     args = parser.parse_args()
     if args.quick:
         args.shots, args.seeds, args.epochs, args.size = [2], [0], 1, 64
+        args.segmenter_frames, args.segmenter_epochs = 12, 1
     if args.foundation is not None:
         args.arms += [arm for arm in FOUNDATION_ARMS if arm not in args.arms]
     if any(arm.endswith("/foundation") for arm in args.arms) and args.foundation is None:
@@ -88,24 +100,34 @@ def position_data(args: argparse.Namespace) -> Path:
     root = args.out / "data" / f"position_{args.size}"
     for split, (n, seed) in SPLITS.items():
         if not (root / split / "manifest.json").is_file():
-            write_position_dataset(root / split, n if not args.quick else 8, size=args.size, seed=seed)
+            write_position_dataset(root / split, n if not args.quick else 8, size=args.size, seed=seed,
+                                   workers=args.workers)
     return root
 
 
-def write_position_masks(root: Path, n: int, size: int, seed: int) -> None:
+def write_mask_frame(folder: Path, size: int, seed: int, i: int) -> None:
+    """FOLDER/{images,masks}/img_I.png: position frame ``i`` (class i mod 4) and its device mask."""
+    image, mask, _ = render_position(POSITION_CLASSES[i % len(POSITION_CLASSES)], size, np.random.default_rng([seed, i]))
+    Image.fromarray(image).save(folder / "images" / f"img_{i:05d}.png")
+    Image.fromarray(mask).save(folder / "masks" / f"img_{i:05d}.png")
+
+
+def write_position_masks(root: Path, n: int, size: int, seed: int, workers: int = 1) -> None:
     """ROOT/images/NAME.png and ROOT/masks/NAME.png: ``n`` position frames, classes in turn, with their device masks.
 
-    Written in ROOT.partial and renamed at the end, so a killed run leaves no half set that the next one reuses.
+    Each frame has its own generator, so the files are the same for any number of ``workers``. Written in
+    ROOT.partial and renamed at the end, so a killed run leaves no half set that the next one reuses.
     """
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     for folder in ("images", "masks"):
         (partial / folder).mkdir(parents=True)
-    for i in range(n):
-        image, mask, _ = render_position(POSITION_CLASSES[i % len(POSITION_CLASSES)], size,
-                                         np.random.default_rng([seed, i]))
-        Image.fromarray(image).save(partial / "images" / f"img_{i:05d}.png")
-        Image.fromarray(mask).save(partial / "masks" / f"img_{i:05d}.png")
+    write_one = functools.partial(write_mask_frame, partial, size, seed)
+    if workers == 1:
+        list(map(write_one, range(n)))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(write_one, range(n), chunksize=16))
     partial.rename(root)
 
 
@@ -115,15 +137,16 @@ def segmenter(args: argparse.Namespace) -> Path:
     if ("segmenter",) in common.recorded(args.out, lambda r: (r.get("kind"),)):
         return out / "model.safetensors"
     started = time.perf_counter()
-    frames = SEGMENTER["frames"] if not args.quick else 12
+    frames = args.segmenter_frames
     data = args.out / "data" / f"position_masks_{args.size}_n{frames}"
     if not data.is_dir():
-        write_position_masks(data, frames, args.size, seed=SEGMENTER["seed"])
-    cfg = FinetuneConfig(data=data, out=out, epochs=SEGMENTER["epochs"] if not args.quick else 1,
+        write_position_masks(data, frames, args.size, seed=SEGMENTER["seed"], workers=args.workers)
+    cfg = FinetuneConfig(data=data, out=out, epochs=args.segmenter_epochs, preset=args.preset,
                          samples_per_epoch=SEGMENTER["samples_per_epoch"] if not args.quick else None,
                          image_size=args.size, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
     row = {"kind": "segmenter", "seed": cfg.seed, "run": str(out), "frames": frames, "epochs": cfg.epochs,
+           "preset": cfg.preset,
            "samples_per_epoch": cfg.samples_per_epoch, "best_epoch": selected["best_epoch"],
            "val_dice": selected["best_val"],
            "test": evaluate_model(out, data, "test")}
@@ -147,10 +170,11 @@ def position_run(args: argparse.Namespace, data: Path, weights: str, pooling: st
     """Fine-tune one classifier (epoch selected on validation), score the test split once; the result row."""
     cfg = FinetuneConfig(data=data, out=args.out / "runs" / f"{pooling}_{init}_k{shots}_s{seed}", task="classify",
                          pooling=pooling, init=weights, shots=shots, epochs=args.epochs, image_size=args.size,
-                         seed=seed)
+                         preset=args.preset, seed=seed)
     selected = finetune_classifier(cfg, progress=False, overwrite=True)  # a run not yet recorded is a leftover
     return {"kind": "position", "pooling": pooling, "init": init, "shots": shots, "seed": seed, "init_weights": weights,
-            "epochs": cfg.epochs, "image_size": cfg.image_size, "run": str(cfg.out), "transfer": selected["transfer"],
+            "epochs": cfg.epochs, "image_size": cfg.image_size, "preset": cfg.preset, "run": str(cfg.out),
+            "transfer": selected["transfer"],
             "best_epoch": selected["best_epoch"], "val_balanced_accuracy": selected["val"]["balanced_accuracy"],
             "test": evaluate_model(Path(cfg.out), data, "test"), "correct": test_correct(Path(cfg.out), data)}
 

@@ -10,8 +10,9 @@ flattened 4x4 map → linear; it keeps where things are) trained on the image al
 mask alone, and on both as two channels, at K = 16 per class and on a pool of 1000 frames (learnability),
 at 64 and 128 px; with ``--segmenter`` (T6's segmenter init) also, at its image size, on the catheter
 probability it predicts (what a deployed model can have), alone and with the image. The ``_path`` inputs read
-instead the course of the catheter traced in that mask, entry to tip (``--pooling path``'s features), through a
-linear head: how much of the class the course alone gives a linear read-out. Frames:
+instead the course of the catheter traced in that mask, entry to tip (``--pooling path``'s features), through
+its standardised linear head (models/position.py course_head): how much of the class the course alone gives a
+linear read-out. Frames:
 ``render_position`` with its device mask, training pool generator seed 1000, validation seed 1001 (200
 frames, 50 per class: accuracy is balanced accuracy). Two seeds per cell; 400 steps of 32.
 Also records the catheter's median contrast-to-noise on the validation frames, in its tip half and its entry
@@ -35,14 +36,14 @@ from scipy import ndimage
 from torch import nn
 
 from fedefm.data.synth import POSITION_CLASSES, render_position
-from fedefm.models.position import PATH_FEATURES, read_course, trace_catheter
+from fedefm.models.position import course_head, read_course, trace_catheter
 from fedefm.models.weights import build_from_weights, load_metadata
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"  # its rows sit in T6's result file (kind "oracle" and "contrast") and print under T6
 
 # input → the channels of frames() (plus with_segmenter_mask) it reads; a "_path" input reads the catheter's course
-# traced from that mask (models/position.py path_features) through a linear head instead of the small CNN
+# traced from that mask (models/position.py path_features) through course_head instead of the small CNN
 INPUTS = {"image": (0,), "true_mask": (1,), "image+true_mask": (0, 1), "true_mask_path": (1,), "segmenter_mask": (2,),
           "image+segmenter_mask": (0, 2), "segmenter_mask_path": (2,)}
 DEFAULT_INPUTS = ("image", "true_mask", "image+true_mask", "true_mask_path")
@@ -87,11 +88,11 @@ def train_and_score(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y
                     steps: int, path: bool = False) -> float:
     """AdamW for ``steps`` batches of 32, the best validation accuracy of 10 checks: the small CNN on the frames
     (random shifts of up to 3 px; lr 2e-3) or, with ``path``, a linear head on the course of their one mask
-    channel (lr 1e-2, finetune's default for ``--pooling path``)."""
+    channel (models/position.py course_head, --pooling path's; lr 1e-2, finetune's default for it)."""
     torch.manual_seed(seed)
     if path:
         x, val_x = course(x), course(val_x)
-    model = nn.Linear(PATH_FEATURES, len(POSITION_CLASSES)) if path else small_cnn(x.shape[1], x.shape[-1])
+    model = course_head(len(POSITION_CLASSES)) if path else small_cnn(x.shape[1], x.shape[-1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2 if path else 2e-3, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(seed)
     best = 0.0

@@ -12,7 +12,7 @@ from fedefm.data.synth.domains import render_position
 from fedefm.errors import ConfigError, DataError, WeightsError
 from fedefm.finetune import classify
 from fedefm.finetune.config import FinetuneConfig
-from fedefm.finetune.predict import classify_images
+from fedefm.finetune.predict import classify_images, mark
 from fedefm.models.heads import Classifier
 from fedefm.models.position import (
     PATH_FEATURES,
@@ -21,6 +21,7 @@ from fedefm.models.position import (
     PathPositionClassifier,
     PositionClassifier,
     catheter_path,
+    course_head,
     locate_tip,
     locate_tips,
     path_features,
@@ -144,8 +145,21 @@ def test_position_model_trains_and_predict_shows_where_it_looked(positions, tmp_
         overlay = np.asarray(Image.open(tmp_path / "pred" / f"{image.stem}_overlay.png"))
         assert overlay.shape == (SIZE, SIZE, 3)
         assert (overlay == (255, 0, 255)).all(-1).any()  # the tip's cross
+        if pooling == "path":  # the course it read, entry to tip (drawn by mark, below)
+            assert len(row["path"]) == PATH_POINTS and row["path"][-1] == row["tip"]
+        else:
+            assert "path" not in row
     written = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert [row["tip"] for row in written] == [row["tip"] for row in rows]
+    assert [row.get("path") for row in written] == [row.get("path") for row in rows]
+
+
+def test_overlay_marks_draw_a_cross_at_each_point_clipped_to_the_image():
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    marked = mark(rgb, [[5.2, 6.8], [19.0, 29.0]], (0, 255, 0), arm=1)
+    green = (marked == (0, 255, 0)).all(-1)
+    assert green[[4, 5, 6, 5, 5], [7, 7, 7, 6, 8]].all() and green[[18, 19, 19], [29, 29, 28]].all()
+    assert green.sum() == 5 + 3 and not rgb.any()  # two crosses, the second cut by the corner; the input untouched
 
 
 @pytest.mark.parametrize("size", [(33, 47), (64, 96)])
@@ -187,8 +201,27 @@ def test_held_segmenter_models_learn_only_what_reads_the_catheter(pooling):
     for key, value in before.items():
         changed = not torch.equal(after[key], value)
         assert changed == key.startswith(("shape_encoder.", "head.")), key
-    seen = model(torch.rand(1, 1, 64, 64), parts=("logits", "tip", "catheter"))
+    seen = model.eval()(torch.rand(1, 1, 64, 64), parts=("logits", "tip", "catheter"))
     assert seen["catheter"].shape == (1, 64, 64) and seen["tip"].shape == (1, 2)
+
+
+def test_course_head_learns_a_small_feature_beside_a_large_one_and_standardises_by_every_batch():
+    torch.manual_seed(0)
+    sign = torch.randint(0, 2, (256,))
+    features = (100 + 10 * torch.randn(256, 1)).repeat(1, PATH_FEATURES)  # large and uninformative ...
+    features[:, 0] = (sign * 2 - 1) * 1e-3 * (1 + torch.rand(256))  # ... beside a small one that decides the class
+    head = course_head(2)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for step in range(96):  # three passes over 32 batches of 8
+        batch = slice(8 * (step % 32), 8 * (step % 32) + 8)
+        loss = torch.nn.functional.cross_entropy(head(features[batch]), sign[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head.eval()
+    assert (head(features).argmax(1) == sign).float().mean() > 0.95
+    batch_means = features[: 8 * 32].reshape(32, 8, -1).mean(1)  # every batch counts alike, the first as the last
+    assert torch.allclose(head.standardise.running_mean, batch_means.mean(0), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pooling", ["mask", "path"])

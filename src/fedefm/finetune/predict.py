@@ -28,7 +28,7 @@ from fedefm.finetune.cine import DEFAULT_FPS, cine_path, device_pixels, source_f
 from fedefm.finetune.classify import predict_probabilities
 from fedefm.finetune.dicom_seg import require_dicom_suffix, write_dicom_seg
 from fedefm.finetune.evaluate import is_classifier, weights_path
-from fedefm.models.position import POSITION_MODELS
+from fedefm.models.position import POSITION_MODELS, PathPositionClassifier
 from fedefm.models.weights import build_from_weights
 from fedefm.runfolder import owned_run_folder
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # RGB per label; catheter orange and guidewire cyan stay distinct for colour-blind readers too.
 LABEL_COLOURS = np.array([[0, 0, 0], [255, 120, 0], [0, 210, 255]], dtype=np.float32)
+TIP_COLOUR, COURSE_COLOUR = (255, 0, 255), (0, 255, 0)  # a position classifier's tip and the course it read
 OUTPUT_FORMATS = ("png", "dicom-seg")
 
 
@@ -213,12 +214,13 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
     claimed as a run folder of kind "predict" (another run there is refused unless ``overwrite``).
 
     A position classifier (``--pooling tip``, ``mask`` or ``path``) also says where it looked: its rows add
-    ``"tip": [row, col]`` in px of the input image, and with ``out`` it writes NAME_overlay.png, the image with
-    the predicted catheter (probability >= 0.5, orange) and a cross at the tip.
+    ``"tip": [row, col]`` in px of the input image (``path`` also ``"path"``, the PATH_POINTS [row, col] of the
+    course it read, entry to tip), and with ``out`` it writes NAME_overlay.png, the image with the predicted
+    catheter (probability >= 0.5, orange), a cross at the tip (magenta) and small crosses along the course (green).
 
     Returns:
         One {"image": name, "class": most likely class (multi-label: the labels at p >= 0.5, as a list),
-        "probabilities": {CLASS: p}} per image (plus "tip"), and the report of skipped inputs and timing.
+        "probabilities": {CLASS: p}} per image (plus "tip" and "path"), and the report of skipped inputs and timing.
 
     Raises:
         ConfigError: the weights are a segmenter's (use :func:`predict`).
@@ -240,11 +242,12 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
                       else classes[int(np.argmax(probabilities))])
             rows.append({"image": name, "class": chosen, "probabilities": dict(zip(classes, probabilities))})
             if isinstance(network, tuple(POSITION_MODELS.values())):
-                tip, catheter = where_it_looked(network, frame.image, size)
-                rows[-1]["tip"] = tip
+                seen = where_it_looked(network, frame.image, size)
+                rows[-1] |= {part: seen[part] for part in ("tip", "path") if part in seen}
                 if out is not None:
-                    write_png(Path(out) / f"{name}_overlay.png",
-                              mark_tip(overlay(frame.image, catheter.astype(np.uint8)), tip))
+                    shown = overlay(frame.image, seen["catheter"].astype(np.uint8))
+                    shown = mark(shown, seen.get("path", []), COURSE_COLOUR, arm=1)
+                    write_png(Path(out) / f"{name}_overlay.png", mark(shown, [seen["tip"]], TIP_COLOUR))
         report.seconds = time.perf_counter() - started
         if out is not None:
             with atomic_write(Path(out) / "predictions.jsonl", "w") as f:
@@ -254,24 +257,35 @@ def classify_images(model: Path, inputs: list[Path], out: Path | None = None, sk
 
 
 @torch.no_grad()
-def where_it_looked(network: torch.nn.Module, image: np.ndarray, size: int) -> tuple[list[float], np.ndarray]:
-    """The tip [row, col] in px of ``image`` (H, W) and its catheter mask (H, W) bool, as the classifier saw them."""
+def where_it_looked(network: torch.nn.Module, image: np.ndarray, size: int) -> dict:
+    """What a position classifier read in ``image`` (H, W), in px of the image: "tip" [row, col], "catheter" its
+    mask (H, W) bool and, for a model that reads the course (``--pooling path``), "path" ([row, col], entry to tip)."""
     network.eval()
-    seen = network(resize_image(image, size)[None], parts=("tip", "catheter"))
+    parts = ("tip", "catheter", "path") if isinstance(network, PathPositionClassifier) else ("tip", "catheter")
+    seen = network(resize_image(image, size)[None], parts=parts)
     catheter = F.interpolate(seen["catheter"][None], size=image.shape, mode="bilinear", align_corners=False)[0, 0]
     scale = [image.shape[0] / size, image.shape[1] / size]
-    tip = [round((float(v) + 0.5) * k - 0.5, 1) for v, k in zip(seen["tip"][0], scale)]
-    return tip, catheter.numpy() >= 0.5
+
+    def in_image(point: torch.Tensor) -> list[float]:  # pixel centres: model px k covers image px [k·s, (k+1)·s)
+        return [round((float(v) + 0.5) * k - 0.5, 1) for v, k in zip(point, scale)]
+
+    found = {"tip": in_image(seen["tip"][0]), "catheter": catheter.numpy() >= 0.5}
+    if "path" in seen:
+        found["path"] = [in_image(point) for point in seen["path"][0]]
+    return found
 
 
-def mark_tip(rgb: np.ndarray, tip: list[float], colour: tuple[int, int, int] = (255, 0, 255)) -> np.ndarray:
-    """A copy of an RGB image (H, W, 3) uint8 with a cross of ``colour`` centred at ``tip`` (row, col)."""
+def mark(rgb: np.ndarray, points: list[list[float]], colour: tuple[int, int, int], arm: int | None = None
+         ) -> np.ndarray:
+    """A copy of an RGB image (H, W, 3) uint8 with a cross of ``colour`` centred at each [row, col] of ``points``;
+    ``arm`` px long each way (default: 1/32 of the image's shorter side, at least 2)."""
     marked = rgb.copy()
     height, width = rgb.shape[:2]
-    row, col = (int(round(v)) for v in tip)
-    arm = max(2, min(height, width) // 32)
-    marked[max(0, row - arm) : row + arm + 1, min(max(col, 0), width - 1)] = colour
-    marked[min(max(row, 0), height - 1), max(0, col - arm) : col + arm + 1] = colour
+    arm = max(2, min(height, width) // 32) if arm is None else arm
+    for point in points:
+        row, col = (int(round(v)) for v in point)
+        marked[max(0, row - arm) : row + arm + 1, min(max(col, 0), width - 1)] = colour
+        marked[min(max(row, 0), height - 1), max(0, col - arm) : col + arm + 1] = colour
     return marked
 
 

@@ -240,6 +240,18 @@ def shape_encoder(width: int = 32, blocks: int = 4, grid: int = 4) -> nn.Sequent
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(grid), nn.Flatten())
 
 
+def course_head(n_classes: int) -> nn.Sequential:
+    """(B, PATH_FEATURES) course features → (B, n_classes) logits: standardised, then linear.
+
+    The features' scales differ by orders of magnitude (coordinates in [-1, 1], turning in full turns, areas
+    over length²), and one learning rate for all of them fits the large ones and starves the small, so each is
+    standardised by its mean and variance over every training batch: a BatchNorm without affine terms that
+    averages all batches alike (momentum None), since a held segmenter's features do not drift.
+    """
+    return nn.Sequential(OrderedDict(standardise=nn.BatchNorm1d(PATH_FEATURES, affine=False, momentum=None),
+                                     linear=nn.Linear(PATH_FEATURES, n_classes)))
+
+
 class HeldSegmenterClassifier(nn.Module):
     """A TransUNet (encoder, decoder, segmentation head) held as loaded, for a classifier of the catheter it predicts.
 
@@ -307,14 +319,14 @@ class PathPositionClassifier(HeldSegmenterClassifier):
     aorta, turns over the arch, turns up again into a branch, or buckles into a loop. Traced from the predicted
     mask (probability >= 0.5) and resampled to PATH_POINTS points, that course is 67 numbers a linear head
     learns from a few frames per class, where a CNN on the same mask must first learn to follow a line
-    (``finetune --task classify --pooling path``).
+    (``finetune --task classify --pooling path``), through :func:`course_head`.
     """
 
     arch = "position_path"
 
     def __init__(self, preset: Preset, n_classes: int) -> None:
         super().__init__(preset, n_classes)
-        self.head = nn.Sequential(OrderedDict(linear=nn.Linear(PATH_FEATURES, n_classes)))
+        self.head = course_head(n_classes)
 
     def forward(self, x: Tensor, parts: Sequence[str] | None = None) -> Tensor | dict[str, Tensor]:
         """Classify images x: (B, in_channels, H, W), H and W multiples of 32; returns logits (B, n_classes).

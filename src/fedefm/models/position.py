@@ -243,10 +243,10 @@ def shape_encoder(width: int = 32, blocks: int = 4, grid: int = 4) -> nn.Sequent
 def course_head(n_classes: int) -> nn.Sequential:
     """(B, PATH_FEATURES) course features → (B, n_classes) logits: standardised, then linear.
 
-    The features' scales differ by orders of magnitude (coordinates in [-1, 1], turning in full turns, areas
-    over length²), and one learning rate for all of them fits the large ones and starves the small, so each is
-    standardised by its mean and variance over every training batch: a BatchNorm without affine terms that
-    averages all batches alike (momentum None), since a held segmenter's features do not drift.
+    The features' spreads differ up to twentyfold (on synthetic catheters: the enclosed area's standard deviation
+    0.03, a coordinate's up to 0.6), and one learning rate for all of them fits the wide ones and starves the
+    narrow, so each is standardised by its mean and variance over every training batch: a BatchNorm without
+    affine terms that averages all batches alike (momentum None), since a held segmenter's features do not drift.
     """
     return nn.Sequential(OrderedDict(standardise=nn.BatchNorm1d(PATH_FEATURES, affine=False, momentum=None),
                                      linear=nn.Linear(PATH_FEATURES, n_classes)))

@@ -160,6 +160,8 @@ def test_overlay_marks_draw_a_cross_at_each_point_clipped_to_the_image():
     green = (marked == (0, 255, 0)).all(-1)
     assert green[[4, 5, 6, 5, 5], [7, 7, 7, 6, 8]].all() and green[[18, 19, 19], [29, 29, 28]].all()
     assert green.sum() == 5 + 3 and not rgb.any()  # two crosses, the second cut by the corner; the input untouched
+    beyond = (mark(rgb, [[-4.0, 10.0]], (0, 255, 0), arm=1) == (0, 255, 0)).all(-1)
+    assert beyond.sum() == 0  # a point off the image draws nothing (no slice wraps round)
 
 
 @pytest.mark.parametrize("size", [(33, 47), (64, 96)])

@@ -277,15 +277,16 @@ def where_it_looked(network: torch.nn.Module, image: np.ndarray, size: int) -> d
 
 def mark(rgb: np.ndarray, points: list[list[float]], colour: tuple[int, int, int], arm: int | None = None
          ) -> np.ndarray:
-    """A copy of an RGB image (H, W, 3) uint8 with a cross of ``colour`` centred at each [row, col] of ``points``;
-    ``arm`` px long each way (default: 1/32 of the image's shorter side, at least 2)."""
+    """A copy of an RGB image (H, W, 3) uint8 with a cross of ``colour`` centred at each [row, col] of ``points``
+    inside it; ``arm`` px long each way (default: 1/32 of the image's shorter side, at least 2), cut at the edges."""
     marked = rgb.copy()
     height, width = rgb.shape[:2]
     arm = max(2, min(height, width) // 32) if arm is None else arm
     for point in points:
         row, col = (int(round(v)) for v in point)
-        marked[max(0, row - arm) : row + arm + 1, min(max(col, 0), width - 1)] = colour
-        marked[min(max(row, 0), height - 1), max(0, col - arm) : col + arm + 1] = colour
+        if 0 <= row < height and 0 <= col < width:  # a point off the image has no cross to draw
+            marked[max(0, row - arm) : row + arm + 1, col] = colour
+            marked[row, max(0, col - arm) : col + arm + 1] = colour
     return marked
 
 

@@ -167,9 +167,9 @@ def oracle_tables(results: list[dict]) -> str:
     rows = [[str(size), name, str(per_class), mean_std(r["val_balanced_accuracy"] for r in cell), str(len(cell))]
             for (size, name, per_class), cell in sorted(by_cell.items())]
     if rows:
-        lines.append(markdown((["px", "input (small CNN; _path: linear head on the traced course)",
-                                "training frames per class", "val balanced accuracy (best of 10 checks: an upper bound)",
-                                "seeds"], rows)))
+        header = ["px", "input (small CNN; _path: --pooling path's standardised linear head on the course)",
+                  "training frames per class", "val balanced accuracy (best of 10 checks: an upper bound)", "seeds"]
+        lines.append(markdown((header, rows)))
     return "\n\n".join(lines)
 
 

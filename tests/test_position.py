@@ -285,10 +285,21 @@ def test_path_features_read_the_same_course_at_any_image_size_and_move_with_it()
 def test_path_features_tell_a_loop_from_a_hook():
     rows, cols = np.mgrid[:64, :64]
     looped = (np.abs(np.hypot(rows - 20, cols - 20) - 6) < 0.8) | ((cols == 20) & (rows >= 26))
-    *_, off_path, enclosed, _, turning = path_features(catheter_path(looped), looped)[-5:]
-    *_, hook_off_path, hook_enclosed, _, hook_turning = path_features(catheter_path(hook(64)), hook(64))[-5:]
+    scalars = slice(4 * PATH_POINTS - 2, 4 * PATH_POINTS + 3)  # after the points and directions: length ... turning
+    _, off_path, enclosed, _, turning = path_features(catheter_path(looped), looped)[scalars]
+    _, hook_off_path, hook_enclosed, _, hook_turning = path_features(catheter_path(hook(64)), hook(64))[scalars]
     assert hook_off_path == 0 and hook_enclosed == 0 and abs(hook_turning - 0.25) < 0.05  # one right angle
     assert off_path > 0.15 and enclosed > 0.01  # the half of the loop the walk cut short, and what it encloses
+
+
+def test_path_features_say_where_the_tip_lies_from_the_entry_and_the_crest():
+    path = catheter_path(hook(64))  # from (63, 16) up to row 24, then right to (24, 39)
+    features = path_features(path, hook(64))
+    last_turning, from_entry, from_crest, spans = features[-8:-6], features[-6:-4], features[-4:-2], features[-2:]
+    np.testing.assert_allclose(last_turning, [0, 0], atol=1e-6)  # the right angle lies before the last quarter
+    np.testing.assert_allclose(from_entry, [(24 - 63) / len(path), (39 - 16) / len(path)], atol=1e-5)
+    assert from_crest[0] == 0 and 0 < from_crest[1] < (39 - 16) / len(path)  # the crest is on row 24, left of the tip
+    np.testing.assert_allclose(spans, [(63 - 24) / len(path), (39 - 16) / len(path)], atol=1e-5)
 
 
 def test_path_model_reports_the_course_it_read_and_its_tip_at_its_end():

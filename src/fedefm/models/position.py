@@ -27,7 +27,7 @@ from fedefm.models.segmenters import DecoderCup
 CATHETER = 1  # the catheter's channel of the segmentation head (background, catheter, guidewire)
 NEIGHBOURS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
 PATH_POINTS = 16  # points a catheter's course is resampled to, entry to tip (path_features)
-PATH_FEATURES = 4 * PATH_POINTS + 3  # the points (2 each), the directions between them (2 each), 5 scalars
+PATH_FEATURES = 4 * PATH_POINTS + 11  # the points (2 each), the directions between them (2 each), 13 more
 
 
 def geodesic_distances(rows: np.ndarray, cols: np.ndarray, start: int) -> np.ndarray:
@@ -118,7 +118,9 @@ def path_features(path: np.ndarray, mask: np.ndarray) -> np.ndarray:
     [PATH_POINTS points along the path, entry to tip, as row, col in [-1, 1]; the unit direction between each
     pair (where it runs and where it turns); the path's length / image height; the share of the catheter's
     pixels off the path (a loop the shortest walk cuts short, a branch); the area the catheter encloses /
-    length²; its signed and its absolute turning / 2π (a loop turns by a full circle)].
+    length²; its signed and its absolute turning / 2π (a loop turns by a full circle), and those of its last
+    quarter (how the tip end bends); where the tip lies from the entry and from the path's highest point (the
+    crest of the arch it ran over), row and col / length; the rows and the columns it spans / length].
     """
     height, width = mask.shape
     points = resample_path(path)
@@ -135,10 +137,14 @@ def path_features(path: np.ndarray, mask: np.ndarray) -> np.ndarray:
     off_path = (catheter & (from_path > 2 * half_width + 1)).sum() / max(catheter.sum(), 1)
     length = len(path)
     enclosed = (ndimage.binary_fill_holes(catheter) & ~catheter).sum() / length**2
-    scalars = [length / height, off_path, enclosed, turns.sum() / (2 * np.pi), np.abs(turns).sum() / (2 * np.pi)]
+    last = turns[-(PATH_POINTS // 4) :]
+    scalars = [length / height, off_path, enclosed, turns.sum() / (2 * np.pi), np.abs(turns).sum() / (2 * np.pi),
+               last.sum() / (2 * np.pi), np.abs(last).sum() / (2 * np.pi)]
+    crest = points[np.argmin(points[:, 0])]
+    relative = [(points[-1] - points[0]) / length, (points[-1] - crest) / length, np.ptp(points, axis=0) / length]
     corners = np.array([height - 1, width - 1], float)
-    return np.concatenate([(points / np.maximum(corners, 1) * 2 - 1).ravel(), directions.ravel(), scalars]
-                          ).astype(np.float32)
+    return np.concatenate([(points / np.maximum(corners, 1) * 2 - 1).ravel(), directions.ravel(), scalars,
+                           *relative]).astype(np.float32)
 
 
 def read_course(probability: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -317,7 +323,7 @@ class PathPositionClassifier(HeldSegmenterClassifier):
 
     The position classes are geometric relations: whether the catheter runs straight up the descending
     aorta, turns over the arch, turns up again into a branch, or buckles into a loop. Traced from the predicted
-    mask (probability >= 0.5) and resampled to PATH_POINTS points, that course is 67 numbers a linear head
+    mask (probability >= 0.5) and resampled to PATH_POINTS points, that course is 75 numbers a linear head
     learns from a few frames per class, where a CNN on the same mask must first learn to follow a line
     (``finetune --task classify --pooling path``), through :func:`course_head`.
     """

@@ -249,8 +249,8 @@ def shape_encoder(width: int = 32, blocks: int = 4, grid: int = 4) -> nn.Sequent
 def course_head(n_classes: int) -> nn.Sequential:
     """(B, PATH_FEATURES) course features → (B, n_classes) logits: standardised, then linear.
 
-    The features' spreads differ up to twentyfold (on synthetic catheters: the enclosed area's standard deviation
-    0.03, a coordinate's up to 0.6), and one learning rate for all of them fits the wide ones and starves the
+    The features' spreads differ up to thirtyfold (on synthetic catheters: the enclosed area's standard deviation
+    0.02, a coordinate's up to 0.6), and one learning rate for all of them fits the wide ones and starves the
     narrow, so each is standardised by its mean and variance over every training batch: a BatchNorm without
     affine terms that averages all batches alike (momentum None), since a held segmenter's features do not drift.
     """

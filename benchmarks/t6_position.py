@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import common
@@ -50,6 +48,7 @@ from t6_oracles import oracle_tables
 
 from fedefm.data.datasets import find_classification_splits
 from fedefm.data.synth import POSITION_CLASSES, render_position, write_position_dataset
+from fedefm.data.synth.corpora import each_image
 from fedefm.finetune.classify import load_samples, predict_probabilities
 from fedefm.finetune.classify import run as finetune_classifier
 from fedefm.finetune.config import FinetuneConfig
@@ -107,7 +106,8 @@ def position_data(args: argparse.Namespace) -> Path:
 
 def write_mask_frame(folder: Path, size: int, seed: int, i: int) -> None:
     """FOLDER/{images,masks}/img_I.png: position frame ``i`` (class i mod 4) and its device mask."""
-    image, mask, _ = render_position(POSITION_CLASSES[i % len(POSITION_CLASSES)], size, np.random.default_rng([seed, i]))
+    cls = POSITION_CLASSES[i % len(POSITION_CLASSES)]
+    image, mask, _ = render_position(cls, size, np.random.default_rng([seed, i]))
     Image.fromarray(image).save(folder / "images" / f"img_{i:05d}.png")
     Image.fromarray(mask).save(folder / "masks" / f"img_{i:05d}.png")
 
@@ -122,12 +122,7 @@ def write_position_masks(root: Path, n: int, size: int, seed: int, workers: int 
     shutil.rmtree(partial, ignore_errors=True)
     for folder in ("images", "masks"):
         (partial / folder).mkdir(parents=True)
-    write_one = functools.partial(write_mask_frame, partial, size, seed)
-    if workers == 1:
-        list(map(write_one, range(n)))
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(write_one, range(n), chunksize=16))
+    each_image(functools.partial(write_mask_frame, partial, size, seed), range(n), workers, "position frames, masks")
     partial.rename(root)
 
 

@@ -66,7 +66,7 @@ def _check_workers(workers: int) -> None:
         raise ConfigError(f"--workers {workers}: need at least 1 process; pass --workers 1 or more")
 
 
-def _each_image(write_one: Callable, jobs: Sequence, workers: int, what: str) -> list:
+def each_image(write_one: Callable, jobs: Sequence, workers: int, what: str) -> list:
     """``[write_one(job) for job in jobs]``, in ``workers`` processes when more than one, logging progress.
 
     Every image draws from its own generator (_image_rng), so the files are the same for any number of
@@ -152,7 +152,7 @@ def write_seg_dataset(out: Path, domain: str, n: int, size: int = 256, seed: int
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         write_one = functools.partial(_write_seg_image, tmp, domain, size, seed, wire_label)
-        images = _each_image(write_one, range(n), workers, f"{domain} frames")
+        images = each_image(write_one, range(n), workers, f"{domain} frames")
         return {"generator_version": GENERATOR_VERSION, "kind": "seg", "domain": domain, "n": n, "size": size,
                 "seed": seed, "wire_label": wire_label, "images": images}
 
@@ -210,7 +210,7 @@ def write_pretrain_corpus(out: Path, per_class: int, size: int = 256, seed: int 
                 (tmp / cls / "masks").mkdir()
         jobs = [(cls, i) for cls in classes for i in range(per_class)]
         write_one = functools.partial(_write_pretrain_image, tmp, size, seed, list(annotated))
-        _each_image(write_one, jobs, workers, "pre-training images")
+        each_image(write_one, jobs, workers, "pre-training images")
         manifest = {"generator_version": GENERATOR_VERSION, "kind": "pretrain", "classes": classes,
                     "per_class": per_class, "size": size, "seed": seed, "counts": {cls: per_class for cls in classes}}
         if not masks:
@@ -262,7 +262,7 @@ def write_position_dataset(out: Path, n: int, size: int = 256, seed: int = 0, wo
         for cls in counts:
             (tmp / cls).mkdir()
         jobs = [(cls, i) for cls, count in counts.items() for i in range(count)]
-        images = _each_image(functools.partial(_write_position_image, tmp, size, seed), jobs, workers,
+        images = each_image(functools.partial(_write_position_image, tmp, size, seed), jobs, workers,
                              "position frames")
         return {"generator_version": GENERATOR_VERSION, "kind": "position", "classes": list(POSITION_CLASSES),
                 "n": n, "size": size, "seed": seed, "counts": counts, "images": images}

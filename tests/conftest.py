@@ -1,4 +1,4 @@
-"""Shared test settings: no downloads, few threads, quiet logs."""
+"""Shared test settings: no downloads, few threads, quiet logs; fixtures the modules share."""
 
 import os
 
@@ -6,9 +6,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (make test) the workers share the machine's cores: one thread each, not two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+import fcntl  # noqa: E402
 import runpy  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -31,15 +34,28 @@ def run_benchmark(script: str, *args: str) -> None:
 
 @pytest.fixture(scope="session")
 def quick_benchmarks(tmp_path_factory) -> Path:
-    """ROOT/t1 ... ROOT/t8: every table script's --quick output (T3, T4 and T6 start from T1's weights)."""
-    root = tmp_path_factory.mktemp("bench")
-    run_benchmark("t1_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t1"))
-    run_benchmark("t2_unseen.py", "--quick", "--threads", "1", "--out", str(root / "t2"))
-    for script, table in (("t3_downstream.py", "t3"), ("t4_backbones.py", "t4"), ("t6_position.py", "t6")):
-        run_benchmark(script, "--quick", "--threads", "1", "--out", str(root / table), "--foundation", str(root / "t1"))
-    run_benchmark("t5_fedefm_ablation.py", "--quick", "--threads", "1", "--out", str(root / "t5"))
-    run_benchmark("t7_dense_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t7"))
-    run_benchmark("t8_guidewire.py", "--quick", "--threads", "1", "--out", str(root / "t8"))
+    """ROOT/t1 ... ROOT/t8: every table script's --quick output (T3, T4 and T6 start from T1's weights).
+
+    Made once per test session: under pytest-xdist the first worker to ask makes it in the folder the workers
+    share while holding a lock, and the others wait for it and read the same folder (no test changes it).
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root, done = shared / "bench", shared / "bench.done"
+    with open(shared / "bench.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that failed part way
+            run_benchmark("t1_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t1"))
+            run_benchmark("t2_unseen.py", "--quick", "--threads", "1", "--out", str(root / "t2"))
+            for script, table in (("t3_downstream.py", "t3"), ("t4_backbones.py", "t4"), ("t6_position.py", "t6")):
+                run_benchmark(script, "--quick", "--threads", "1", "--out", str(root / table),
+                              "--foundation", str(root / "t1"))
+            run_benchmark("t5_fedefm_ablation.py", "--quick", "--threads", "1", "--out", str(root / "t5"))
+            run_benchmark("t7_dense_foundation.py", "--quick", "--threads", "1", "--out", str(root / "t7"))
+            run_benchmark("t8_guidewire.py", "--quick", "--threads", "1", "--out", str(root / "t8"))
+            done.touch()
     return root
 
 

@@ -31,6 +31,13 @@ def corpus(tmp_path_factory):
     return root
 
 
+def loopback(folder, corpus, **kwargs):
+    """A LoopbackFederation in ``folder`` serving ``corpus``, its processes under FEDERATION_ENV."""
+    from fedefm.federated.flower import deploy
+
+    return deploy.LoopbackFederation(folder, corpus, env=FEDERATION_ENV, **kwargs)
+
+
 def simulated(corpus, out, algorithm, objective="classify", rounds=2):
     """The simulator's run folder ``out`` for SETTINGS with ``algorithm``, ``objective`` and ``rounds``."""
     # One thread, as the SuperNodes' ClientApps run: another thread count may sum in another order.

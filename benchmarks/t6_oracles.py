@@ -12,7 +12,8 @@ at 64 and 128 px; with ``--segmenter`` (T6's segmenter init) also, at its image 
 probability it predicts (what a deployed model can have), alone and with the image. The ``_path`` inputs read
 instead the course of the catheter traced in that mask, entry to tip (``--pooling path``'s features), through
 its standardised linear head (models/position.py course_head): how much of the class the course alone gives a
-linear read-out. Frames:
+linear read-out; the ``_ends`` inputs only where that course enters and ends (4 numbers, through a standardised
+head with one hidden layer): what a perfect tip locator alone would give. Frames:
 ``render_position`` with its device mask, training pool generator seed 1000, validation seed 1001 (200
 frames, 50 per class: accuracy is balanced accuracy). Two seeds per cell; 400 steps of 32.
 Also records the catheter's median contrast-to-noise on the validation frames, in its tip half and its entry
@@ -43,10 +44,13 @@ from fedefm.results import group, markdown, mean_std, read_results
 TABLE = "T6"  # its rows sit in T6's result file (kind "oracle" and "contrast") and print under T6
 
 # input → the channels of frames() (plus with_segmenter_mask) it reads; a "_path" input reads the catheter's course
-# traced from that mask (models/position.py path_features) through course_head instead of the small CNN
-INPUTS = {"image": (0,), "true_mask": (1,), "image+true_mask": (0, 1), "true_mask_path": (1,), "segmenter_mask": (2,),
-          "image+segmenter_mask": (0, 2), "segmenter_mask_path": (2,)}
-DEFAULT_INPUTS = ("image", "true_mask", "image+true_mask", "true_mask_path")
+# traced from that mask (models/position.py path_features) through course_head instead of the small CNN, an "_ends"
+# input only where that course starts and ends (ends_head)
+INPUTS = {"image": (0,), "true_mask": (1,), "image+true_mask": (0, 1), "true_mask_path": (1,), "true_mask_ends": (1,),
+          "segmenter_mask": (2,), "image+segmenter_mask": (0, 2), "segmenter_mask_path": (2,),
+          "segmenter_mask_ends": (2,)}
+DEFAULT_INPUTS = ("image", "true_mask", "image+true_mask", "true_mask_path", "true_mask_ends")
+READS = {"path": "course", "ends": "ends"}  # an input's suffix → what train_and_score reads of its mask
 
 
 def frames(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,22 +88,41 @@ def course(masks: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack([read_course(m)[1] for m in masks[:, 0].numpy()]))
 
 
+def ends(masks: torch.Tensor) -> torch.Tensor:
+    """Where the catheter traced in each mask or probability map (N, 1, S, S) at 0.5 enters and where its tip
+    lies: (N, 4) entry row, col, tip row, col in [-1, 1]."""
+    size = masks.shape[-1]
+    points = [trace_catheter(m)[[0, -1]].astype(np.float32).ravel() for m in masks[:, 0].numpy()]
+    return torch.from_numpy(np.stack(points)) / (size - 1) * 2 - 1
+
+
+def ends_head(n_classes: int, hidden: int = 32) -> nn.Sequential:
+    """(B, 4) entry and tip → (B, n_classes) logits: standardised as course_head, then one hidden layer (the
+    classes are regions of the image, not half-planes of these four numbers)."""
+    return nn.Sequential(nn.BatchNorm1d(4, affine=False, momentum=None), nn.Linear(4, hidden), nn.ReLU(),
+                         nn.Linear(hidden, n_classes))
+
+
 def train_and_score(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, seed: int,
-                    steps: int, path: bool = False) -> float:
+                    steps: int, reads: str = "pixels") -> float:
     """AdamW for ``steps`` batches of 32, the best validation accuracy of 10 checks: the small CNN on the frames
-    (random shifts of up to 3 px; lr 2e-3) or, with ``path``, a linear head on the course of their one mask
-    channel (models/position.py course_head, --pooling path's; lr 1e-2, finetune's default for it)."""
+    (``reads`` "pixels": random shifts of up to 3 px; lr 2e-3), or a head on what their one mask channel's traced
+    catheter gives: "course", a linear head on its course (models/position.py course_head, --pooling path's),
+    or "ends", ends_head on its entry and tip alone; lr 1e-2 for both heads (finetune's default for --pooling path)."""
     torch.manual_seed(seed)
-    if path:
-        x, val_x = course(x), course(val_x)
-    model = course_head(len(POSITION_CLASSES)) if path else small_cnn(x.shape[1], x.shape[-1])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2 if path else 2e-3, weight_decay=1e-3)
+    pixels = reads == "pixels"
+    if pixels:
+        model = small_cnn(x.shape[1], x.shape[-1])
+    else:
+        features, head = {"course": (course, course_head), "ends": (ends, ends_head)}[reads]
+        x, val_x, model = features(x), features(val_x), head(len(POSITION_CLASSES))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3 if pixels else 1e-2, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(seed)
     best = 0.0
     for step in range(1, steps + 1):
         index = torch.randint(0, x.shape[0], (32,), generator=generator)
         shift = torch.randint(-3, 4, (2,), generator=generator).tolist()
-        batch = x[index] if path else torch.roll(x[index], shift, dims=(2, 3))
+        batch = torch.roll(x[index], shift, dims=(2, 3)) if pixels else x[index]
         loss = F.cross_entropy(model(batch), y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,7 +190,8 @@ def oracle_tables(results: list[dict]) -> str:
     rows = [[str(size), name, str(per_class), mean_std(r["val_balanced_accuracy"] for r in cell), str(len(cell))]
             for (size, name, per_class), cell in sorted(by_cell.items())]
     if rows:
-        header = ["px", "input (small CNN; _path: --pooling path's standardised linear head on the course)",
+        header = ["px", "input (small CNN; _path: --pooling path's standardised linear head on the course; _ends: a "
+                  "small MLP on its entry and tip)",
                   "training frames per class", "val balanced accuracy (best of 10 checks: an upper bound)", "seeds"]
         lines.append(markdown((header, rows)))
     return "\n\n".join(lines)
@@ -214,7 +238,7 @@ def main() -> None:
                                       [:n_train] for c in range(len(POSITION_CLASSES))])
                     channels = INPUTS[name]
                     accuracy = train_and_score(pool_x[pick][:, channels], pool_y[pick], val_x[:, channels], val_y,
-                                               seed, args.steps, path=name.endswith("_path"))
+                                               seed, args.steps, reads=READS.get(name.rpartition("_")[2], "pixels"))
                     row = common.record(args.out, TABLE, {"kind": "oracle", "size": size, "input": name,
                                                           "per_class": n_train, "seed": seed, "steps": args.steps,
                                                           "val_balanced_accuracy": accuracy}, started)

@@ -187,7 +187,7 @@ def test_t6_oracles_record_each_input_and_the_contrast_once(tmp_path):
     first = (tmp_path / "results.jsonl").read_text()
     rows = read_rows(tmp_path / "results.jsonl")
     oracles = [r for r in rows if r["kind"] == "oracle"]
-    assert {r["input"] for r in oracles} == {"image", "true_mask", "image+true_mask", "true_mask_path"}
+    assert {r["input"] for r in oracles} == {"image", "true_mask", "image+true_mask", "true_mask_path", "true_mask_ends"}
     assert all(r["table"] == "T6" and 0 <= r["val_balanced_accuracy"] <= 1 and r["per_class"] == 4 for r in oracles)
     assert [(r["size"], r["frames"]) for r in rows if r["kind"] == "contrast"] == [(32, 16)]
     run_benchmark("t6_oracles.py", "--quick", "--threads", "1", "--out", str(tmp_path))

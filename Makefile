@@ -18,12 +18,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedefm demo --out demo_out
 
-# The suite runs in TEST_WORKERS processes (pytest-xdist), each test file whole in one: the end-to-end Flower tests
-# mostly wait on their federations' processes, so a second process nearly halves the suite's time on two cores.
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each test file whole in one, in collection order (files
+# with slow tests first, tests/conftest.py): the end-to-end Flower tests mostly wait on their federations'
+# processes, so a second process nearly halves the suite's time on two cores.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

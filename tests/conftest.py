@@ -32,6 +32,13 @@ def run_benchmark(script: str, *args: str) -> None:
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Test files that hold slow tests first, each file's order kept: under pytest-xdist (make test) the long
+    end-to-end files start at once and the many quick files fill the workers in at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
+
+
 @pytest.fixture(scope="session")
 def quick_benchmarks(tmp_path_factory) -> Path:
     """ROOT/t1 ... ROOT/t8: every table script's --quick output (T3, T4 and T6 start from T1's weights).

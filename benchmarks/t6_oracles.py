@@ -21,7 +21,9 @@ half: whether the pixels show the part of the catheter that decides the class. R
 (T6's file; ``kind`` "oracle": ``size``, ``input``, ``per_class``, ``seed``, ``steps``, ``val_balanced_accuracy``;
 ``kind`` "contrast": ``size``, ``frames``, ``tip_half``, ``entry_half``; with ``--segmenter``, ``kind``
 "segmenter_reach": ``size``, ``frames``, ``segmenter``, ``tip_error_px``, ``tip_within_5px``, ``found_tip_half``,
-``found_entry_half``, how far along the true catheter its mask reaches); runs already there are skipped.
+``found_entry_half``, how far along the true catheter its mask reaches, and ``kind`` "course_reach": ``size``,
+``frames``, ``segmenter``, ``contrast`` and ``found`` per fifth of the true course, entry to tip); runs already
+there are skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from scipy import ndimage
 from torch import nn
 
 from fedefm.data.synth import POSITION_CLASSES, render_position
-from fedefm.models.position import course_head, read_course, trace_catheter
+from fedefm.models.position import catheter_path, course_head, read_course, trace_catheter
 from fedefm.models.weights import build_from_weights, load_metadata
 from fedefm.results import group, markdown, mean_std, read_results
 
@@ -174,6 +176,30 @@ def segmenter_reach(images: torch.Tensor) -> dict[str, float]:
         f"found_{name}": float(np.mean(values)) for name, values in found.items()}
 
 
+def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[float]]:
+    """Where along the true catheter the segmenter loses it, in frames (N, 3, S, S) (image, true mask, segmenter
+    probability): the true course (catheter_path, entry to tip) cut into ``parts`` equal pieces, per piece the
+    median contrast-to-noise of its pixels against a ring 2-3 px around the catheter within 4 px of them, and the
+    mean share of them the segmenter finds (p >= 0.5)."""
+    contrast: list[list[float]] = [[] for _ in range(parts)]
+    found: list[list[float]] = [[] for _ in range(parts)]
+    for image, truth, probability in images.numpy():
+        catheter = truth > 0
+        path = catheter_path(catheter)
+        if path is None or len(path) < 2 * parts:
+            continue
+        ring = ndimage.binary_dilation(catheter, iterations=3) & ~ndimage.binary_dilation(catheter, iterations=1)
+        for k, piece in enumerate(np.array_split(path, parts)):
+            rows, cols = piece[:, 0], piece[:, 1]
+            found[k].append(float((probability[rows, cols] >= 0.5).mean()))
+            near = np.zeros_like(catheter)
+            near[rows, cols] = True
+            around = ring & ndimage.binary_dilation(near, iterations=4)
+            if around.sum() > 4:
+                contrast[k].append((image[around].mean() - image[rows, cols].mean()) / max(image[around].std(), 1e-6))
+    return {"contrast": [float(np.median(c)) for c in contrast], "found": [float(np.mean(f)) for f in found]}
+
+
 def oracle_tables(results: list[dict]) -> str:
     """The catheter's contrast per image size, how far the segmenter's mask reaches, and the oracle table (mean
     over seeds), from T6 result rows."""
@@ -185,6 +211,10 @@ def oracle_tables(results: list[dict]) -> str:
               f"finds {100 * r['found_tip_half']:.0f}% of the true catheter's pixels in the tip half and "
               f"{100 * r['found_entry_half']:.0f}% in the entry half."
               for r in results if r.get("kind") == "segmenter_reach"]
+    lines += [f"Along the true catheter's course at {r['size']} px, entry to tip in {len(r['found'])} equal pieces: "
+              f"contrast-to-noise {', '.join(f'{c:.2f}' for c in r['contrast'])}; the segmenter finds "
+              f"{', '.join(f'{100 * f:.0f}%' for f in r['found'])} of it."
+              for r in results if r.get("kind") == "course_reach"]
     runs = [r for r in results if r.get("kind") == "oracle"]
     by_cell = group(runs, lambda r: (r["size"], r["input"], r["per_class"]))
     rows = [[str(size), name, str(per_class), mean_std(r["val_balanced_accuracy"] for r in cell), str(len(cell))]
@@ -225,6 +255,10 @@ def main() -> None:
             if ("segmenter_reach", size, None, None, None) not in done:
                 common.record(args.out, TABLE, {"kind": "segmenter_reach", "size": size, "frames": len(val_x),
                                                 "segmenter": str(args.segmenter)} | segmenter_reach(val_x),
+                              time.perf_counter())
+            if ("course_reach", size, None, None, None) not in done:
+                common.record(args.out, TABLE, {"kind": "course_reach", "size": size, "frames": len(val_x),
+                                                "segmenter": str(args.segmenter)} | reach_along_course(val_x),
                               time.perf_counter())
         for name in inputs:
             for n_train in args.per_class:  # 16: K = 16; 250: the whole pool

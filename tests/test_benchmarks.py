@@ -4,7 +4,9 @@ from those files and refuses a table whose file is missing."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import BENCHMARKS, run_benchmark
 
 COMMON = {"table", "machine", "command", "wall_s", "seed"}
@@ -192,3 +194,17 @@ def test_t6_oracles_record_each_input_and_the_contrast_once(tmp_path):
     assert [(r["size"], r["frames"]) for r in rows if r["kind"] == "contrast"] == [(32, 16)]
     run_benchmark("t6_oracles.py", "--quick", "--threads", "1", "--out", str(tmp_path))
     assert (tmp_path / "results.jsonl").read_text() == first  # recorded runs are skipped
+
+
+def test_reach_along_course_says_which_piece_of_the_catheter_the_segmenter_found(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from t6_oracles import reach_along_course
+
+    truth = np.zeros((64, 64), np.float32)
+    truth[10:63, 31:34] = 1  # a straight catheter entering at the bottom edge, its tip at row 10
+    image = np.random.default_rng(0).normal(0.6, 0.01, (64, 64)).astype(np.float32) - 0.1 * truth
+    found = truth.copy()
+    found[:36] = 0  # the segmenter sees the entry half only
+    reach = reach_along_course(torch.tensor(np.stack([image, truth, found])[None]), parts=4)
+    assert reach["found"][:2] == [1.0, 1.0] and reach["found"][-1] == 0.0
+    assert all(c > 5 for c in reach["contrast"])  # darker than its ring by 10 noise deviations

@@ -13,7 +13,7 @@ probability it predicts (what a deployed model can have), alone and with the ima
 instead the course of the catheter traced in that mask, entry to tip (``--pooling path``'s features), through
 its standardised linear head (models/position.py course_head): how much of the class the course alone gives a
 linear read-out; the ``_ends`` inputs only where that course enters and ends (4 numbers, through a standardised
-head with one hidden layer): what a perfect tip locator alone would give. Frames:
+head with one hidden layer; on the TRUE mask, what a perfect tip locator alone would give). Frames:
 ``render_position`` with its device mask, training pool generator seed 1000, validation seed 1001 (200
 frames, 50 per class: accuracy is balanced accuracy). Two seeds per cell; 400 steps of 32.
 Also records the catheter's median contrast-to-noise on the validation frames, in its tip half and its entry
@@ -43,7 +43,7 @@ from fedefm.models.position import catheter_path, course_head, read_course, trac
 from fedefm.models.weights import build_from_weights, load_metadata
 from fedefm.results import group, markdown, mean_std, read_results
 
-TABLE = "T6"  # its rows sit in T6's result file (kind "oracle" and "contrast") and print under T6
+TABLE = "T6"  # its rows sit in T6's result file (kinds "oracle", "contrast", "segmenter_reach", "course_reach")
 
 # input → the channels of frames() (plus with_segmenter_mask) it reads; a "_path" input reads the catheter's course
 # traced from that mask (models/position.py path_features) through course_head instead of the small CNN, an "_ends"

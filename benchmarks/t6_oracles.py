@@ -138,13 +138,24 @@ def train_and_score(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y
     return best
 
 
+def surroundings(catheter: np.ndarray) -> np.ndarray:
+    """The ring (H, W) bool 2-3 px around a catheter mask (H, W) bool, against which its contrast is measured."""
+    return ndimage.binary_dilation(catheter, iterations=3) & ~ndimage.binary_dilation(catheter, iterations=1)
+
+
+def contrast_to_noise(image: np.ndarray, part, around: np.ndarray) -> float:
+    """(mean of ``around`` - mean of ``part``) / std of ``around`` in an image (H, W); both index it (a mask or
+    rows, cols): how far a dark device stands out from its surroundings' noise."""
+    return float((image[around].mean() - image[part].mean()) / max(image[around].std(), 1e-6))
+
+
 def catheter_contrast(images: torch.Tensor) -> dict[str, float]:
     """Median contrast-to-noise of the catheter in frames (N, 2, S, S), its tip half (rows above the median
     catheter row) and its entry half: (ring mean - catheter mean) / ring std, the ring 2-3 px around it."""
     halves: dict[str, list[float]] = {"tip half": [], "entry half": []}
     for image, mask in images[:, :2].numpy():
         catheter = mask > 0
-        ring = ndimage.binary_dilation(catheter, iterations=3) & ~ndimage.binary_dilation(catheter, iterations=1)
+        ring = surroundings(catheter)
         rows = np.nonzero(catheter)[0]
         if rows.size < 8:
             continue
@@ -154,7 +165,7 @@ def catheter_contrast(images: torch.Tensor) -> dict[str, float]:
             part[~keep(np.arange(mask.shape[0]))] = False
             around[~keep(np.arange(mask.shape[0]))] = False
             if part.any() and around.sum() > 4:
-                halves[name].append((image[around].mean() - image[part].mean()) / max(image[around].std(), 1e-6))
+                halves[name].append(contrast_to_noise(image, part, around))
     return {name: float(np.median(values)) for name, values in halves.items()}
 
 
@@ -188,7 +199,7 @@ def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[f
         path = catheter_path(catheter)
         if path is None or len(path) < 2 * parts:
             continue
-        ring = ndimage.binary_dilation(catheter, iterations=3) & ~ndimage.binary_dilation(catheter, iterations=1)
+        ring = surroundings(catheter)
         for k, piece in enumerate(np.array_split(path, parts)):
             rows, cols = piece[:, 0], piece[:, 1]
             found[k].append(float((probability[rows, cols] >= 0.5).mean()))
@@ -196,7 +207,7 @@ def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[f
             near[rows, cols] = True
             around = ring & ndimage.binary_dilation(near, iterations=4)
             if around.sum() > 4:
-                contrast[k].append((image[around].mean() - image[rows, cols].mean()) / max(image[around].std(), 1e-6))
+                contrast[k].append(contrast_to_noise(image, (rows, cols), around))
     return {"contrast": [float(np.median(c)) for c in contrast], "found": [float(np.mean(f)) for f in found]}
 
 

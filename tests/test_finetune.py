@@ -206,7 +206,7 @@ def test_foundation_init_of_a_baseline_without_an_encoder_is_refused(dataset, tm
         train.run(cfg, progress=False)
 
 
-@pytest.mark.parametrize("loss", ["dicece", "cldice", "dicecldice"])
+@pytest.mark.parametrize("loss", ["dicece", "cldice", "dicecldice", "tips"])
 @pytest.mark.parametrize("shape", [(33, 47), (64, 64)])
 def test_every_loss_option_runs_forward_and_backward_at_odd_sizes(dataset, tmp_path, loss, shape):
     cfg = FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE).validate()
@@ -219,6 +219,33 @@ def test_every_loss_option_runs_forward_and_backward_at_odd_sizes(dataset, tmp_p
     value = loss_fn(logits, labels)
     value.backward()
     assert value.ndim == 0 and torch.isfinite(value) and logits.grad.abs().sum() > 0
+
+
+def test_tip_ends_mark_the_last_fifth_of_a_device_and_not_an_end_cut_by_the_border():
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[0, 10:64, 30] = 1  # a catheter entering from below, its tip at row 10
+    labels[1, 0:64, 30] = 1  # one that crosses the whole image: both ends cut, no tip in view
+    ends = train.tip_ends(labels, share=0.2, margin=0)
+    rows = torch.nonzero(ends[0])[:, 0]
+    assert ends[0].sum() == 11 and rows.min() == 10 and rows.max() == 20
+    assert not ends[1].any()
+    widened = train.tip_ends(labels, share=0.2, margin=2)
+    assert widened[0, 8, 30] and widened[0, 15, 28] and not widened[0, 30, 30]  # beyond the tip, beside it, not behind
+
+
+def test_the_tips_loss_punishes_a_prediction_that_stops_short_of_the_tip_more_than_dicece(dataset, tmp_path):
+    labels = torch.zeros(1, 1, 64, 64, dtype=torch.long)
+    labels[0, 0, 10:64, 30] = 1
+    short = labels.clone()
+    short[0, 0, 10:22, 30] = 0  # the last fifth missed
+    logits = 20.0 * torch.nn.functional.one_hot(short[:, 0], 3).permute(0, 3, 1, 2).float()
+    losses = {}
+    for loss in ("dicece", "tips"):
+        cfg = FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE).validate()
+        loss_fn = train.segmentation_loss(cfg, torch.device("cpu"))
+        perfect = 20.0 * torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float()
+        losses[loss] = loss_fn(logits, labels) - loss_fn(perfect, labels)
+    assert losses["tips"] > losses["dicece"] + 1.0
 
 
 @pytest.mark.parametrize("loss", ["cldice", "dicecldice"])

@@ -243,7 +243,7 @@ def finetune(
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-2 segment and classify --pooling path, 1e-3 other classify).")] = None,
     samples_per_epoch: Annotated[Optional[int], typer.Option(help="Augmented samples per epoch (at least K; default max(64, 4 K) for segment, 64 for classify).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's; classify --pooling mask or path: the --init segmenter's).")] = None,
-    loss: Annotated[str, typer.Option(help="segment: dicece (Dice + cross-entropy), cldice (the same + soft clDice) or dicecldice (Dice + clDice).")] = "dicece",
+    loss: Annotated[str, typer.Option(help="segment: dicece (Dice + cross-entropy), cldice (the same + soft clDice), dicecldice (Dice + clDice) or tips (Dice + cross-entropy, plus cross-entropy at each device's tip end).")] = "dicece",
     crop: Annotated[Optional[int], typer.Option(help="segment: train on crops of this side (multiple of 32), centred on devices 3 times in 4 (default: 128 above 128 px, else whole images; the image size: whole images).")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Epochs between validations; the last is always validated (default: 1, on crops round((image size / crop)^2 / 2)).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",

@@ -23,8 +23,9 @@ SEGMENTER_NEEDED = ("classifies the catheter a segmenter predicts and keeps that
                     "--pooling mean or tip")
 HELD_SEGMENTER = ("mask", "path")  # poolings that classify the catheter a held (loaded, frozen) segmenter predicts
 # Segmentation losses (finetune/train.py segmentation_loss): MONAI Dice + cross-entropy; the same plus
-# MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy.
-SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice")
+# MONAI's soft clDice (topology of thin structures, weight 0.5); MONAI's Dice + clDice without cross-entropy;
+# Dice + cross-entropy plus cross-entropy at each device's tip end.
+SEGMENTATION_LOSSES = ("dicece", "cldice", "dicecldice", "tips")
 # Segmentation above this side trains on device-centred crops of it by default: a 256 px frame costs four
 # 128 px crops, and the crops show the 1-2 px wire more often (benchmarks/results/thin_wires/README.md).
 DEFAULT_CROP = 128

@@ -22,8 +22,8 @@ half: whether the pixels show the part of the catheter that decides the class. R
 ``kind`` "contrast": ``size``, ``frames``, ``tip_half``, ``entry_half``; with ``--segmenter``, ``kind``
 "segmenter_reach": ``size``, ``frames``, ``segmenter``, ``tip_error_px``, ``tip_within_5px``, ``found_tip_half``,
 ``found_entry_half``, how far along the true catheter its mask reaches, and ``kind`` "course_reach": ``size``,
-``frames``, ``segmenter``, ``contrast`` and ``found`` per fifth of the true course, entry to tip); runs already
-there are skipped.
+``frames``, ``segmenter``, ``contrast``, ``found`` and ``on_traced`` per fifth of the true course, entry to tip);
+runs already there are skipped.
 """
 
 from __future__ import annotations
@@ -190,25 +190,33 @@ def segmenter_reach(images: torch.Tensor) -> dict[str, float]:
 def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[float]]:
     """Where along the true catheter the segmenter loses it, in frames (N, 3, S, S) (image, true mask, segmenter
     probability): the true course (catheter_path, entry to tip) cut into ``parts`` equal pieces, per piece the
-    median contrast-to-noise of its pixels against a ring 2-3 px around the catheter within 4 px of them, and the
-    mean share of them the segmenter finds (p >= 0.5)."""
+    median contrast-to-noise of its pixels against a ring 2-3 px around the catheter within 4 px of them, the
+    mean share of them the segmenter finds (p >= 0.5), and of those found the share in the largest 8-connected
+    piece of its mask, the one catheter_path traces (what lies in other pieces the course head never sees)."""
     contrast: list[list[float]] = [[] for _ in range(parts)]
     found: list[list[float]] = [[] for _ in range(parts)]
+    traced: list[list[float]] = [[] for _ in range(parts)]
     for image, truth, probability in images.numpy():
         catheter = truth > 0
         path = catheter_path(catheter)
         if path is None or len(path) < 2 * parts:
             continue
         ring = surroundings(catheter)
+        pieces, count = ndimage.label(probability >= 0.5, structure=np.ones((3, 3), bool))
+        largest = 1 + int(np.argmax(np.bincount(pieces.ravel())[1:])) if count else -1
         for k, piece in enumerate(np.array_split(path, parts)):
             rows, cols = piece[:, 0], piece[:, 1]
-            found[k].append(float((probability[rows, cols] >= 0.5).mean()))
+            hit = probability[rows, cols] >= 0.5
+            found[k].append(float(hit.mean()))
+            if hit.any():
+                traced[k].append(float((pieces[rows[hit], cols[hit]] == largest).mean()))
             near = np.zeros_like(catheter)
             near[rows, cols] = True
             around = ring & ndimage.binary_dilation(near, iterations=4)
             if around.sum() > 4:
                 contrast[k].append(contrast_to_noise(image, (rows, cols), around))
-    return {"contrast": [float(np.median(c)) for c in contrast], "found": [float(np.mean(f)) for f in found]}
+    return {"contrast": [float(np.median(c)) for c in contrast], "found": [float(np.mean(f)) for f in found],
+            "on_traced": [float(np.mean(t)) if t else float("nan") for t in traced]}
 
 
 def oracle_tables(results: list[dict]) -> str:
@@ -224,7 +232,9 @@ def oracle_tables(results: list[dict]) -> str:
               for r in results if r.get("kind") == "segmenter_reach"]
     lines += [f"Along the true catheter's course at {r['size']} px, entry to tip in {len(r['found'])} equal pieces: "
               f"contrast-to-noise {', '.join(f'{c:.2f}' for c in r['contrast'])}; the segmenter finds "
-              f"{', '.join(f'{100 * f:.0f}%' for f in r['found'])} of it."
+              f"{', '.join(f'{100 * f:.0f}%' for f in r['found'])} of it"
+              + (f", and of what it finds {', '.join(f'{100 * t:.0f}%' for t in r['on_traced'])} lies in the "
+                 "piece of its mask that the course is traced in." if "on_traced" in r else ".")
               for r in results if r.get("kind") == "course_reach"]
     runs = [r for r in results if r.get("kind") == "oracle"]
     by_cell = group(runs, lambda r: (r["size"], r["input"], r["per_class"]))

@@ -13,23 +13,26 @@ CNN on the catheter the segmenter predicts) and ``path`` (a linear head on that 
 ``mask`` and ``path`` hold the segmenter as loaded). Initialisations: ``scratch`` and ``segmenter``, a TransUNet
 fine-tuned once on catheter masks of the same kind of frames (seed 0, the training split of 1200 position frames
 with their masks, generator seed 1003, disjoint from the splits; 30 epochs of 1000 samples) — ``mean`` takes its
-encoder, the others the whole segmenter; with ``--foundation`` (a T1 output folder) also ``foundation``, the
-encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms
-POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter,
-path/segmenter. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's default for the
-pooling), the epoch selected on validation balanced accuracy, the test set scored once. ``--segmenter-frames``,
+encoder, the others the whole segmenter; ``segmenter_tips``, the same fine-tuned with ``--loss tips`` (more
+cross-entropy at the catheter's tip end, which the Dice-CE segmenter loses); with ``--foundation`` (a T1 output
+folder) also ``foundation``, the encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and
+``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter,
+mask/segmenter, path/segmenter, path/segmenter_tips. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the
+learning rate is finetune's default for the pooling), the epoch selected on validation balanced accuracy, the test
+set scored once. ``--segmenter-frames``,
 ``--segmenter-epochs`` and ``--preset`` change the segmenter init's budget and every model's preset (for a check
 of what the segmenter's training buys; the defaults are T6's), ``--workers`` renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
-* the segmenter (``kind`` "segmenter"): ``seed``, ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test
-  split);
+* each segmenter (``kind`` "segmenter"): ``init``, ``loss`` (rows without them: "segmenter", "dicece"), ``seed``,
+  ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test split);
 * position runs (``kind`` "position"): ``pooling``, ``init``, ``shots``, ``seed``, ``init_weights``, ``epochs``,
   ``image_size``, ``run``, ``transfer``, ``best_epoch``, ``val_balanced_accuracy``, ``test`` (evaluate JSON)
   and ``correct`` (0/1 per test image, in the test split's order).
 Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
-gain of every model over the baseline (mean pooling, scratch) and of tip over mean at the same init, on the same
-K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds, then test images).
+gain of every model over the baseline (mean pooling, scratch), of tip over mean at the same init and of a
+``segmenter_tips`` model over the same pooling from ``segmenter``, on the same K, seed and test image: mean and a
+95% interval from a two-level bootstrap (seeds, then test images).
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ from fedefm.models.weights import build_from_weights
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
-ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter")  # POOLING/INIT
+ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
+        "path/segmenter_tips")  # POOLING/INIT
+# The segmenter inits and the loss each is fine-tuned with (finetune/train.py segmentation_loss): "tips" adds
+# cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses.
+SEGMENTER_LOSSES = {"segmenter": "dicece", "segmenter_tips": "tips"}
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter init's training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}
@@ -69,7 +76,8 @@ BASELINE = ("mean", "scratch")
 def parse_args() -> argparse.Namespace:
     """The flags of this table (common.py's plus its own)."""
     parser = common.parser_for(__doc__)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, "tip/scratch", *FOUNDATION_ARMS],
+    parser.add_argument("--arms", nargs="+", default=list(ARMS),
+                        choices=[*ARMS, "tip/scratch", "mask/segmenter_tips", *FOUNDATION_ARMS],
                         help="POOLING/INIT; the foundation arms need --foundation")
     parser.add_argument("--foundation", type=Path, help="T1 output folder holding runs/centralized_sSEED/; "
                                                         "adds the foundation arms")
@@ -126,10 +134,11 @@ def write_position_masks(root: Path, n: int, size: int, seed: int, workers: int 
     partial.rename(root)
 
 
-def segmenter(args: argparse.Namespace) -> Path:
-    """Weights of the TransUNet the ``segmenter`` init starts from, fine-tuned (and recorded) once."""
-    out = args.out / "runs" / "segmenter"
-    if ("segmenter",) in common.recorded(args.out, lambda r: (r.get("kind"),)):
+def segmenter(args: argparse.Namespace, init: str) -> Path:
+    """Weights of the TransUNet a segmenter init (SEGMENTER_LOSSES) starts from, fine-tuned (and recorded) once."""
+    out = args.out / "runs" / init
+    loss = SEGMENTER_LOSSES[init]
+    if ("segmenter", loss) in common.recorded(args.out, lambda r: (r.get("kind"), r.get("loss", "dicece"))):
         return out / "model.safetensors"
     started = time.perf_counter()
     frames = args.segmenter_frames
@@ -138,15 +147,16 @@ def segmenter(args: argparse.Namespace) -> Path:
         write_position_masks(data, frames, args.size, seed=SEGMENTER["seed"], workers=args.workers)
     cfg = FinetuneConfig(data=data, out=out, epochs=args.segmenter_epochs, preset=args.preset,
                          samples_per_epoch=SEGMENTER["samples_per_epoch"] if not args.quick else None,
-                         image_size=args.size, seed=0)
+                         image_size=args.size, loss=loss, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
-    row = {"kind": "segmenter", "seed": cfg.seed, "run": str(out), "frames": frames, "epochs": cfg.epochs,
+    row = {"kind": "segmenter", "init": init, "loss": loss, "seed": cfg.seed, "run": str(out), "frames": frames,
+           "epochs": cfg.epochs,
            "preset": cfg.preset,
            "samples_per_epoch": cfg.samples_per_epoch, "best_epoch": selected["best_epoch"],
            "val_dice": selected["best_val"],
            "test": evaluate_model(out, data, "test")}
     row = common.record(args.out, TABLE, row, started)
-    print(f"segmenter: test catheter Dice {row['test']['per_class']['catheter']['dice']:.3f} "
+    print(f"{init}: test catheter Dice {row['test']['per_class']['catheter']['dice']:.3f} "
           f"({row['wall_s']:.0f} s)", flush=True)
     return out / "model.safetensors"
 
@@ -179,8 +189,8 @@ def run_all(args: argparse.Namespace) -> None:
     data = position_data(args)
     arms = [tuple(arm.split("/")) for arm in args.arms]
     fixed = {"scratch": "scratch"}
-    if any(init == "segmenter" for _, init in arms):
-        fixed["segmenter"] = str(segmenter(args))
+    for init in sorted({init for _, init in arms if init in SEGMENTER_LOSSES}):
+        fixed[init] = str(segmenter(args, init))
 
     def weights(init: str, seed: int) -> str:
         if init == "foundation":
@@ -218,7 +228,8 @@ def tables(results: list[dict]) -> str:
         if r.get("kind") == "segmenter":
             budget = (f"{r['frames']} frames, {r['epochs']} epochs of {r['samples_per_epoch']} samples, best epoch "
                       f"{r['best_epoch']}" if "frames" in r else "300 frames, 20 epochs")
-            out.append(f"Segmenter of the `segmenter` init ({budget}): test catheter Dice "
+            init = r.get("init", "segmenter")
+            out.append(f"Segmenter of the `{init}` init ({budget}, loss {SEGMENTER_LOSSES[init]}): test catheter Dice "
                        f"{r['test']['per_class']['catheter']['dice']:.3f}, clDice "
                        f"{r['test']['per_class']['catheter']['cldice']:.3f} ({r['wall_s']:.0f} s).")
     runs = [r for r in results if r.get("kind") == "position"]
@@ -236,9 +247,12 @@ def tables(results: list[dict]) -> str:
             continue
         over_baseline = gain_cell(arm, seed_rows.get((shots, *BASELINE), {}))
         over_mean = gain_cell(arm, seed_rows.get((shots, "mean", init), {})) if pooling != "mean" else "-"
-        gains.append([str(shots), pooling, init, over_baseline, over_mean, str(len(arm))])
+        over_dicece = (gain_cell(arm, seed_rows.get((shots, pooling, "segmenter"), {}))
+                       if init in SEGMENTER_LOSSES and init != "segmenter" else "-")
+        gains.append([str(shots), pooling, init, over_baseline, over_mean, over_dicece, str(len(arm))])
     out.append(markdown((["K per class", "pooling", "init", "gain over mean/scratch (points, 95% CI)",
-                          "gain over mean, same init", "seeds"], gains)))
+                          "gain over mean, same init", "gain over the `segmenter` init, same pooling", "seeds"],
+                         gains)))
     oracles = oracle_tables(results)
     if oracles:
         out += ["What the task allows (benchmarks/t6_oracles.py, validation only): a small CNN from scratch on the "

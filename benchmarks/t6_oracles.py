@@ -219,25 +219,41 @@ def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[f
             "on_traced": [float(np.mean(t)) if t else float("nan") for t in traced]}
 
 
+def segmenter_run(row: dict) -> str | None:
+    """The segmenter weights a row was measured with (its command's ``--segmenter``, as typed), None for rows that
+    do not read a segmenter: several segmenters of one size may sit in the file."""
+    if "segmenter" not in row.get("input", "") and row.get("kind") not in ("segmenter_reach", "course_reach"):
+        return None
+    words = row["command"].split()
+    return words[words.index("--segmenter") + 1] if "--segmenter" in words else row.get("segmenter")
+
+
+def segmenter_name(row: dict) -> str:
+    """How the tables name the segmenter of a row: its run folder (``runs/NAME/model.safetensors``)."""
+    return Path(segmenter_run(row)).parent.name
+
+
 def oracle_tables(results: list[dict]) -> str:
     """The catheter's contrast per image size, how far the segmenter's mask reaches, and the oracle table (mean
     over seeds), from T6 result rows."""
     lines = [f"Catheter contrast-to-noise on the {r['frames']} validation frames at {r['size']} px (median; ring 2-3 px "
              f"around it): tip half {r['tip_half']:.2f}, entry half {r['entry_half']:.2f}."
              for r in results if r.get("kind") == "contrast"]
-    lines += [f"The segmenter's catheter on the {r['frames']} validation frames at {r['size']} px: its traced tip lies "
+    lines += [f"The catheter of segmenter `{segmenter_name(r)}` on the {r['frames']} validation frames at {r['size']} px: "
+              f"its traced tip lies "
               f"a median {r['tip_error_px']:.1f} px from the true one ({100 * r['tip_within_5px']:.0f}% within 5 px); it "
               f"finds {100 * r['found_tip_half']:.0f}% of the true catheter's pixels in the tip half and "
               f"{100 * r['found_entry_half']:.0f}% in the entry half."
               for r in results if r.get("kind") == "segmenter_reach"]
     lines += [f"Along the true catheter's course at {r['size']} px, entry to tip in {len(r['found'])} equal pieces: "
-              f"contrast-to-noise {', '.join(f'{c:.2f}' for c in r['contrast'])}; the segmenter finds "
+              f"contrast-to-noise {', '.join(f'{c:.2f}' for c in r['contrast'])}; segmenter `{segmenter_name(r)}` finds "
               f"{', '.join(f'{100 * f:.0f}%' for f in r['found'])} of it"
               + (f", and of what it finds {', '.join(f'{100 * t:.0f}%' for t in r['on_traced'])} lies in the "
                  "piece of its mask that the course is traced in." if "on_traced" in r else ".")
               for r in results if r.get("kind") == "course_reach"]
     runs = [r for r in results if r.get("kind") == "oracle"]
-    by_cell = group(runs, lambda r: (r["size"], r["input"], r["per_class"]))
+    by_cell = group(runs, lambda r: (r["size"], r["input"] + (f" (`{segmenter_name(r)}`)" if segmenter_run(r) else ""),
+                                     r["per_class"]))
     rows = [[str(size), name, str(per_class), mean_std(r["val_balanced_accuracy"] for r in cell), str(len(cell))]
             for (size, name, per_class), cell in sorted(by_cell.items())]
     if rows:
@@ -257,34 +273,38 @@ def main() -> None:
     parser.add_argument("--inputs", nargs="+", default=list(DEFAULT_INPUTS), choices=list(INPUTS))
     parser.add_argument("--segmenter", type=Path, help="TransUNet weights for the segmenter inputs (at their size only)")
     args = parser.parse_args()
+    if args.tables:
+        print(oracle_tables(read_results(args.out / common.RESULT_FILE)))
+        return
     pool, val = (1000, 200) if not args.quick else (40, 16)  # frames; classes in turn, so a quarter per class
     if args.quick:
         args.sizes, args.seeds, args.steps, args.per_class = [32], [0], 20, [4]
     torch.set_num_threads(args.threads)
     segmenter_size = int(load_metadata(args.segmenter)["image_size"]) if args.segmenter else None
     done = common.recorded(args.out, lambda r: (r.get("kind"), r.get("size"), r.get("input"), r.get("per_class"),
-                                                r.get("seed")))
+                                                r.get("seed"), segmenter_run(r)))
+    segmenter = str(args.segmenter) if args.segmenter else None
     for size in args.sizes:
         pool_x, pool_y = frames(pool, size, 1000)
         val_x, val_y = frames(val, size, 1001)
-        if ("contrast", size, None, None, None) not in done:
+        if ("contrast", size, None, None, None, None) not in done:
             common.record(args.out, TABLE, {"kind": "contrast", "size": size, "frames": len(val_x)} | {
                 name.replace(" ", "_"): value for name, value in catheter_contrast(val_x).items()}, time.perf_counter())
         inputs = [name for name in args.inputs if "segmenter" not in name or size == segmenter_size]
         if size == segmenter_size:
             pool_x, val_x = with_segmenter_mask(pool_x, args.segmenter), with_segmenter_mask(val_x, args.segmenter)
-            if ("segmenter_reach", size, None, None, None) not in done:
+            if ("segmenter_reach", size, None, None, None, segmenter) not in done:
                 common.record(args.out, TABLE, {"kind": "segmenter_reach", "size": size, "frames": len(val_x),
                                                 "segmenter": str(args.segmenter)} | segmenter_reach(val_x),
                               time.perf_counter())
-            if ("course_reach", size, None, None, None) not in done:
+            if ("course_reach", size, None, None, None, segmenter) not in done:
                 common.record(args.out, TABLE, {"kind": "course_reach", "size": size, "frames": len(val_x),
                                                 "segmenter": str(args.segmenter)} | reach_along_course(val_x),
                               time.perf_counter())
         for name in inputs:
             for n_train in args.per_class:  # 16: K = 16; 250: the whole pool
                 for seed in args.seeds:
-                    if ("oracle", size, name, n_train, seed) in done:
+                    if ("oracle", size, name, n_train, seed, segmenter if "segmenter" in name else None) in done:
                         continue
                     started = time.perf_counter()
                     draw = torch.Generator().manual_seed(seed)

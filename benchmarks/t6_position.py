@@ -19,9 +19,9 @@ folder) also ``foundation``, the encoder of its ``centralized`` pre-training of 
 ``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter,
 mask/segmenter, path/segmenter, path/segmenter_tips. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the
 learning rate is finetune's default for the pooling), the epoch selected on validation balanced accuracy, the test
-set scored once. ``--segmenter-frames``,
-``--segmenter-epochs`` and ``--preset`` change the segmenter init's budget and every model's preset (for a check
-of what the segmenter's training buys; the defaults are T6's), ``--workers`` renders the frames in parallel.
+set scored once. ``--segmenter-frames``, ``--segmenter-epochs`` and ``--preset`` change the segmenter inits' budget
+and every model's preset (for a check of what the segmenter's training buys; the defaults are T6's), ``--workers``
+renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
 * each segmenter (``kind`` "segmenter"): ``init``, ``loss`` (rows without them: "segmenter", "dicece"), ``seed``,
@@ -67,7 +67,7 @@ ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "pa
 # cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses.
 SEGMENTER_LOSSES = {"segmenter": "dicece", "segmenter_tips": "tips"}
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
-# The segmenter init's training set and budget: frames are free to generate, so the device prior sees many.
+# The segmenter inits' training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}
 SPLITS = {"train": (400, 1000), "val": (80, 1001), "test": (200, 1002)}  # frames and generator seed per split
 BASELINE = ("mean", "scratch")
@@ -150,10 +150,8 @@ def segmenter(args: argparse.Namespace, init: str) -> Path:
                          image_size=args.size, loss=loss, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
     row = {"kind": "segmenter", "init": init, "loss": loss, "seed": cfg.seed, "run": str(out), "frames": frames,
-           "epochs": cfg.epochs,
-           "preset": cfg.preset,
-           "samples_per_epoch": cfg.samples_per_epoch, "best_epoch": selected["best_epoch"],
-           "val_dice": selected["best_val"],
+           "epochs": cfg.epochs, "preset": cfg.preset, "samples_per_epoch": cfg.samples_per_epoch,
+           "best_epoch": selected["best_epoch"], "val_dice": selected["best_val"],
            "test": evaluate_model(out, data, "test")}
     row = common.record(args.out, TABLE, row, started)
     print(f"{init}: test catheter Dice {row['test']['per_class']['catheter']['dice']:.3f} "

@@ -221,3 +221,20 @@ def test_reach_along_course_says_how_much_of_what_the_segmenter_found_the_course
     reach = reach_along_course(torch.tensor(np.stack([truth, truth, found])[None]), parts=4)
     assert reach["found"][0] == reach["found"][-1] == 1.0
     assert reach["on_traced"][0] == 1.0 and reach["on_traced"][-1] == 0.0
+
+
+def test_oracle_rows_of_two_segmenters_of_one_size_are_told_apart_by_their_command(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from t6_oracles import oracle_tables, segmenter_run
+
+    def row(input_name: str, segmenter: str, accuracy: float) -> dict:
+        return {"kind": "oracle", "size": 128, "input": input_name, "per_class": 16, "seed": 0,
+                "val_balanced_accuracy": accuracy,
+                "command": f"python benchmarks/t6_oracles.py --out OUT --segmenter runs/{segmenter}/model.safetensors"}
+
+    rows = [row("segmenter_mask_path", "segmenter", 0.3), row("segmenter_mask_path", "segmenter_tips", 0.5),
+            row("true_mask_path", "segmenter", 0.8)]
+    assert segmenter_run(rows[1]) == "runs/segmenter_tips/model.safetensors" and segmenter_run(rows[2]) is None
+    table = oracle_tables(rows)
+    assert "segmenter_mask_path (`segmenter`) | 16 | 0.300" in table
+    assert "segmenter_mask_path (`segmenter_tips`) | 16 | 0.500" in table and "| true_mask_path | 16 | 0.800" in table

@@ -219,10 +219,15 @@ def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[f
             "on_traced": [float(np.mean(t)) if t else float("nan") for t in traced]}
 
 
+def reads_segmenter(kind: str, input_name: str | None) -> bool:
+    """Whether a row of this kind and input measures a segmenter (its reach, or an oracle on its mask)."""
+    return kind in ("segmenter_reach", "course_reach") or "segmenter" in (input_name or "")
+
+
 def segmenter_run(row: dict) -> str | None:
     """The segmenter weights a row was measured with (its command's ``--segmenter``, as typed), None for rows that
     do not read a segmenter: several segmenters of one size may sit in the file."""
-    if "segmenter" not in row.get("input", "") and row.get("kind") not in ("segmenter_reach", "course_reach"):
+    if not reads_segmenter(row.get("kind"), row.get("input")):
         return None
     words = row["command"].split()
     return words[words.index("--segmenter") + 1] if "--segmenter" in words else row.get("segmenter")
@@ -290,7 +295,7 @@ def main() -> None:
         if ("contrast", size, None, None, None, None) not in done:
             common.record(args.out, TABLE, {"kind": "contrast", "size": size, "frames": len(val_x)} | {
                 name.replace(" ", "_"): value for name, value in catheter_contrast(val_x).items()}, time.perf_counter())
-        inputs = [name for name in args.inputs if "segmenter" not in name or size == segmenter_size]
+        inputs = [name for name in args.inputs if not reads_segmenter("oracle", name) or size == segmenter_size]
         if size == segmenter_size:
             pool_x, val_x = with_segmenter_mask(pool_x, args.segmenter), with_segmenter_mask(val_x, args.segmenter)
             if ("segmenter_reach", size, None, None, None, segmenter) not in done:
@@ -304,7 +309,8 @@ def main() -> None:
         for name in inputs:
             for n_train in args.per_class:  # 16: K = 16; 250: the whole pool
                 for seed in args.seeds:
-                    if ("oracle", size, name, n_train, seed, segmenter if "segmenter" in name else None) in done:
+                    read = segmenter if reads_segmenter("oracle", name) else None
+                    if ("oracle", size, name, n_train, seed, read) in done:
                         continue
                     started = time.perf_counter()
                     draw = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ from fedefm.data.labels import LABEL_NAMES
 from fedefm.finetune.config import FinetuneConfig
 from fedefm.finetune.loop import FinetuneTask, fit, require_validation_split, run_folder, select_shots
 from fedefm.finetune.metrics import SegmentationScores
-from fedefm.models.position import catheter_path
+from fedefm.models.position import at_border, catheter_path
 from fedefm.models.presets import get_preset
 from fedefm.models.segmenters import build_segmenter
 from fedefm.models.weights import TransferReport, load_pretrained, model_metadata
@@ -90,11 +90,9 @@ def tip_ends(labels: torch.Tensor, share: float = _TIP_SHARE, margin: int = _TIP
     """
     out = np.zeros(labels.shape, dtype=bool)
     for b, label in enumerate(labels.cpu().numpy()):
-        height, width = label.shape
         for c in np.unique(label[label > 0]):
             path = catheter_path(label == c)
-            row, col = path[-1]
-            if len(path) < 2 or min(row, col, height - 1 - row, width - 1 - col) <= 1:
+            if len(path) < 2 or at_border(*path[-1], label.shape):
                 continue
             end = path[len(path) - max(1, int(np.ceil(share * len(path)))):]
             out[b, end[:, 0], end[:, 1]] = True

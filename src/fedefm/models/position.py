@@ -46,6 +46,11 @@ def geodesic_distances(rows: np.ndarray, cols: np.ndarray, start: int) -> np.nda
     return distance
 
 
+def at_border(row: int, col: int, shape: tuple[int, int]) -> bool:
+    """Whether pixel (row, col) lies within 1 px of the edge of an image of ``shape`` (H, W)."""
+    return min(row, col, shape[0] - 1 - row, shape[1] - 1 - col) <= 1
+
+
 def catheter_path(mask: np.ndarray) -> np.ndarray | None:
     """The pixels (M, 2) row, col of a device mask (H, W) bool along its catheter, from where it enters to its
     tip, None when the mask is empty.
@@ -65,8 +70,7 @@ def catheter_path(mask: np.ndarray) -> np.ndarray | None:
     first = int(np.argmax(geodesic_distances(rows, cols, 0)))
     from_first = geodesic_distances(rows, cols, first)
     second = int(np.argmax(from_first))
-    height, width = mask.shape
-    touching = [k for k in (first, second) if min(rows[k], cols[k], height - 1 - rows[k], width - 1 - cols[k]) <= 1]
+    touching = [k for k in (first, second) if at_border(rows[k], cols[k], mask.shape)]
     entry = touching[0] if len(touching) == 1 else max((first, second), key=lambda k: rows[k])
     tip = second if entry == first else first
     from_entry = from_first if entry == first else geodesic_distances(rows, cols, entry)

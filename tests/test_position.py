@@ -26,6 +26,7 @@ from fedefm.models.position import (
     locate_tips,
     path_features,
     pool_at,
+    read_course,
     shape_encoder,
 )
 from fedefm.models.presets import get_preset
@@ -302,13 +303,31 @@ def test_path_features_say_where_the_tip_lies_from_the_entry_and_the_crest():
     np.testing.assert_allclose(spans, [(63 - 24) / len(path), (39 - 16) / len(path)], atol=1e-5)
 
 
+def test_catheter_path_bridges_the_gaps_of_a_broken_mask_and_not_a_speck_off_its_course():
+    broken = hook(64)  # from (63, 16) up to row 24, then right to (24, 39)
+    broken[44:50, 16] = False  # the segmenter lost 6 px of the shaft ...
+    broken[24, 30:32] = False  # ... and 2 px before the tip
+    broken[40:44, 40:44] = True  # a 16 px speck beside the course, not ahead of it
+    alone = catheter_path(broken)  # the largest piece alone: it starts above the first gap and stops at the second
+    assert tuple(alone[0]) == (43, 16) and tuple(alone[-1]) == (24, 29)
+    path = catheter_path(broken, max_gap=0.15)
+    assert tuple(path[0]) == (63, 16) and tuple(path[-1]) == (24, 39)
+    assert np.abs(np.diff(path, axis=0)).max() == 1  # one 8-connected step at a time across the gaps too
+    assert not broken[path[:, 0], path[:, 1]].all() and not (path[:, 1] >= 40).any()
+    narrow = catheter_path(broken, max_gap=0.05)  # 3.2 px: the 3 px step to the tip, not the 7 px one to the entry
+    assert tuple(narrow[0]) == (43, 16) and tuple(narrow[-1]) == (24, 39)
+    whole = path_features(catheter_path(hook(64)), hook(64))
+    np.testing.assert_allclose(path_features(path, broken), whole, atol=0.02)  # it reads as the unbroken hook
+
+
 def test_path_model_reports_the_course_it_read_and_its_tip_at_its_end():
     model = PathPositionClassifier(get_preset("tiny"), n_classes=3).eval()
     images = torch.rand(2, 1, 64, 64)
     seen = model(images, parts=("logits", "path", "tip"))
     assert seen["logits"].shape == (2, 3) and seen["path"].shape == (2, PATH_POINTS, 2)
     assert torch.equal(seen["tip"], seen["path"][:, -1])
-    assert torch.equal(seen["tip"], locate_tips(model.catheter(images)))  # where the tip model would pool
+    course = [read_course(probability)[0] for probability in model.catheter(images).numpy()]
+    assert seen["tip"].tolist() == [path[-1].tolist() for path in course]  # the end of the course it classified
 
 
 def test_path_pooling_trains_its_head_at_a_higher_learning_rate(positions, tmp_path):

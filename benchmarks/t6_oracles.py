@@ -20,9 +20,10 @@ Also records the catheter's median contrast-to-noise on the validation frames, i
 half: whether the pixels show the part of the catheter that decides the class. Rows go to OUT/results.jsonl
 (T6's file; ``kind`` "oracle": ``size``, ``input``, ``per_class``, ``seed``, ``steps``, ``val_balanced_accuracy``;
 ``kind`` "contrast": ``size``, ``frames``, ``tip_half``, ``entry_half``; with ``--segmenter``, ``kind``
-"segmenter_reach": ``size``, ``frames``, ``segmenter``, ``tip_error_px``, ``tip_within_5px``, ``found_tip_half``,
-``found_entry_half``, how far along the true catheter its mask reaches, and ``kind`` "course_reach": ``size``,
-``frames``, ``segmenter``, ``contrast``, ``found`` and ``on_traced`` per fifth of the true course, entry to tip);
+"segmenter_reach": ``size``, ``frames``, ``segmenter``, ``tip_error_px``, ``tip_within_5px``,
+``course_tip_error_px``, ``course_tip_within_5px``, ``found_tip_half``, ``found_entry_half``, how far along the true catheter its mask reaches, and ``kind`` "course_reach": ``size``,
+``frames``, ``segmenter``, ``contrast``, ``found``, ``on_traced`` and ``missed_probability`` per fifth of the true
+course, entry to tip);
 runs already there are skipped.
 """
 
@@ -94,7 +95,7 @@ def ends(masks: torch.Tensor) -> torch.Tensor:
     """Where the catheter traced in each mask or probability map (N, 1, S, S) at 0.5 enters and where its tip
     lies: (N, 4) entry row, col, tip row, col in [-1, 1]."""
     size = masks.shape[-1]
-    points = [trace_catheter(m)[[0, -1]].astype(np.float32).ravel() for m in masks[:, 0].numpy()]
+    points = [read_course(m)[0][[0, -1]].astype(np.float32).ravel() for m in masks[:, 0].numpy()]
     return torch.from_numpy(np.stack(points)) / (size - 1) * 2 - 1
 
 
@@ -171,19 +172,25 @@ def catheter_contrast(images: torch.Tensor) -> dict[str, float]:
 
 def segmenter_reach(images: torch.Tensor) -> dict[str, float]:
     """How far along the true catheter the segmenter's mask reaches, in frames (N, 3, S, S) (image, true mask,
-    segmenter probability): the median distance in px between the tips traced in the two masks, the share within
-    5 px, and the share of the true catheter's pixels the segmenter finds (p >= 0.5) in its tip and entry half
-    (as catheter_contrast splits them)."""
-    errors, found = [], {"tip_half": [], "entry_half": []}
+    segmenter probability): the median distance in px between the true tip and the tip traced in the segmenter's
+    mask, in its largest piece (as ``--pooling tip`` locates it; ``tip_error_px``) and at the end of the course
+    across its pieces (as ``path`` reads it; ``course_tip_error_px``), the shares within 5 px, and the share of the
+    true catheter's pixels the segmenter finds (p >= 0.5) in its tip and entry half (as catheter_contrast splits
+    them)."""
+    errors, course_errors, found = [], [], {"tip_half": [], "entry_half": []}
     for _, truth, probability in images.numpy():
         catheter = truth > 0
-        errors.append(float(np.hypot(*(trace_catheter(truth)[-1] - trace_catheter(probability)[-1]))))
+        tip = trace_catheter(truth)[-1]
+        errors.append(float(np.hypot(*(tip - trace_catheter(probability)[-1]))))
+        course_errors.append(float(np.hypot(*(tip - read_course(probability)[0][-1]))))
         rows, cols = np.nonzero(catheter)
         upper = rows < np.median(rows)
         for name, part in (("tip_half", upper), ("entry_half", ~upper)):
             if part.any():
                 found[name].append(float((probability[rows[part], cols[part]] >= 0.5).mean()))
-    return {"tip_error_px": float(np.median(errors)), "tip_within_5px": float(np.mean(np.array(errors) <= 5))} | {
+    return {"tip_error_px": float(np.median(errors)), "tip_within_5px": float(np.mean(np.array(errors) <= 5)),
+            "course_tip_error_px": float(np.median(course_errors)),
+            "course_tip_within_5px": float(np.mean(np.array(course_errors) <= 5))} | {
         f"found_{name}": float(np.mean(values)) for name, values in found.items()}
 
 
@@ -191,32 +198,37 @@ def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[f
     """Where along the true catheter the segmenter loses it, in frames (N, 3, S, S) (image, true mask, segmenter
     probability): the true course (catheter_path, entry to tip) cut into ``parts`` equal pieces, per piece the
     median contrast-to-noise of its pixels against a ring 2-3 px around the catheter within 4 px of them, the
-    mean share of them the segmenter finds (p >= 0.5), and of those found the share in the largest 8-connected
-    piece of its mask, the one catheter_path traces (what lies in other pieces the course head never sees)."""
+    mean share of them the segmenter finds (p >= 0.5), of those found the share in the pieces of its mask that the
+    course (read_course) runs through (what lies in other pieces the course head never sees), and the median
+    probability it gives those it misses (whether a lower threshold or a tracer could still follow them)."""
     contrast: list[list[float]] = [[] for _ in range(parts)]
     found: list[list[float]] = [[] for _ in range(parts)]
     traced: list[list[float]] = [[] for _ in range(parts)]
+    missed: list[list[float]] = [[] for _ in range(parts)]
     for image, truth, probability in images.numpy():
         catheter = truth > 0
         path = catheter_path(catheter)
         if path is None or len(path) < 2 * parts:
             continue
         ring = surroundings(catheter)
-        pieces, count = ndimage.label(probability >= 0.5, structure=np.ones((3, 3), bool))
-        largest = 1 + int(np.argmax(np.bincount(pieces.ravel())[1:])) if count else -1
+        pieces = ndimage.label(probability >= 0.5, structure=np.ones((3, 3), bool))[0]
+        course = read_course(probability)[0]
+        crossed = np.setdiff1d(pieces[course[:, 0], course[:, 1]], [0])
         for k, piece in enumerate(np.array_split(path, parts)):
             rows, cols = piece[:, 0], piece[:, 1]
             hit = probability[rows, cols] >= 0.5
             found[k].append(float(hit.mean()))
+            missed[k] += probability[rows[~hit], cols[~hit]].tolist()
             if hit.any():
-                traced[k].append(float((pieces[rows[hit], cols[hit]] == largest).mean()))
+                traced[k].append(float(np.isin(pieces[rows[hit], cols[hit]], crossed).mean()))
             near = np.zeros_like(catheter)
             near[rows, cols] = True
             around = ring & ndimage.binary_dilation(near, iterations=4)
             if around.sum() > 4:
                 contrast[k].append(contrast_to_noise(image, (rows, cols), around))
     return {"contrast": [float(np.median(c)) for c in contrast], "found": [float(np.mean(f)) for f in found],
-            "on_traced": [float(np.mean(t)) if t else float("nan") for t in traced]}
+            "on_traced": [float(np.mean(t)) if t else float("nan") for t in traced],
+            "missed_probability": [float(np.median(m)) if m else float("nan") for m in missed]}
 
 
 def reads_segmenter(kind: str, input_name: str | None) -> bool:
@@ -245,16 +257,17 @@ def oracle_tables(results: list[dict]) -> str:
              f"around it): tip half {r['tip_half']:.2f}, entry half {r['entry_half']:.2f}."
              for r in results if r.get("kind") == "contrast"]
     lines += [f"The catheter of segmenter `{segmenter_name(r)}` on the {r['frames']} validation frames at {r['size']} px: "
-              f"its traced tip lies "
-              f"a median {r['tip_error_px']:.1f} px from the true one ({100 * r['tip_within_5px']:.0f}% within 5 px); it "
-              f"finds {100 * r['found_tip_half']:.0f}% of the true catheter's pixels in the tip half and "
+              f"the tip traced in the largest piece of its mask lies a median {r['tip_error_px']:.1f} px from the true "
+              f"one ({100 * r['tip_within_5px']:.0f}% within 5 px), the end of the course across its pieces "
+              f"{r['course_tip_error_px']:.1f} px ({100 * r['course_tip_within_5px']:.0f}%); it finds {100 * r['found_tip_half']:.0f}% of the true catheter's pixels in the tip half and "
               f"{100 * r['found_entry_half']:.0f}% in the entry half."
               for r in results if r.get("kind") == "segmenter_reach"]
     lines += [f"Along the true catheter's course at {r['size']} px, entry to tip in {len(r['found'])} equal pieces: "
               f"contrast-to-noise {', '.join(f'{c:.2f}' for c in r['contrast'])}; segmenter `{segmenter_name(r)}` finds "
-              f"{', '.join(f'{100 * f:.0f}%' for f in r['found'])} of it"
-              + (f", and of what it finds {', '.join(f'{100 * t:.0f}%' for t in r['on_traced'])} lies in the "
-                 "piece of its mask that the course is traced in." if "on_traced" in r else ".")
+              f"{', '.join(f'{100 * f:.0f}%' for f in r['found'])} of it, and of what it finds "
+              f"{', '.join(f'{100 * t:.0f}%' for t in r['on_traced'])} lies in the pieces of its mask that the course "
+              f"runs through; to what it misses it gives a median probability of "
+              f"{', '.join(f'{p:.3f}' for p in r['missed_probability'])}."
               for r in results if r.get("kind") == "course_reach"]
     runs = [r for r in results if r.get("kind") == "oracle"]
     by_cell = group(runs, lambda r: (r["size"], r["input"] + (f" (`{segmenter_name(r)}`)" if segmenter_run(r) else ""),

@@ -208,19 +208,23 @@ def test_reach_along_course_says_which_piece_of_the_catheter_the_segmenter_found
     reach = reach_along_course(torch.tensor(np.stack([image, truth, found])[None]), parts=4)
     assert reach["found"][:2] == [1.0, 1.0] and reach["found"][-1] == 0.0
     assert all(c > 5 for c in reach["contrast"])  # darker than its ring by 10 noise deviations
+    assert reach["missed_probability"][-1] == 0.0 and np.isnan(reach["missed_probability"][0])  # none missed there
 
 
-def test_reach_along_course_says_how_much_of_what_the_segmenter_found_the_course_is_traced_in(monkeypatch):
+def test_reach_along_course_says_how_much_of_what_the_segmenter_found_lies_in_the_pieces_the_course_runs_through(
+        monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from t6_oracles import reach_along_course
 
     truth = np.zeros((64, 64), np.float32)
     truth[10:63, 31:34] = 1
-    found = truth.copy()
-    found[30:36] = 0  # a gap: the tip end is found but cut off from the longer entry piece
-    reach = reach_along_course(torch.tensor(np.stack([truth, truth, found])[None]), parts=4)
+    wide, narrow = truth.copy(), truth.copy()
+    wide[26:36] = 0  # a gap wider than the course bridges: the tip end is found but cut off from the entry piece
+    narrow[32:36] = 0  # a gap the course bridges
+    reach = reach_along_course(torch.tensor(np.stack([np.stack([truth, truth, found]) for found in (wide, narrow)])),
+                               parts=4)
     assert reach["found"][0] == reach["found"][-1] == 1.0
-    assert reach["on_traced"][0] == 1.0 and reach["on_traced"][-1] == 0.0
+    assert reach["on_traced"][0] == 1.0 and reach["on_traced"][-1] == 0.5  # the mean of 0 (wide) and 1 (narrow)
 
 
 def test_oracle_rows_of_two_segmenters_of_one_size_are_told_apart_by_their_command(monkeypatch):

@@ -14,24 +14,25 @@ CNN on the catheter the segmenter predicts) and ``path`` (a linear head on that 
 fine-tuned once on catheter masks of the same kind of frames (seed 0, the training split of 1200 position frames
 with their masks, generator seed 1003, disjoint from the splits; 30 epochs of 1000 samples) — ``mean`` takes its
 encoder, the others the whole segmenter; ``segmenter_tips``, the same fine-tuned with ``--loss tips`` (more
-cross-entropy at the catheter's tip end, which the Dice-CE segmenter loses); with ``--foundation`` (a T1 output
+cross-entropy at the catheter's tip end, which the Dice-CE segmenter loses) and ``segmenter_cldice``, with
+``--loss cldice`` (soft clDice, which rewards an unbroken centreline); with ``--foundation`` (a T1 output
 folder) also ``foundation``, the encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and
 ``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter,
-mask/segmenter, path/segmenter, path/segmenter_tips. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the
+mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the
 learning rate is finetune's default for the pooling), the epoch selected on validation balanced accuracy, the test
 set scored once. ``--segmenter-frames``, ``--segmenter-epochs`` and ``--preset`` change the segmenter inits' budget
 and every model's preset (for a check of what the segmenter's training buys; the defaults are T6's), ``--workers``
 renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
-* each segmenter (``kind`` "segmenter"): ``init``, ``loss`` (rows without them: "segmenter", "dicece"), ``seed``,
+* each segmenter (``kind`` "segmenter"): ``init``, ``loss``, ``seed``,
   ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test split);
 * position runs (``kind`` "position"): ``pooling``, ``init``, ``shots``, ``seed``, ``init_weights``, ``epochs``,
   ``image_size``, ``run``, ``transfer``, ``best_epoch``, ``val_balanced_accuracy``, ``test`` (evaluate JSON)
   and ``correct`` (0/1 per test image, in the test split's order).
 Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
 gain of every model over the baseline (mean pooling, scratch), of tip over mean at the same init and of a
-``segmenter_tips`` model over the same pooling from ``segmenter``, on the same K, seed and test image: mean and a
+``segmenter_tips`` or ``segmenter_cldice`` model over the same pooling from ``segmenter``, on the same K, seed and test image: mean and a
 95% interval from a two-level bootstrap (seeds, then test images).
 """
 
@@ -62,10 +63,11 @@ from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
 ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
-        "path/segmenter_tips")  # POOLING/INIT
+        "path/segmenter_tips", "path/segmenter_cldice")  # POOLING/INIT
 # The segmenter inits and the loss each is fine-tuned with (finetune/train.py segmentation_loss): "tips" adds
-# cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses.
-SEGMENTER_LOSSES = {"segmenter": "dicece", "segmenter_tips": "tips"}
+# cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which
+# rewards covering the catheter's centreline end to end, unbroken.
+SEGMENTER_LOSSES = {"segmenter": "dicece", "segmenter_tips": "tips", "segmenter_cldice": "cldice"}
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter inits' training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}
@@ -138,7 +140,7 @@ def segmenter(args: argparse.Namespace, init: str) -> Path:
     """Weights of the TransUNet a segmenter init (SEGMENTER_LOSSES) starts from, fine-tuned (and recorded) once."""
     out = args.out / "runs" / init
     loss = SEGMENTER_LOSSES[init]
-    if ("segmenter", loss) in common.recorded(args.out, lambda r: (r.get("kind"), r.get("loss", "dicece"))):
+    if ("segmenter", loss) in common.recorded(args.out, lambda r: (r.get("kind"), r.get("loss"))):
         return out / "model.safetensors"
     started = time.perf_counter()
     frames = args.segmenter_frames
@@ -225,9 +227,8 @@ def tables(results: list[dict]) -> str:
     for r in results:
         if r.get("kind") == "segmenter":
             budget = (f"{r['frames']} frames, {r['epochs']} epochs of {r['samples_per_epoch']} samples, best epoch "
-                      f"{r['best_epoch']}" if "frames" in r else "300 frames, 20 epochs")
-            init = r.get("init", "segmenter")
-            out.append(f"Segmenter of the `{init}` init ({budget}, loss {SEGMENTER_LOSSES[init]}): test catheter Dice "
+                      f"{r['best_epoch']}")
+            out.append(f"Segmenter of the `{r['init']}` init ({budget}, loss {r['loss']}): test catheter Dice "
                        f"{r['test']['per_class']['catheter']['dice']:.3f}, clDice "
                        f"{r['test']['per_class']['catheter']['cldice']:.3f} ({r['wall_s']:.0f} s).")
     runs = [r for r in results if r.get("kind") == "position"]

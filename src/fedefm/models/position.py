@@ -29,9 +29,9 @@ NEIGHBOURS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != 
 PATH_POINTS = 16  # points a catheter's course is resampled to, entry to tip (path_features)
 PATH_FEATURES = 4 * PATH_POINTS + 11  # the points (2 each), the directions between them (2 each), 13 more
 # The widest gap between pieces of a predicted mask that the course (read_course) bridges, as a share of the image
-# height. On T6's validation frames the Dice-CE segmenter's mask lies in a median 4 pieces, and joining those ahead
-# brings the traced tip nearer the true one (median 22.3 → 19.1 px at 128 px); the tip pooling and locate_tips keep
-# the largest piece alone.
+# height. On T6's validation frames (128 px) the Dice-CE segmenter's mask breaks where the catheter fades, and joining
+# the pieces ahead brings the traced tip nearer the true one (median 22.3 → 19.1 px; the --loss tips segmenter's
+# 23.1 → 18.5 px); the tip pooling and locate_tips keep the largest piece alone.
 COURSE_GAP = 0.1
 
 

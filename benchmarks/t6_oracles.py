@@ -21,9 +21,9 @@ half: whether the pixels show the part of the catheter that decides the class. R
 (T6's file; ``kind`` "oracle": ``size``, ``input``, ``per_class``, ``seed``, ``steps``, ``val_balanced_accuracy``;
 ``kind`` "contrast": ``size``, ``frames``, ``tip_half``, ``entry_half``; with ``--segmenter``, ``kind``
 "segmenter_reach": ``size``, ``frames``, ``segmenter``, ``tip_error_px``, ``tip_within_5px``,
-``course_tip_error_px``, ``course_tip_within_5px``, ``found_tip_half``, ``found_entry_half``, how far along the true catheter its mask reaches, and ``kind`` "course_reach": ``size``,
-``frames``, ``segmenter``, ``contrast``, ``found``, ``on_traced`` and ``missed_probability`` per fifth of the true
-course, entry to tip);
+``course_tip_error_px``, ``course_tip_within_5px``, ``found_tip_half``, ``found_entry_half``, how far along the
+true catheter its mask reaches, and ``kind`` "course_reach": ``size``, ``frames``, ``segmenter``, ``contrast``,
+``found``, ``on_traced`` and ``missed_probability`` per fifth of the true course, entry to tip);
 runs already there are skipped.
 """
 
@@ -259,7 +259,8 @@ def oracle_tables(results: list[dict]) -> str:
     lines += [f"The catheter of segmenter `{segmenter_name(r)}` on the {r['frames']} validation frames at {r['size']} px: "
               f"the tip traced in the largest piece of its mask lies a median {r['tip_error_px']:.1f} px from the true "
               f"one ({100 * r['tip_within_5px']:.0f}% within 5 px), the end of the course across its pieces "
-              f"{r['course_tip_error_px']:.1f} px ({100 * r['course_tip_within_5px']:.0f}%); it finds {100 * r['found_tip_half']:.0f}% of the true catheter's pixels in the tip half and "
+              f"{r['course_tip_error_px']:.1f} px ({100 * r['course_tip_within_5px']:.0f}%); it finds "
+              f"{100 * r['found_tip_half']:.0f}% of the true catheter's pixels in the tip half and "
               f"{100 * r['found_entry_half']:.0f}% in the entry half."
               for r in results if r.get("kind") == "segmenter_reach"]
     lines += [f"Along the true catheter's course at {r['size']} px, entry to tip in {len(r['found'])} equal pieces: "

@@ -18,22 +18,22 @@ cross-entropy at the catheter's tip end, which the Dice-CE segmenter loses) and 
 ``--loss cldice`` (soft clDice, which rewards an unbroken centreline); with ``--foundation`` (a T1 output
 folder) also ``foundation``, the encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and
 ``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter,
-mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the
-learning rate is finetune's default for the pooling), the epoch selected on validation balanced accuracy, the test
-set scored once. ``--segmenter-frames``, ``--segmenter-epochs`` and ``--preset`` change the segmenter inits' budget
-and every model's preset (for a check of what the segmenter's training buys; the defaults are T6's), ``--workers``
-renders the frames in parallel.
+mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice. K in {4, 16}, seeds 0-2, 20 epochs
+of 64 samples (the learning rate is finetune's default for the pooling), the epoch selected on validation balanced
+accuracy, the test set scored once. ``--segmenter-frames``, ``--segmenter-epochs`` and ``--preset`` change the
+segmenter inits' budget and every model's preset (for a check of what the segmenter's training buys; the defaults
+are T6's), ``--workers`` renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
-* each segmenter (``kind`` "segmenter"): ``init``, ``loss``, ``seed``,
-  ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test split);
+* each segmenter (``kind`` "segmenter"): ``init``, ``loss``, ``seed``, ``run``, ``val_dice``, ``test`` (evaluate
+  JSON on its own test split);
 * position runs (``kind`` "position"): ``pooling``, ``init``, ``shots``, ``seed``, ``init_weights``, ``epochs``,
   ``image_size``, ``run``, ``transfer``, ``best_epoch``, ``val_balanced_accuracy``, ``test`` (evaluate JSON)
   and ``correct`` (0/1 per test image, in the test split's order).
 Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
 gain of every model over the baseline (mean pooling, scratch), of tip over mean at the same init and of a
-``segmenter_tips`` or ``segmenter_cldice`` model over the same pooling from ``segmenter``, on the same K, seed and test image: mean and a
-95% interval from a two-level bootstrap (seeds, then test images).
+``segmenter_tips`` or ``segmenter_cldice`` model over the same pooling from ``segmenter``, on the same K, seed and
+test image: mean and a 95% interval from a two-level bootstrap (seeds, then test images).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from scipy import ndimage
 from torch import nn
 
 from fedefm.data.synth import POSITION_CLASSES, render_position
-from fedefm.models.position import catheter_path, course_head, read_course, trace_catheter
+from fedefm.models.position import COURSE_GAP, catheter_path, course_head, read_course, trace_catheter
 from fedefm.models.weights import build_from_weights, load_metadata
 from fedefm.results import group, markdown, mean_std, read_results
 
@@ -95,7 +95,7 @@ def ends(masks: torch.Tensor) -> torch.Tensor:
     """Where the catheter traced in each mask or probability map (N, 1, S, S) at 0.5 enters and where its tip
     lies: (N, 4) entry row, col, tip row, col in [-1, 1]."""
     size = masks.shape[-1]
-    points = [read_course(m)[0][[0, -1]].astype(np.float32).ravel() for m in masks[:, 0].numpy()]
+    points = [trace_catheter(m, max_gap=COURSE_GAP)[[0, -1]].astype(np.float32).ravel() for m in masks[:, 0].numpy()]
     return torch.from_numpy(np.stack(points)) / (size - 1) * 2 - 1
 
 
@@ -182,7 +182,7 @@ def segmenter_reach(images: torch.Tensor) -> dict[str, float]:
         catheter = truth > 0
         tip = trace_catheter(truth)[-1]
         errors.append(float(np.hypot(*(tip - trace_catheter(probability)[-1]))))
-        course_errors.append(float(np.hypot(*(tip - read_course(probability)[0][-1]))))
+        course_errors.append(float(np.hypot(*(tip - trace_catheter(probability, max_gap=COURSE_GAP)[-1]))))
         rows, cols = np.nonzero(catheter)
         upper = rows < np.median(rows)
         for name, part in (("tip_half", upper), ("entry_half", ~upper)):
@@ -212,7 +212,7 @@ def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[f
             continue
         ring = surroundings(catheter)
         pieces = ndimage.label(probability >= 0.5, structure=np.ones((3, 3), bool))[0]
-        course = read_course(probability)[0]
+        course = trace_catheter(probability, max_gap=COURSE_GAP)
         crossed = np.setdiff1d(pieces[course[:, 0], course[:, 1]], [0])
         for k, piece in enumerate(np.array_split(path, parts)):
             rows, cols = piece[:, 0], piece[:, 1]

@@ -81,31 +81,31 @@ def enters_first(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> bool:
     return touching == (True, False) or (touching[0] == touching[1] and a[0] >= b[0])
 
 
-def bridge_gap(path: np.ndarray, pieces: np.ndarray, candidates: set[int], max_gap: float, cone: float,
-               heading_px: int) -> np.ndarray | None:
-    """The path (M, 2) carried on from its last pixel into the nearest piece of ``candidates`` (labels in
-    ``pieces`` (H, W)) that lies within ``max_gap`` px ahead — within the angle whose cosine is ``cone`` of the
+def bridge_gap(path: np.ndarray, candidates: dict[int, np.ndarray], max_gap: float, cone: float,
+               heading_px: int) -> tuple[np.ndarray, int] | None:
+    """The path (M, 2) carried on from its last pixel into the nearest of the ``candidates`` pieces (label → its
+    pixels (N, 2)) that lies within ``max_gap`` px ahead — within the angle whose cosine is ``cone`` of the
     heading over the path's last ``heading_px`` px — across the gap in a straight line and through that piece
-    to its far end; None when no piece lies there."""
+    to its far end, and the label of that piece; None when no piece lies there."""
     end = path[-1].astype(float)
     heading = end - path[max(0, len(path) - 1 - heading_px)]
     heading /= max(float(np.linalg.norm(heading)), 1e-6)
     best = None
-    for label in candidates:
-        pixels = np.argwhere(pieces == label)
+    for label, pixels in candidates.items():
         gaps = np.hypot(*(pixels - end).T)
         k = int(np.argmin(gaps))
         ahead = len(path) == 1 or (pixels[k] - end) @ heading >= cone * gaps[k]
         if gaps[k] <= max_gap and ahead and (best is None or gaps[k] < best[0]):
-            best = (gaps[k], pixels, k)
+            best = (gaps[k], label, k)
     if best is None:
         return None
-    _, pixels, k = best
+    _, label, k = best
+    pixels = candidates[label]
     distance = geodesic_distances(pixels[:, 0], pixels[:, 1], k)
     inside = walk(pixels[:, 0], pixels[:, 1], distance, int(np.argmax(distance)))  # to its far end
     steps = int(np.ceil(np.abs(inside[0] - end).max()))
     across = np.round(end + np.linspace(0, 1, steps + 1)[1:-1, None] * (inside[0] - end)).astype(int)
-    return np.concatenate([path, across, inside])
+    return np.concatenate([path, across, inside]), label
 
 
 def catheter_path(mask: np.ndarray, max_gap: float = 0.0, cone: float = 0.5) -> np.ndarray | None:
@@ -134,13 +134,14 @@ def catheter_path(mask: np.ndarray, max_gap: float = 0.0, cone: float = 0.5) -> 
     entry, tip = (first, second) if enters_first(*ends, mask.shape) else (second, first)
     path = walk(rows, cols, from_first if entry == first else geodesic_distances(rows, cols, entry), tip)
     height = mask.shape[0]
-    candidates = {label for label in range(1, count + 1) if label != largest and sizes[label] >= height // 16}
-    if max_gap > 0 and candidates:
+    if max_gap > 0 and count > 1:
+        candidates = {label: np.argwhere(pieces == label) for label in range(1, count + 1)
+                      if label != largest and sizes[label] >= height // 16}
         heading_px = max(2, height // 16)
         for _ in range(2):  # on from the tip end, then from the entry end
-            while (longer := bridge_gap(path, pieces, candidates, max_gap * height, cone, heading_px)) is not None:
-                candidates.discard(int(pieces[tuple(longer[-1])]))
-                path = longer
+            while (joined := bridge_gap(path, candidates, max_gap * height, cone, heading_px)) is not None:
+                path, label = joined
+                del candidates[label]
             path = path[::-1]
         if not enters_first(path[0], path[-1], mask.shape):
             path = path[::-1]

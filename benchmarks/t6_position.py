@@ -15,25 +15,26 @@ fine-tuned once on catheter masks of the same kind of frames (seed 0, the traini
 with their masks, generator seed 1003, disjoint from the splits; 30 epochs of 1000 samples) — ``mean`` takes its
 encoder, the others the whole segmenter; ``segmenter_tips``, the same fine-tuned with ``--loss tips`` (more
 cross-entropy at the catheter's tip end, which the Dice-CE segmenter loses) and ``segmenter_cldice``, with
-``--loss cldice`` (soft clDice, which rewards an unbroken centreline); with ``--foundation`` (a T1 output
+``--loss cldice`` (soft clDice, which rewards an unbroken centreline); ``segmenter_unet``, MONAI's U-Net (T4's)
+fine-tuned as ``segmenter`` is (Dice-CE), held whole by ``path``; with ``--foundation`` (a T1 output
 folder) also ``foundation``, the encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and
 ``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter,
-mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice. K in {4, 16}, seeds 0-2, 20 epochs
-of 64 samples (the learning rate is finetune's default for the pooling), the epoch selected on validation balanced
-accuracy, the test set scored once. ``--segmenter-frames``, ``--segmenter-epochs`` and ``--preset`` change the
-segmenter inits' budget and every model's preset (for a check of what the segmenter's training buys; the defaults
-are T6's), ``--workers`` renders the frames in parallel.
+mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice, path/segmenter_unet. K in {4, 16},
+seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's default for the pooling), the epoch selected on
+validation balanced accuracy, the test set scored once. ``--segmenter-frames``, ``--segmenter-epochs`` and
+``--preset`` change the segmenter inits' budget and every model's preset (for a check of what the segmenter's
+training buys; the defaults are T6's), ``--workers`` renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
-* each segmenter (``kind`` "segmenter"): ``init``, ``loss``, ``seed``, ``run``, ``val_dice``, ``test`` (evaluate
-  JSON on its own test split);
+* each segmenter (``kind`` "segmenter"): ``init``, ``arch``, ``loss``, ``seed``, ``run``, ``val_dice``, ``test``
+  (evaluate JSON on its own test split);
 * position runs (``kind`` "position"): ``pooling``, ``init``, ``shots``, ``seed``, ``init_weights``, ``epochs``,
   ``image_size``, ``run``, ``transfer``, ``best_epoch``, ``val_balanced_accuracy``, ``test`` (evaluate JSON)
   and ``correct`` (0/1 per test image, in the test split's order).
 Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
 gain of every model over the baseline (mean pooling, scratch), of tip over mean at the same init and of a
-``segmenter_tips`` or ``segmenter_cldice`` model over the same pooling from ``segmenter``, on the same K, seed and
-test image: mean and a 95% interval from a two-level bootstrap (seeds, then test images).
+``segmenter_tips``, ``segmenter_cldice`` or ``segmenter_unet`` model over the same pooling from ``segmenter``, on
+the same K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds, then test images).
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
 ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
-        "path/segmenter_tips", "path/segmenter_cldice")  # POOLING/INIT
-# The segmenter inits and the loss each is fine-tuned with (finetune/train.py segmentation_loss): "tips" adds
-# cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which
-# rewards covering the catheter's centreline end to end, unbroken.
-SEGMENTER_LOSSES = {"segmenter": "dicece", "segmenter_tips": "tips", "segmenter_cldice": "cldice"}
+        "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet")  # POOLING/INIT
+# The segmenter inits: the arch and the loss each is fine-tuned with (finetune/train.py segmentation_loss): "tips"
+# adds cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which
+# rewards covering the catheter's centreline end to end, unbroken; MONAI's U-Net (T4's) trains in half the time.
+SEGMENTERS = {"segmenter": ("transunet", "dicece"), "segmenter_tips": ("transunet", "tips"),
+              "segmenter_cldice": ("transunet", "cldice"), "segmenter_unet": ("unet", "dicece")}
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter inits' training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}
@@ -137,22 +139,22 @@ def write_position_masks(root: Path, n: int, size: int, seed: int, workers: int 
 
 
 def segmenter(args: argparse.Namespace, init: str) -> Path:
-    """Weights of the TransUNet a segmenter init (SEGMENTER_LOSSES) starts from, fine-tuned (and recorded) once."""
+    """Weights of the segmenter a segmenter init (SEGMENTERS) starts from, fine-tuned (and recorded) once."""
     out = args.out / "runs" / init
-    loss = SEGMENTER_LOSSES[init]
-    if ("segmenter", loss) in common.recorded(args.out, lambda r: (r.get("kind"), r.get("loss"))):
+    arch, loss = SEGMENTERS[init]
+    if ("segmenter", init) in common.recorded(args.out, lambda r: (r.get("kind"), r.get("init"))):
         return out / "model.safetensors"
     started = time.perf_counter()
     frames = args.segmenter_frames
     data = args.out / "data" / f"position_masks_{args.size}_n{frames}"
     if not data.is_dir():
         write_position_masks(data, frames, args.size, seed=SEGMENTER["seed"], workers=args.workers)
-    cfg = FinetuneConfig(data=data, out=out, epochs=args.segmenter_epochs, preset=args.preset,
+    cfg = FinetuneConfig(data=data, out=out, arch=arch, epochs=args.segmenter_epochs, preset=args.preset,
                          samples_per_epoch=SEGMENTER["samples_per_epoch"] if not args.quick else None,
                          image_size=args.size, loss=loss, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
-    row = {"kind": "segmenter", "init": init, "loss": loss, "seed": cfg.seed, "run": str(out), "frames": frames,
-           "epochs": cfg.epochs, "preset": cfg.preset, "samples_per_epoch": cfg.samples_per_epoch,
+    row = {"kind": "segmenter", "init": init, "arch": arch, "loss": loss, "seed": cfg.seed, "run": str(out),
+           "frames": frames, "epochs": cfg.epochs, "preset": cfg.preset, "samples_per_epoch": cfg.samples_per_epoch,
            "best_epoch": selected["best_epoch"], "val_dice": selected["best_val"],
            "test": evaluate_model(out, data, "test")}
     row = common.record(args.out, TABLE, row, started)
@@ -189,7 +191,7 @@ def run_all(args: argparse.Namespace) -> None:
     data = position_data(args)
     arms = [tuple(arm.split("/")) for arm in args.arms]
     fixed = {"scratch": "scratch"}
-    for init in sorted({init for _, init in arms if init in SEGMENTER_LOSSES}):
+    for init in sorted({init for _, init in arms if init in SEGMENTERS}):
         fixed[init] = str(segmenter(args, init))
 
     def weights(init: str, seed: int) -> str:
@@ -228,7 +230,8 @@ def tables(results: list[dict]) -> str:
         if r.get("kind") == "segmenter":
             budget = (f"{r['frames']} frames, {r['epochs']} epochs of {r['samples_per_epoch']} samples, best epoch "
                       f"{r['best_epoch']}")
-            out.append(f"Segmenter of the `{r['init']}` init ({budget}, loss {r['loss']}): test catheter Dice "
+            arch = r.get("arch", "transunet")  # rows written before the U-Net init name no arch: all TransUNets
+            out.append(f"Segmenter of the `{r['init']}` init ({arch}, {budget}, loss {r['loss']}): test catheter Dice "
                        f"{r['test']['per_class']['catheter']['dice']:.3f}, clDice "
                        f"{r['test']['per_class']['catheter']['cldice']:.3f} ({r['wall_s']:.0f} s).")
     runs = [r for r in results if r.get("kind") == "position"]
@@ -247,7 +250,7 @@ def tables(results: list[dict]) -> str:
         over_baseline = gain_cell(arm, seed_rows.get((shots, *BASELINE), {}))
         over_mean = gain_cell(arm, seed_rows.get((shots, "mean", init), {})) if pooling != "mean" else "-"
         over_dicece = (gain_cell(arm, seed_rows.get((shots, pooling, "segmenter"), {}))
-                       if init in SEGMENTER_LOSSES and init != "segmenter" else "-")
+                       if init in SEGMENTERS and init != "segmenter" else "-")
         gains.append([str(shots), pooling, init, over_baseline, over_mean, over_dicece, str(len(arm))])
     out.append(markdown((["K per class", "pooling", "init", "gain over mean/scratch (points, 95% CI)",
                           "gain over mean, same init", "gain over the `segmenter` init, same pooling", "seeds"],

@@ -17,7 +17,7 @@ from fedefm.models.heads import Classifier
 from fedefm.models.position import (
     PATH_FEATURES,
     PATH_POINTS,
-    MaskPositionClassifier,
+    POSITION_MODELS,
     PathPositionClassifier,
     PositionClassifier,
     catheter_path,
@@ -30,8 +30,8 @@ from fedefm.models.position import (
     shape_encoder,
 )
 from fedefm.models.presets import get_preset
-from fedefm.models.segmenters import TransUNet
-from fedefm.models.weights import load_weights, model_metadata, save_weights
+from fedefm.models.segmenters import TransUNet, build_segmenter
+from fedefm.models.weights import build_from_weights, load_weights, model_metadata, save_weights
 
 SIZE = 32
 
@@ -121,24 +121,30 @@ def test_a_class_of_one_image_is_refused(tmp_path, layout):
         classify.run(quick_config(root, tmp_path / "run", pooling="mean", shots=None), progress=False)
 
 
-def segmenter_weights(tmp_path, preset="tiny"):
-    """A TransUNet's weights file with the catheter classes, as `finetune --task segment` writes (random weights)."""
+def segmenter_weights(tmp_path, preset="tiny", arch="transunet"):
+    """A segmenter's weights file with the catheter classes, as `finetune --task segment` writes (random weights)."""
     torch.manual_seed(5)
-    segmenter = TransUNet(get_preset(preset))
-    path = tmp_path / f"segmenter_{preset}.safetensors"
+    segmenter = build_segmenter(arch, get_preset(preset))
+    path = tmp_path / f"segmenter_{arch}_{preset}.safetensors"
     save_weights(path, segmenter, model_metadata(segmenter) | {"classes": ["background", "catheter", "guidewire"],
                                                                "image_size": SIZE})
     return path
 
 
-@pytest.mark.parametrize(("pooling", "arch"), [("tip", "position"), ("mask", "position_mask"),
-                                               ("path", "position_path")])
-def test_position_model_trains_and_predict_shows_where_it_looked(positions, tmp_path, pooling, arch):
+@pytest.mark.parametrize(("pooling", "arch", "segmenter"), [("tip", "position", "transunet"),
+                                                            ("mask", "position_mask", "transunet"),
+                                                            ("path", "position_path", "transunet"),
+                                                            ("path", "position_path", "unet")])
+def test_position_model_trains_and_predict_shows_where_it_looked(positions, tmp_path, pooling, arch, segmenter):
     out = tmp_path / "run"
-    result = classify.run(quick_config(positions, out, pooling=pooling, init=str(segmenter_weights(tmp_path))),
-                          progress=False)
+    init = segmenter_weights(tmp_path, arch=segmenter)
+    result = classify.run(quick_config(positions, out, pooling=pooling, init=str(init)), progress=False)
     assert result["best_epoch"] == 1
-    assert load_weights(out / "model.safetensors")[1]["arch"] == arch
+    metadata = load_weights(out / "model.safetensors")[1]
+    assert metadata["arch"] == arch and metadata.get("segmenter_arch") == (segmenter if pooling != "tip" else None)
+    if pooling != "tip":  # the held segmenter is the file's, tensor for tensor
+        held = build_from_weights(out / "model.safetensors")[0].segmenter.state_dict()
+        assert all(torch.equal(held[key], tensor) for key, tensor in load_weights(init)[0].items())
     images = sorted((positions / "looped").glob("*.png"))[:2]
     rows, _ = classify_images(out, images, tmp_path / "pred")
     for row, image in zip(rows, images):
@@ -188,14 +194,14 @@ def test_shape_encoder_output_moves_with_the_catheter():
 
 
 @pytest.mark.parametrize("pooling", ["mask", "path"])
-def test_held_segmenter_models_learn_only_what_reads_the_catheter(pooling):
-    model = {"mask": lambda: MaskPositionClassifier(get_preset("tiny"), n_classes=4, width=8),
-             "path": lambda: PathPositionClassifier(get_preset("tiny"), n_classes=4)}[pooling]()
-    model.load_state_dict(TransUNet(get_preset("tiny")).state_dict(), strict=False)
+@pytest.mark.parametrize("arch", ["transunet", "unet"])
+def test_held_segmenter_models_learn_only_what_reads_the_catheter(pooling, arch):
+    model = POSITION_MODELS[pooling](get_preset("tiny"), n_classes=4, segmenter_arch=arch)
+    assert model.segmenter.arch == arch
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model.train()
-    assert not model.encoder.training and not model.decoder.training and model.head.training
+    assert not model.segmenter.training and model.head.training
     logits = model(torch.rand(2, 1, 64, 96))  # (2, 4); a non-square image, both sides multiples of 32
     assert logits.shape == (2, 4)
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
@@ -235,7 +241,8 @@ def test_held_segmenter_models_need_a_trained_segmentation_head(positions, tmp_p
     classifier = Classifier(get_preset("tiny"), 4)
     path = tmp_path / "foundation.safetensors"
     save_weights(path, classifier, model_metadata(classifier) | {"classes": ["a", "b", "c", "d"]})
-    with pytest.raises(ConfigError, match="foundation.safetensors: gives no trained segmentation head"):
+    with pytest.raises(ConfigError, match=r"foundation.safetensors: gives no trained segmenter \(encoder; new: "
+                                          r"decoder.\* \(33\), segmentation_head.\* \(2\)\)"):
         classify.build_model(quick_config(positions, tmp_path / "b", pooling=pooling, init=str(path)), 4)
 
 
@@ -245,10 +252,38 @@ def test_mask_model_refuses_a_segmenter_of_another_preset(positions, tmp_path):
         classify.build_model(quick_config(positions, tmp_path / "run", pooling="mask", init=str(path)), 4)
 
 
-def test_path_model_refuses_a_segmenter_of_another_preset(positions, tmp_path):
-    path = segmenter_weights(tmp_path, "small")
+@pytest.mark.parametrize("arch", ["transunet", "unet"])
+def test_path_model_refuses_a_segmenter_of_another_preset(positions, tmp_path, arch):
+    path = segmenter_weights(tmp_path, "small", arch)
     with pytest.raises(WeightsError, match="preset 'small' but the model is preset 'tiny'"):
         classify.run(quick_config(positions, tmp_path / "run", pooling="path", init=str(path)), progress=False)
+
+
+def test_held_unet_segmenter_is_taken_whole_or_refused(positions, tmp_path):
+    path = segmenter_weights(tmp_path, arch="unet")
+    with pytest.raises(ConfigError, match="--init-parts encoder: a unet has no foundation encoder"):
+        classify.build_model(quick_config(positions, tmp_path / "a", pooling="path", init=str(path),
+                                          init_parts="encoder"), 4)
+    tensors, metadata = load_weights(path)
+    save_weights(path, tensors, metadata | {"classes": ["background", "vessel"]})
+    with pytest.raises(WeightsError, match=r"unet_tiny.safetensors: its segmenter predicts \['background', 'vessel'\]"):
+        classify.build_model(quick_config(positions, tmp_path / "b", pooling="path", init=str(path)), 4)
+    save_weights(path, {k: v for k, v in tensors.items() if not k.startswith("model.2")}, metadata)
+    with pytest.raises(WeightsError, match=r"unet_tiny.safetensors: does not match a unet \(tiny\) model: missing "
+                                           r"model\.2"):
+        classify.build_model(quick_config(positions, tmp_path / "c", pooling="mask", init=str(path)), 4)
+
+
+def test_a_classifier_file_naming_a_segmenter_it_cannot_hold_is_refused(tmp_path):
+    model = PathPositionClassifier(get_preset("tiny"), 4)
+    path = tmp_path / "path.safetensors"
+    save_weights(path, model, model_metadata(model) | {"segmenter_arch": "vnet"})
+    with pytest.raises(WeightsError, match="path.safetensors: segmenter_arch 'vnet' for a position_path"):
+        build_from_weights(path)
+    tip = PositionClassifier(get_preset("tiny"), 4)
+    save_weights(path, tip, model_metadata(tip) | {"segmenter_arch": "transunet"})
+    with pytest.raises(WeightsError, match="segmenter_arch 'transunet' for a position; only position_mask and"):
+        build_from_weights(path)
 
 
 @pytest.mark.parametrize("cls", ["aortic_arch", "descending_aorta", "looped", "supra_aortic"])

@@ -232,7 +232,7 @@ def finetune(
                                               "catheter a segmenter given as --init predicts) or path (a linear head "
                                               "on that catheter's course, entry to tip).")] = "mean",
     init: Annotated[str, typer.Option(help="'scratch', a foundation .safetensors file, or (classify --pooling tip, mask "
-                                           "or path) a fine-tuned segmenter's.")] = "scratch",
+                                           "or path) a fine-tuned segmenter's (mask, path: of any --arch).")] = "scratch",
     init_parts: Annotated[str, typer.Option(help="What --init gives a segmenter: encoder, all (encoder, decoder, head "
                                                  "by class name) or auto (all when the file holds a decoder).")] = "auto",
     arch: Annotated[str, typer.Option(help="segment: transunet, unet, resunet or swinunetr.")] = "transunet",

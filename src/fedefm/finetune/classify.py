@@ -31,7 +31,15 @@ from fedefm.finetune.loop import FinetuneTask, fit, require_validation_split, ru
 from fedefm.models.heads import Classifier
 from fedefm.models.position import POSITION_MODELS
 from fedefm.models.presets import get_preset
-from fedefm.models.weights import TransferReport, load_pretrained, model_metadata
+from fedefm.models.segmenters import ARCHS
+from fedefm.models.weights import (
+    TransferReport,
+    describe_keys,
+    load_metadata,
+    load_pretrained,
+    load_segmenter,
+    model_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,27 +127,35 @@ def val_columns(result: dict) -> dict:
 def build_model(cfg: FinetuneConfig, n_classes: int) -> tuple[torch.nn.Module, TransferReport | None]:
     """A classifier with a new head over ``n_classes``, by ``cfg.pooling``, from scratch or from fedefm weights.
 
-    ``mean`` takes any fedefm weights' encoder; ``tip``, ``mask`` and ``path`` also a segmenter's (or dense
-    foundation's) decoder and segmentation head (background, catheter, guidewire by name) under ``--init-parts
-    auto`` or ``all``. ``mask`` and ``path`` hold their segmenter as loaded, so they need one whose segmentation
+    ``mean`` takes any fedefm weights' encoder; ``tip`` also a segmenter's (or dense foundation's) decoder and
+    segmentation head (background, catheter, guidewire by name) under ``--init-parts auto`` or ``all``. ``mask``
+    and ``path`` hold the whole segmenter of ``init`` as loaded, of the arch its file names (a TransUNet, or a
+    dense foundation's body and head; a U-Net, residual U-Net or SwinUNETR), so they need one whose segmentation
     head was trained.
 
     Raises:
-        ConfigError: ``mask`` or ``path`` from weights that leave the catheter's segmentation head new.
+        ConfigError: ``mask`` or ``path`` from weights that leave part of the segmenter new.
     """
     preset = get_preset(cfg.preset)
     if cfg.pooling == "mean":
-        model, parts = Classifier(preset, n_classes), "encoder"
-    else:
-        model, parts = POSITION_MODELS[cfg.pooling](preset, n_classes), cfg.init_parts
-    if cfg.init == "scratch":  # config validation refuses mask and path from scratch
-        return model, None
-    transfer = load_pretrained(model, Path(cfg.init), parts, LABEL_NAMES)
-    if cfg.pooling in HELD_SEGMENTER and "segmentation_head.weight" not in transfer.loaded:
-        raise ConfigError(f"--init {cfg.init}: gives no trained segmentation head ({transfer.head or transfer.parts}); "
-                          f"--pooling {cfg.pooling} {SEGMENTER_NEEDED}")
+        return load_init(Classifier(preset, n_classes), cfg, "encoder")
+    if cfg.pooling not in HELD_SEGMENTER:
+        return load_init(POSITION_MODELS[cfg.pooling](preset, n_classes), cfg, cfg.init_parts)
+    # config validation refuses mask and path from scratch; a file of a MONAI arch gives the segmenter its arch
+    arch = load_metadata(Path(cfg.init)).get("arch")
+    model = POSITION_MODELS[cfg.pooling](preset, n_classes, segmenter_arch=arch if arch in ARCHS else "transunet")
+    transfer = load_segmenter(model.segmenter, Path(cfg.init), cfg.init_parts, LABEL_NAMES)
+    if transfer.new:
+        raise ConfigError(f"--init {cfg.init}: gives no trained segmenter ({transfer.head or transfer.parts}; new: "
+                          f"{describe_keys(transfer.new)}); --pooling {cfg.pooling} {SEGMENTER_NEEDED}")
     return model, transfer
 
+
+def load_init(model: torch.nn.Module, cfg: FinetuneConfig, parts: str) -> tuple[torch.nn.Module, TransferReport | None]:
+    """``model`` and what it took from ``cfg.init`` (``parts`` of it), or no report from scratch."""
+    if cfg.init == "scratch":
+        return model, None
+    return model, load_pretrained(model, Path(cfg.init), parts, LABEL_NAMES)
 
 
 def run(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fedefm.models.encoder import HybridEncoder
 from fedefm.models.presets import Preset
-from fedefm.models.segmenters import DecoderCup
+from fedefm.models.segmenters import DecoderCup, build_segmenter
 
 CATHETER = 1  # the catheter's channel of the segmentation head (background, catheter, guidewire)
 NEIGHBOURS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
@@ -244,24 +244,6 @@ def mask_pool(features: Tensor, weight: Tensor) -> Tensor:
     return torch.einsum("bchw,bhw->bc", features, weight)
 
 
-def segment_catheter(model: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, int], Tensor, Tensor]:
-    """Run a model's TransUNet parts on images x (B, in_channels, H, W): tokens (B, L, D), the token grid (h, w),
-    decoder features (B, C, H, W) and the catheter probability (B, H, W)."""
-    tokens, grid, skips = model.encoder(x)
-    decoded = model.decoder(tokens, grid, skips, x)  # (B, C, H, W)
-    catheter = torch.softmax(model.segmentation_head(decoded), dim=1)[:, CATHETER]  # (B, H, W)
-    return tokens, grid, decoded, catheter
-
-
-def add_segmenter(model: nn.Module, preset: Preset) -> int:
-    """Give ``model`` a TransUNet's ``encoder``, ``decoder`` and ``segmentation_head``; returns the decoder's channels C."""
-    model.encoder = HybridEncoder(preset)
-    model.decoder = DecoderCup(preset, preset.n_skip)
-    channels = preset.decoder_channels[-1]
-    model.segmentation_head = nn.Conv2d(channels, 3, kernel_size=3, padding=1)
-    return channels
-
-
 class PositionClassifier(nn.Module):
     """TransUNet (encoder, decoder, segmentation head) + a head on what the predicted catheter and its tip show.
 
@@ -281,7 +263,10 @@ class PositionClassifier(nn.Module):
         self.preset = preset
         self.n_classes = n_classes
         self.radius = radius
-        channels = add_segmenter(self, preset)
+        self.encoder = HybridEncoder(preset)
+        self.decoder = DecoderCup(preset, preset.n_skip)
+        channels = preset.decoder_channels[-1]
+        self.segmentation_head = nn.Conv2d(channels, 3, kernel_size=3, padding=1)
         width = 3 * preset.hidden + 3 * channels + 2
         self.head = nn.Sequential(OrderedDict(norm=nn.LayerNorm(width, eps=1e-6), linear=nn.Linear(width, n_classes)))
 
@@ -291,7 +276,9 @@ class PositionClassifier(nn.Module):
         With ``parts`` (a subset of "logits", "tip", "catheter") it returns those by name from one pass:
         "tip" (B, 2) row, col in px of x, "catheter" the catheter probability (B, H, W) it looked at.
         """
-        tokens, grid, decoded, catheter = segment_catheter(self, x)
+        tokens, grid, skips = self.encoder(x)
+        decoded = self.decoder(tokens, grid, skips, x)  # (B, C, H, W)
+        catheter = torch.softmax(self.segmentation_head(decoded), dim=1)[:, CATHETER]  # (B, H, W)
         tips = locate_tips(catheter)
         size = x.shape[-2:]
         token_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
@@ -329,37 +316,36 @@ def course_head(n_classes: int) -> nn.Sequential:
 
 
 class HeldSegmenterClassifier(nn.Module):
-    """A TransUNet (encoder, decoder, segmentation head) held as loaded, for a classifier of the catheter it predicts.
+    """A whole segmenter (any models/segmenters.py arch) held as loaded, for a classifier of the catheter it predicts.
 
     The class labels of a few frames cannot teach a segmenter where the catheter is, and would pull it from
-    the masks it was fine-tuned on, so its probability is computed without gradient and its parts stay in
-    eval mode; only what a subclass adds learns. Its tensors ``encoder.*``, ``decoder.*`` and
-    ``segmentation_head.*`` are a TransUNet's, so a fine-tuned segmenter loads whole.
+    the masks it was fine-tuned on, so its probability is computed without gradient and it stays in eval mode;
+    only what a subclass adds learns. Its tensors are the segmenter's under ``segmenter.*``, and
+    ``segmenter_arch`` (which weights files record) names its architecture, so a fine-tuned TransUNet, U-Net,
+    residual U-Net or SwinUNETR loads whole (finetune/classify.py).
     """
 
-    segmenter_arch = "transunet"  # the architecture whose whole weights it takes
-
-    def __init__(self, preset: Preset, n_classes: int) -> None:
+    def __init__(self, preset: Preset, n_classes: int, segmenter_arch: str = "transunet") -> None:
         super().__init__()
         self.preset = preset
         self.n_classes = n_classes
-        add_segmenter(self, preset)
+        self.segmenter_arch = segmenter_arch
+        self.segmenter = build_segmenter(segmenter_arch, preset, n_classes=3)
 
     def train(self, mode: bool = True) -> HeldSegmenterClassifier:
-        """Set train or eval mode; the segmenter parts stay in eval (no dropout): they are held as loaded."""
+        """Set train or eval mode; the segmenter stays in eval (no dropout): it is held as loaded."""
         super().train(mode)
-        for part in (self.encoder, self.decoder, self.segmentation_head):
-            part.eval()
+        self.segmenter.eval()
         return self
 
     @torch.no_grad()
     def catheter(self, x: Tensor) -> Tensor:
         """The catheter probability (B, H, W) the held segmenter predicts for images x (B, in_channels, H, W)."""
-        return segment_catheter(self, x)[3]
+        return torch.softmax(self.segmenter(x), dim=1)[:, CATHETER]
 
 
 class MaskPositionClassifier(HeldSegmenterClassifier):
-    """A held TransUNet + a small CNN on the catheter it predicts, then a linear head.
+    """A held segmenter + a small CNN on the catheter it predicts, then a linear head.
 
     The position classes are the shape and place of the device: where it runs and where it stops relative to
     the arch. A CNN on the TRUE catheter mask alone reads them from K = 16 frames per class, where image
@@ -369,8 +355,9 @@ class MaskPositionClassifier(HeldSegmenterClassifier):
 
     arch = "position_mask"
 
-    def __init__(self, preset: Preset, n_classes: int, width: int = 32, dropout: float = 0.3) -> None:
-        super().__init__(preset, n_classes)
+    def __init__(self, preset: Preset, n_classes: int, segmenter_arch: str = "transunet", width: int = 32,
+                 dropout: float = 0.3) -> None:
+        super().__init__(preset, n_classes, segmenter_arch)
         self.shape_encoder = shape_encoder(width)
         self.head = nn.Sequential(OrderedDict(dropout=nn.Dropout(dropout), linear=nn.Linear(width * 16, n_classes)))
 
@@ -389,7 +376,7 @@ class MaskPositionClassifier(HeldSegmenterClassifier):
 
 
 class PathPositionClassifier(HeldSegmenterClassifier):
-    """A held TransUNet + a linear head on the course of the catheter it predicts (:func:`path_features`).
+    """A held segmenter + a linear head on the course of the catheter it predicts (:func:`path_features`).
 
     The position classes are geometric relations: whether the catheter runs straight up the descending
     aorta, turns over the arch, turns up again into a branch, or buckles into a loop. Traced from the predicted
@@ -400,8 +387,8 @@ class PathPositionClassifier(HeldSegmenterClassifier):
 
     arch = "position_path"
 
-    def __init__(self, preset: Preset, n_classes: int) -> None:
-        super().__init__(preset, n_classes)
+    def __init__(self, preset: Preset, n_classes: int, segmenter_arch: str = "transunet") -> None:
+        super().__init__(preset, n_classes, segmenter_arch)
         self.head = course_head(n_classes)
 
     def forward(self, x: Tensor, parts: Sequence[str] | None = None) -> Tensor | dict[str, Tensor]:
@@ -421,6 +408,6 @@ class PathPositionClassifier(HeldSegmenterClassifier):
         return {name: seen[name] for name in parts}
 
 
-# --pooling → the position model over a TransUNet (``mean``, the plain classifier, is models/heads.py)
+# --pooling → the position model (``mean``, the plain classifier, is models/heads.py)
 POSITION_MODELS: dict[str, type[nn.Module]] = {"tip": PositionClassifier, "mask": MaskPositionClassifier,
                                                "path": PathPositionClassifier}

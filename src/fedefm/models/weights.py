@@ -30,13 +30,15 @@ PACKED_ORDER = "fedefm_order"  # the index entry of packed weights that keeps th
 
 
 def model_metadata(model: nn.Module) -> dict[str, Any]:
-    """What rebuilds ``model``: its arch, preset name, n_classes and the preset's image size."""
+    """What rebuilds ``model``: its arch, preset name, n_classes and the preset's image size, and the arch of the
+    whole segmenter it holds, if any (models/position.py HeldSegmenterClassifier)."""
+    held = getattr(model, "segmenter", None)
     return {
         "arch": model.arch,
         "preset": model.preset.name,
         "n_classes": model.n_classes,
         "image_size": model.preset.image_size,
-    }
+    } | ({"segmenter_arch": held.arch} if isinstance(held, nn.Module) else {})
 
 
 def save_weights(path: Path, model_or_state: nn.Module | dict[str, Tensor], metadata: dict[str, Any]) -> None:
@@ -268,6 +270,32 @@ def load_pretrained(model: nn.Module, path: Path, parts: str = "auto", classes: 
     )
 
 
+def load_segmenter(model: nn.Module, path: Path, parts: str = "auto", classes: Sequence[str] = ()) -> TransferReport:
+    """Initialise a whole segmenter ``model`` (any models/segmenters.py arch) from a weights file: a TransUNet as
+    :func:`load_pretrained` does (a dense foundation's body and head too); another arch only from a segmenter of
+    the same arch and preset trained on ``classes``, every tensor (fedefm's MONAI networks share no encoder).
+
+    Raises:
+        WeightsError: naming the file, when (not a TransUNet) it is another arch's or preset's, names other
+            classes, or its tensors differ from the model's.
+    """
+    if model.arch == "transunet":
+        return load_pretrained(model, path, parts, classes)
+    if choose("--init-parts", parts, INIT_PARTS) == "encoder":
+        raise ConfigError(f"--init-parts encoder: a {model.arch} has no foundation encoder; use --init-parts all")
+    tensors, metadata = load_weights(path)
+    check_preset(path, metadata, model)
+    if metadata.get("arch") != model.arch:
+        raise WeightsError(f"{path}: holds the weights of a {metadata.get('arch', 'model of unknown arch')}, not of a "
+                           f"{model.arch}; pass a {model.arch} segmenter written by fedefm finetune")
+    if metadata.get("classes") != list(classes):
+        raise WeightsError(f"{path}: its segmenter predicts {metadata.get('classes')}, not {list(classes)}; "
+                           "pass a segmenter fine-tuned by fedefm finetune --task segment")
+    load_every_tensor(path, model, tensors, f"{model.arch} ({model.preset.name})")
+    return TransferReport(parts="all", loaded=list(model.state_dict()), new=[], ignored=[],
+                          head=f"rows {', '.join(classes)} of the file's {', '.join(classes)}")
+
+
 def check_preset(path: Path, metadata: dict[str, Any], model: nn.Module) -> None:
     """Raise WeightsError naming the file when its metadata ``preset`` differs from the model's (absent: a warning)."""
     preset = metadata.get("preset")
@@ -353,6 +381,23 @@ def list_keys(keys: list[str], most: int = 8) -> str:
     return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
+def load_every_tensor(path: Path, model: nn.Module, tensors: dict[str, Tensor], name: str) -> None:
+    """Load ``tensors`` into ``model`` strictly: each of its tensors, of the same shape and dtype, and no other.
+
+    Raises:
+        WeightsError: naming the file and the model (``name``), when tensors are missing, unexpected or differ.
+    """
+    model_state = model.state_dict()
+    missing = [key for key in model_state if key not in tensors]
+    unexpected = [key for key in tensors if key not in model_state]
+    if missing or unexpected:
+        raise WeightsError(f"{path}: does not match a {name} model: missing {list_keys(missing) or 'none'}; "
+                           f"unexpected {list_keys(unexpected) or 'none'}")
+    for key, tensor in tensors.items():
+        check_tensor(path, key, tensor, model_state[key], f"a {name} model")
+    model.load_state_dict(tensors)
+
+
 def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a weights file names (arch, preset, n_classes) and load every tensor strictly.
 
@@ -364,7 +409,7 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             or of the wrong shape.
     """
     # Imported here: segmenters pulls in MONAI, which a Flower silo (a new process per message) never needs.
-    from fedefm.models.position import POSITION_MODELS
+    from fedefm.models.position import POSITION_MODELS, HeldSegmenterClassifier
     from fedefm.models.segmenters import ARCHS, build_classifier, build_segmenter
 
     tensors, metadata = load_weights(path)
@@ -378,16 +423,12 @@ def build_from_weights(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if arch not in classifiers and arch not in ARCHS:
         raise WeightsError(f"{path}: unknown arch {arch!r}; known: {', '.join([*classifiers, *ARCHS])}")
     preset = get_preset(preset_name)
-    model = classifiers[arch](preset, n_classes) if arch in classifiers else build_segmenter(arch, preset, n_classes)
-    model_state = model.state_dict()
-    missing = [key for key in model_state if key not in tensors]
-    unexpected = [key for key in tensors if key not in model_state]
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path}: does not match a {arch} ({preset_name}) model: missing {list_keys(missing) or 'none'}; "
-            f"unexpected {list_keys(unexpected) or 'none'}"
-        )
-    for key, tensor in tensors.items():
-        check_tensor(path, key, tensor, model_state[key], f"a {arch} ({preset_name}) model")
-    model.load_state_dict(tensors)
+    holders = [model.arch for model in POSITION_MODELS.values() if issubclass(model, HeldSegmenterClassifier)]
+    held = {"segmenter_arch": metadata["segmenter_arch"]} if "segmenter_arch" in metadata else {}
+    if held and (arch not in holders or held["segmenter_arch"] not in ARCHS):
+        raise WeightsError(f"{path}: segmenter_arch {held['segmenter_arch']!r} for a {arch}; only "
+                           f"{' and '.join(holders)} hold a segmenter, one of {', '.join(ARCHS)}")
+    model = (classifiers[arch](preset, n_classes, **held) if arch in classifiers
+             else build_segmenter(arch, preset, n_classes))
+    load_every_tensor(path, model, tensors, f"{arch} ({preset_name})")
     return model, metadata

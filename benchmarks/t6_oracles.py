@@ -56,15 +56,19 @@ DEFAULT_INPUTS = ("image", "true_mask", "image+true_mask", "true_mask_path", "tr
 READS = {"path": "course", "ends": "ends"}  # an input's suffix → what train_and_score reads of its mask
 
 
+def mask_frame(size: int, seed: int, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Position frame ``i`` of generator ``seed`` (class i mod 4, its own generator): image (S, S) uint8, device mask
+    (S, S) uint8 labels, class index."""
+    label = i % len(POSITION_CLASSES)
+    image, mask, _ = render_position(POSITION_CLASSES[label], size, np.random.default_rng([seed, i]))
+    return image, mask, label
+
+
 def frames(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` position frames, classes in turn: (n, 2, S, S) image in [0, 1] and catheter mask, labels (n,)."""
-    images, labels = [], []
-    for i in range(n):
-        label = i % len(POSITION_CLASSES)
-        image, mask, _ = render_position(POSITION_CLASSES[label], size, np.random.default_rng([seed, i]))
-        images.append(np.stack([image / 255.0, (mask == 1).astype(float)]))
-        labels.append(label)
-    return torch.tensor(np.array(images), dtype=torch.float32), torch.tensor(labels)
+    """``n`` position frames (:func:`mask_frame`): (n, 2, S, S) image in [0, 1] and catheter mask, labels (n,)."""
+    rendered = [mask_frame(size, seed, i) for i in range(n)]
+    images = [np.stack([image / 255.0, (mask == 1).astype(float)]) for image, mask, _ in rendered]
+    return torch.tensor(np.array(images), dtype=torch.float32), torch.tensor([label for *_, label in rendered])
 
 
 @torch.no_grad()

@@ -49,10 +49,10 @@ import common
 import numpy as np
 import torch
 from PIL import Image
-from t6_oracles import oracle_tables
+from t6_oracles import mask_frame, oracle_tables
 
 from fedefm.data.datasets import find_classification_splits
-from fedefm.data.synth import POSITION_CLASSES, render_position, write_position_dataset
+from fedefm.data.synth import write_position_dataset
 from fedefm.data.synth.corpora import each_image
 from fedefm.finetune.classify import load_samples, predict_probabilities
 from fedefm.finetune.classify import run as finetune_classifier
@@ -117,9 +117,8 @@ def position_data(args: argparse.Namespace) -> Path:
 
 
 def write_mask_frame(folder: Path, size: int, seed: int, i: int) -> None:
-    """FOLDER/{images,masks}/img_I.png: position frame ``i`` (class i mod 4) and its device mask."""
-    cls = POSITION_CLASSES[i % len(POSITION_CLASSES)]
-    image, mask, _ = render_position(cls, size, np.random.default_rng([seed, i]))
+    """FOLDER/{images,masks}/img_I.png: position frame ``i`` (t6_oracles.mask_frame) and its device mask."""
+    image, mask, _ = mask_frame(size, seed, i)
     Image.fromarray(image).save(folder / "images" / f"img_{i:05d}.png")
     Image.fromarray(mask).save(folder / "masks" / f"img_{i:05d}.png")
 

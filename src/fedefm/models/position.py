@@ -320,16 +320,15 @@ class HeldSegmenterClassifier(nn.Module):
 
     The class labels of a few frames cannot teach a segmenter where the catheter is, and would pull it from
     the masks it was fine-tuned on, so its probability is computed without gradient and it stays in eval mode;
-    only what a subclass adds learns. Its tensors are the segmenter's under ``segmenter.*``, and
-    ``segmenter_arch`` (which weights files record) names its architecture, so a fine-tuned TransUNet, U-Net,
-    residual U-Net or SwinUNETR loads whole (finetune/classify.py).
+    only what a subclass adds learns. Its tensors are the segmenter's under ``segmenter.*`` and weights files
+    record its arch (``segmenter_arch``), so a fine-tuned TransUNet, U-Net, residual U-Net or SwinUNETR loads
+    whole (finetune/classify.py).
     """
 
     def __init__(self, preset: Preset, n_classes: int, segmenter_arch: str = "transunet") -> None:
         super().__init__()
         self.preset = preset
         self.n_classes = n_classes
-        self.segmenter_arch = segmenter_arch
         self.segmenter = build_segmenter(segmenter_arch, preset, n_classes=3)
 
     def train(self, mode: bool = True) -> HeldSegmenterClassifier:

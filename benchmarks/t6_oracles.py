@@ -9,7 +9,9 @@ Upper bounds with inputs a deployed model does not have: a small CNN (4 strided 
 flattened 4x4 map → linear; it keeps where things are) trained on the image alone, on the TRUE catheter
 mask alone, and on both as two channels, at K = 16 per class and on a pool of 1000 frames (learnability),
 at 64 and 128 px; with ``--segmenter`` (T6's segmenter init) also, at its image size, on the catheter
-probability it predicts (what a deployed model can have), alone and with the image. The ``_path`` inputs read
+probability it predicts (what a deployed model can have), alone and with the image; ``segmenter_hits_path`` is the
+TRUE catheter where the segmenter finds it (what its misses alone leave) and ``true_mask+segmenter_path`` the TRUE
+catheter with what it finds besides (what its false positives alone leave). The ``_path`` inputs read
 instead the course of the catheter traced in that mask, entry to tip (``--pooling path``'s features), through
 its standardised linear head (models/position.py course_head): how much of the class the course alone gives a
 linear read-out; the ``_ends`` inputs only where that course enters and ends (4 numbers, through a standardised
@@ -51,7 +53,7 @@ TABLE = "T6"  # its rows sit in T6's result file (kinds "oracle", "contrast", "s
 # input only where that course starts and ends (ends_head)
 INPUTS = {"image": (0,), "true_mask": (1,), "image+true_mask": (0, 1), "true_mask_path": (1,), "true_mask_ends": (1,),
           "segmenter_mask": (2,), "image+segmenter_mask": (0, 2), "segmenter_mask_path": (2,),
-          "segmenter_mask_ends": (2,)}
+          "segmenter_mask_ends": (2,), "segmenter_hits_path": (3,), "true_mask+segmenter_path": (4,)}
 DEFAULT_INPUTS = ("image", "true_mask", "image+true_mask", "true_mask_path", "true_mask_ends")
 READS = {"path": "course", "ends": "ends"}  # an input's suffix → what train_and_score reads of its mask
 
@@ -73,11 +75,14 @@ def frames(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def with_segmenter_mask(x: torch.Tensor, weights: Path) -> torch.Tensor:
-    """x (N, 2, S, S) with a third channel: the catheter probability the segmenter of ``weights`` predicts."""
+    """x (N, 2, S, S) with three channels more: the catheter probability the segmenter of ``weights`` predicts, the
+    TRUE catheter's pixels it finds (p >= 0.5; its misses without its false positives) and the TRUE catheter with
+    what it finds besides (its false positives without its misses)."""
     network, _ = build_from_weights(weights)
     network.eval()
     probability = torch.cat([torch.softmax(network(x[i : i + 32, :1]), 1)[:, 1:2] for i in range(0, len(x), 32)])
-    return torch.cat([x, probability], dim=1)
+    found = (probability >= 0.5).float()
+    return torch.cat([x, probability, x[:, 1:2] * found, torch.maximum(x[:, 1:2], found)], dim=1)
 
 
 def small_cnn(channels: int, size: int, width: int = 32) -> nn.Module:
@@ -175,14 +180,14 @@ def catheter_contrast(images: torch.Tensor) -> dict[str, float]:
 
 
 def segmenter_reach(images: torch.Tensor) -> dict[str, float]:
-    """How far along the true catheter the segmenter's mask reaches, in frames (N, 3, S, S) (image, true mask,
+    """How far along the true catheter the segmenter's mask reaches, in frames (N, 3+, S, S) (image, true mask,
     segmenter probability): the median distance in px between the true tip and the tip traced in the segmenter's
     mask, in its largest piece (as ``--pooling tip`` locates it; ``tip_error_px``) and at the end of the course
     across its pieces (as ``path`` reads it; ``course_tip_error_px``), the shares within 5 px, and the share of the
     true catheter's pixels the segmenter finds (p >= 0.5) in its tip and entry half (as catheter_contrast splits
     them)."""
     errors, course_errors, found = [], [], {"tip_half": [], "entry_half": []}
-    for _, truth, probability in images.numpy():
+    for _, truth, probability in images[:, :3].numpy():
         catheter = truth > 0
         tip = trace_catheter(truth)[-1]
         errors.append(float(np.hypot(*(tip - trace_catheter(probability)[-1]))))
@@ -199,7 +204,7 @@ def segmenter_reach(images: torch.Tensor) -> dict[str, float]:
 
 
 def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[float]]:
-    """Where along the true catheter the segmenter loses it, in frames (N, 3, S, S) (image, true mask, segmenter
+    """Where along the true catheter the segmenter loses it, in frames (N, 3+, S, S) (image, true mask, segmenter
     probability): the true course (catheter_path, entry to tip) cut into ``parts`` equal pieces, per piece the
     median contrast-to-noise of its pixels against a ring 2-3 px around the catheter within 4 px of them, the
     mean share of them the segmenter finds (p >= 0.5), of those found the share in the pieces of its mask that the
@@ -209,7 +214,7 @@ def reach_along_course(images: torch.Tensor, parts: int = 5) -> dict[str, list[f
     found: list[list[float]] = [[] for _ in range(parts)]
     traced: list[list[float]] = [[] for _ in range(parts)]
     missed: list[list[float]] = [[] for _ in range(parts)]
-    for image, truth, probability in images.numpy():
+    for image, truth, probability in images[:, :3].numpy():
         catheter = truth > 0
         path = catheter_path(catheter)
         if path is None or len(path) < 2 * parts:

@@ -230,6 +230,30 @@ def test_reach_along_course_says_how_much_of_what_the_segmenter_found_lies_in_th
     assert reach["on_traced"][0] == 1.0 and reach["on_traced"][-1] == 0.5  # the mean of 0 (wide) and 1 (narrow)
 
 
+def test_segmenter_channels_split_its_misses_from_its_false_positives(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from t6_oracles import with_segmenter_mask
+
+    from fedefm.models.presets import get_preset
+    from fedefm.models.segmenters import TransUNet
+    from fedefm.models.weights import model_metadata, save_weights
+
+    x = torch.zeros(1, 2, 32, 32)
+    x[0, 1, 8:24, 16] = 1  # the true catheter
+    truth = x[0, 1]
+    segmenter = TransUNet(get_preset("tiny"))
+    for catheter_logit, hits, with_false_positives in ((-9.0, torch.zeros_like(truth), truth),  # finds nothing
+                                                        (9.0, truth, torch.ones_like(truth))):  # calls it everywhere
+        with torch.no_grad():  # a segmenter whose output is its head's bias alone
+            for parameter in segmenter.parameters():
+                parameter.zero_()
+            segmenter.segmentation_head.bias.copy_(torch.tensor([0.0, catheter_logit, -9.0]))
+        save_weights(tmp_path / "constant.safetensors", segmenter, model_metadata(segmenter))
+        with_masks = with_segmenter_mask(x, tmp_path / "constant.safetensors")
+        assert with_masks.shape == (1, 5, 32, 32) and torch.equal(with_masks[:, :2], x)
+        assert torch.equal(with_masks[0, 3], hits) and torch.equal(with_masks[0, 4], with_false_positives)
+
+
 def test_oracle_rows_of_two_segmenters_of_one_size_are_told_apart_by_their_command(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from t6_oracles import oracle_tables, segmenter_run

@@ -16,14 +16,16 @@ with their masks, generator seed 1003, disjoint from the splits; 30 epochs of 10
 encoder, the others the whole segmenter; ``segmenter_tips``, the same fine-tuned with ``--loss tips`` (more
 cross-entropy at the catheter's tip end, which the Dice-CE segmenter loses) and ``segmenter_cldice``, with
 ``--loss cldice`` (soft clDice, which rewards an unbroken centreline); ``segmenter_unet``, MONAI's U-Net (T4's)
-fine-tuned as ``segmenter`` is (Dice-CE), held whole by ``path``; with ``--foundation`` (a T1 output
+fine-tuned as ``segmenter`` is (Dice-CE), held whole by ``path``, and ``segmenter_unet80``, the same fine-tuned 80
+epochs (the U-Net takes half the TransUNet's time per epoch); with ``--foundation`` (a T1 output
 folder) also ``foundation``, the encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and
 ``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter,
-mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice, path/segmenter_unet. K in {4, 16},
-seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's default for the pooling), the epoch selected on
-validation balanced accuracy, the test set scored once. ``--segmenter-frames``, ``--segmenter-epochs`` and
-``--preset`` change the segmenter inits' budget and every model's preset (for a check of what the segmenter's
-training buys; the defaults are T6's), ``--workers`` renders the frames in parallel.
+mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice, path/segmenter_unet,
+path/segmenter_unet80. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's default
+for the pooling), the epoch selected on validation balanced accuracy, the test set scored once.
+``--segmenter-frames``, ``--segmenter-epochs`` (every segmenter init's but ``segmenter_unet80``'s) and ``--preset``
+change the segmenter inits' budget and every model's preset (for a check of what the segmenter's training buys;
+the defaults are T6's), ``--workers`` renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
 * each segmenter (``kind`` "segmenter"): ``init``, ``arch``, ``loss``, ``seed``, ``run``, ``val_dice``, ``test``
@@ -33,8 +35,9 @@ Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_
   and ``correct`` (0/1 per test image, in the test split's order).
 Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
 gain of every model over the baseline (mean pooling, scratch), of tip over mean at the same init and of a
-``segmenter_tips``, ``segmenter_cldice`` or ``segmenter_unet`` model over the same pooling from ``segmenter``, on
-the same K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds, then test images).
+``segmenter_tips``, ``segmenter_cldice``, ``segmenter_unet`` or ``segmenter_unet80`` model over the same pooling
+from ``segmenter``, on the same K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds,
+then test images).
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
 ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
-        "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet")  # POOLING/INIT
-# The segmenter inits: the arch and the loss each is fine-tuned with (finetune/train.py segmentation_loss): "tips"
-# adds cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which
-# rewards covering the catheter's centreline end to end, unbroken; MONAI's U-Net (T4's) trains in half the time.
-SEGMENTERS = {"segmenter": ("transunet", "dicece"), "segmenter_tips": ("transunet", "tips"),
-              "segmenter_cldice": ("transunet", "cldice"), "segmenter_unet": ("unet", "dicece")}
+        "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80")  # POOLING/INIT
+# The segmenter inits: the arch, the loss each is fine-tuned with (finetune/train.py segmentation_loss) and its
+# epochs (None: --segmenter-epochs). "tips" adds cross-entropy at the catheter's tip end, the part a Dice-CE segmenter
+# loses; "cldice" adds soft clDice, which rewards covering the catheter's centreline end to end, unbroken; MONAI's
+# U-Net (T4's) trains in half the time, so it is also trained 80 epochs: the others' validation Dice still rises at 30.
+SEGMENTERS = {"segmenter": ("transunet", "dicece", None), "segmenter_tips": ("transunet", "tips", None),
+              "segmenter_cldice": ("transunet", "cldice", None), "segmenter_unet": ("unet", "dicece", None),
+              "segmenter_unet80": ("unet", "dicece", 80)}
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter inits' training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}
@@ -140,7 +145,7 @@ def write_position_masks(root: Path, n: int, size: int, seed: int, workers: int 
 def segmenter(args: argparse.Namespace, init: str) -> Path:
     """Weights of the segmenter a segmenter init (SEGMENTERS) starts from, fine-tuned (and recorded) once."""
     out = args.out / "runs" / init
-    arch, loss = SEGMENTERS[init]
+    arch, loss, epochs = SEGMENTERS[init]
     if ("segmenter", init) in common.recorded(args.out, lambda r: (r.get("kind"), r.get("init"))):
         return out / "model.safetensors"
     started = time.perf_counter()
@@ -148,7 +153,8 @@ def segmenter(args: argparse.Namespace, init: str) -> Path:
     data = args.out / "data" / f"position_masks_{args.size}_n{frames}"
     if not data.is_dir():
         write_position_masks(data, frames, args.size, seed=SEGMENTER["seed"], workers=args.workers)
-    cfg = FinetuneConfig(data=data, out=out, arch=arch, epochs=args.segmenter_epochs, preset=args.preset,
+    epochs = args.segmenter_epochs if epochs is None or args.quick else epochs
+    cfg = FinetuneConfig(data=data, out=out, arch=arch, epochs=epochs, preset=args.preset,
                          samples_per_epoch=SEGMENTER["samples_per_epoch"] if not args.quick else None,
                          image_size=args.size, loss=loss, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)

@@ -24,8 +24,8 @@ EXPECTED = {
     "t4": (DOWNSTREAM, {"unet/scratch", "swinunetr/scratch", "transunet/scratch", "transunet/fedefm_ring"}),
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
     "t6": (POSITION, {"mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
-                      "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "mean/foundation",
-                      "tip/foundation"}),
+                      "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80",
+                      "mean/foundation", "tip/foundation"}),
     "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "eval_every", "budget", "train_s"}, {"scratch"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
@@ -54,7 +54,8 @@ def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmark
     if table == "t6":  # each segmenter the device-anchored models start from is a row of its own
         assert sorted((r["init"], r["arch"], r["loss"]) for r in rows if r["kind"] == "segmenter") == [
             ("segmenter", "transunet", "dicece"), ("segmenter_cldice", "transunet", "cldice"),
-            ("segmenter_tips", "transunet", "tips"), ("segmenter_unet", "unet", "dicece")]
+            ("segmenter_tips", "transunet", "tips"), ("segmenter_unet", "unet", "dicece"),
+            ("segmenter_unet80", "unet", "dicece")]
         rows = [r for r in rows if r["kind"] == "position"]
     columns, names = EXPECTED[table]
     assert run_names(table, rows) == names

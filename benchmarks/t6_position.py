@@ -16,14 +16,15 @@ with their masks, generator seed 1003, disjoint from the splits; 30 epochs of 10
 encoder, the others the whole segmenter; ``segmenter_tips``, the same fine-tuned with ``--loss tips`` (more
 cross-entropy at the catheter's tip end, which the Dice-CE segmenter loses) and ``segmenter_cldice``, with
 ``--loss cldice`` (soft clDice, which rewards an unbroken centreline); ``segmenter_unet``, MONAI's U-Net (T4's)
-fine-tuned as ``segmenter`` is (Dice-CE), held whole by ``path``, and ``segmenter_unet80``, the same fine-tuned 80
-epochs (the U-Net takes half the TransUNet's time per epoch); with ``--foundation`` (a T1 output
-folder) also ``foundation``, the encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and
-``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter,
-mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice, path/segmenter_unet,
-path/segmenter_unet80. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's default
-for the pooling), the epoch selected on validation balanced accuracy, the test set scored once.
-``--segmenter-frames``, ``--segmenter-epochs`` (every segmenter init's but ``segmenter_unet80``'s) and ``--preset``
+fine-tuned as ``segmenter`` is (Dice-CE), held whole by ``path``, and ``segmenter_unet80`` and
+``segmenter_unet160``, the same fine-tuned 80 and 160 epochs (the U-Net takes half the TransUNet's time per
+epoch); with ``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its ``centralized``
+pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch
+(the baseline), mean/segmenter, tip/segmenter, mask/segmenter, path/segmenter, path/segmenter_tips,
+path/segmenter_cldice, path/segmenter_unet, path/segmenter_unet80, path/segmenter_unet160. K in {4, 16}, seeds
+0-2, 20 epochs of 64 samples (the learning rate is finetune's default for the pooling), the epoch selected on
+validation balanced accuracy, the test set scored once.
+``--segmenter-frames``, ``--segmenter-epochs`` (every segmenter init's but the two longer U-Nets') and ``--preset``
 change the segmenter inits' budget and every model's preset (for a check of what the segmenter's training buys;
 the defaults are T6's), ``--workers`` renders the frames in parallel.
 
@@ -35,7 +36,7 @@ Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_
   and ``correct`` (0/1 per test image, in the test split's order).
 Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
 gain of every model over the baseline (mean pooling, scratch), of tip over mean at the same init and of a
-``segmenter_tips``, ``segmenter_cldice``, ``segmenter_unet`` or ``segmenter_unet80`` model over the same pooling
+``segmenter_tips``, ``segmenter_cldice`` or U-Net segmenter model over the same pooling
 from ``segmenter``, on the same K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds,
 then test images).
 """
@@ -67,14 +68,16 @@ from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
 ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
-        "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80")  # POOLING/INIT
+        "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80",
+        "path/segmenter_unet160")  # POOLING/INIT
 # The segmenter inits: the arch, the loss each is fine-tuned with (finetune/train.py segmentation_loss) and its
 # epochs (None: --segmenter-epochs). "tips" adds cross-entropy at the catheter's tip end, the part a Dice-CE segmenter
 # loses; "cldice" adds soft clDice, which rewards covering the catheter's centreline end to end, unbroken; MONAI's
-# U-Net (T4's) trains in half the time, so it is also trained 80 epochs: the others' validation Dice still rises at 30.
+# U-Net (T4's) trains in half the time, so it is also trained 80 and 160 epochs: validation Dice still rises at 30
+# and at 80.
 SEGMENTERS = {"segmenter": ("transunet", "dicece", None), "segmenter_tips": ("transunet", "tips", None),
               "segmenter_cldice": ("transunet", "cldice", None), "segmenter_unet": ("unet", "dicece", None),
-              "segmenter_unet80": ("unet", "dicece", 80)}
+              "segmenter_unet80": ("unet", "dicece", 80), "segmenter_unet160": ("unet", "dicece", 160)}
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter inits' training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}

@@ -36,9 +36,8 @@ Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_
   and ``correct`` (0/1 per test image, in the test split's order).
 Tables: per model, init and K the validation and test balanced accuracy, mean ± std over seeds; the paired
 gain of every model over the baseline (mean pooling, scratch), of tip over mean at the same init and of a
-``segmenter_tips``, ``segmenter_cldice`` or U-Net segmenter model over the same pooling
-from ``segmenter``, on the same K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds,
-then test images).
+``segmenter_tips``, ``segmenter_cldice`` or U-Net segmenter model over the same pooling from ``segmenter``, on the
+same K, seed and test image: mean and a 95% interval from a two-level bootstrap (seeds, then test images).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ DEFAULT_CROP = 128
 class FinetuneConfig:
     """Few-shot fine-tuning of a segmenter (``fedefm finetune``).
 
-    An epoch shows the model ``max(shots, samples_per_epoch)`` augmented training samples.
+    An epoch shows the model ``max(training images, samples_per_epoch)`` augmented samples (K with ``shots``).
     ``class_weights`` weigh background, catheter and guidewire in the Dice-CE loss: devices cover about
     1% of the pixels (0.9% catheter, 0.2% guidewire in the synthetic clinical domain), and without
     weights few-shot runs often settle on predicting background everywhere.

@@ -242,8 +242,8 @@ def tables(results: list[dict]) -> str:
     out = []
     for r in results:
         if r.get("kind") == "segmenter":
-            budget = (f"{r['frames']} frames, {r['epochs']} epochs of {r['samples_per_epoch']} samples, best epoch "
-                      f"{r['best_epoch']}")
+            budget = (f"{r['frames']} frames, {r['epochs']} epochs of {r['samples_per_epoch']} samples or every "
+                      f"training frame once if more, best epoch {r['best_epoch']}")
             arch = r.get("arch", "transunet")  # rows written before the U-Net init name no arch: all TransUNets
             out.append(f"Segmenter of the `{r['init']}` init ({arch}, {budget}, loss {r['loss']}): test catheter Dice "
                        f"{r['test']['per_class']['catheter']['dice']:.3f}, clDice "

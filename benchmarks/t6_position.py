@@ -18,13 +18,13 @@ catheter's tip end, which the Dice-CE segmenter loses) and ``segmenter_cldice``,
 clDice, which rewards an unbroken centreline); ``segmenter_unet``, MONAI's U-Net (T4's) fine-tuned as ``segmenter``
 is (Dice-CE), held whole by ``path``, and ``segmenter_unet80`` and ``segmenter_unet160``, the same fine-tuned 80 and
 160 epochs (the U-Net takes half the TransUNet's time per epoch), and ``segmenter_unet_n4800``, the 160 epochs'
-samples on 4800 frames (the same 1200 and 3600 more: 48 epochs); with ``--foundation`` (a T1 output folder) also
-``foundation``, the encoder of its ``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms
-(``--arms POOLING/INIT``): by default mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter,
-path/segmenter, path/segmenter_tips, path/segmenter_cldice, path/segmenter_unet, path/segmenter_unet80,
-path/segmenter_unet160, path/segmenter_unet_n4800. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning
-rate is finetune's default for the pooling), the epoch selected on validation balanced accuracy, the test set scored
-once.
+samples on 4800 frames (the same 1200 and 3600 more: 48 epochs), and ``segmenter_unet_tips_n4800``, that
+with ``--loss tips``; with ``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its
+``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms POOLING/INIT``): by default
+mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter, path/segmenter, path/segmenter_tips,
+path/segmenter_cldice, path/segmenter_unet, path/segmenter_unet80, path/segmenter_unet160, path/segmenter_unet_n4800,
+path/segmenter_unet_tips_n4800. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's
+default for the pooling), the epoch selected on validation balanced accuracy, the test set scored once.
 ``--segmenter-frames``, ``--segmenter-epochs`` (of every segmenter init that names none) and ``--preset``
 change the segmenter inits' budget and every model's preset (for a check of what the segmenter's training buys;
 the defaults are T6's), ``--workers`` renders the frames in parallel.
@@ -69,19 +69,21 @@ from fedefm.results import group, markdown, mean_std, read_results
 TABLE = "T6"
 ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
         "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80",
-        "path/segmenter_unet160", "path/segmenter_unet_n4800")  # POOLING/INIT
+        "path/segmenter_unet160", "path/segmenter_unet_n4800", "path/segmenter_unet_tips_n4800")  # POOLING/INIT
 # The segmenter inits: the arch, the loss each is fine-tuned with (finetune/train.py segmentation_loss), its epochs
 # (None: --segmenter-epochs) and its frames (None: --segmenter-frames). "tips" adds cross-entropy at the catheter's
 # tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which rewards covering the catheter's
 # centreline end to end, unbroken; MONAI's U-Net (T4's) trains in half the time, so it is also trained 80 and 160
 # epochs (validation Dice still rises at 30 and at 80), and on four times the frames for the 160 epochs' 160,000 samples
 # (an epoch shows every training frame once, 3360 of them, so 48 epochs): trained longer, it fits its training
-# frames far better than new ones (a scratch 240-epoch run: Dice 0.85 against 0.72).
+# frames far better than new ones (a scratch 240-epoch run: Dice 0.85 against 0.72); the tips loss, which found
+# more of the TransUNet's tip end, is tried on that U-Net too.
 SEGMENTERS = {"segmenter": ("transunet", "dicece", None, None), "segmenter_tips": ("transunet", "tips", None, None),
               "segmenter_cldice": ("transunet", "cldice", None, None),
               "segmenter_unet": ("unet", "dicece", None, None), "segmenter_unet80": ("unet", "dicece", 80, None),
               "segmenter_unet160": ("unet", "dicece", 160, None),
-              "segmenter_unet_n4800": ("unet", "dicece", 48, 4800)}
+              "segmenter_unet_n4800": ("unet", "dicece", 48, 4800),
+              "segmenter_unet_tips_n4800": ("unet", "tips", 48, 4800)}
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter inits' training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}

@@ -25,7 +25,7 @@ EXPECTED = {
     "t5": (FOUNDATION, {"emd", "uniform", "released", "kl_only", "sinkhorn", "star_shots1"}),
     "t6": (POSITION, {"mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
                       "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80",
-                      "path/segmenter_unet160", "path/segmenter_unet_n4800",
+                      "path/segmenter_unet160", "path/segmenter_unet_n4800", "path/segmenter_unet_tips_n4800",
                       "mean/foundation", "tip/foundation"}),
     "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "eval_every", "budget", "train_s"}, {"scratch"}),
 }
@@ -57,7 +57,7 @@ def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmark
             ("segmenter", "transunet", "dicece"), ("segmenter_cldice", "transunet", "cldice"),
             ("segmenter_tips", "transunet", "tips"), ("segmenter_unet", "unet", "dicece"),
             ("segmenter_unet160", "unet", "dicece"), ("segmenter_unet80", "unet", "dicece"),
-            ("segmenter_unet_n4800", "unet", "dicece")]
+            ("segmenter_unet_n4800", "unet", "dicece"), ("segmenter_unet_tips_n4800", "unet", "tips")]
         rows = [r for r in rows if r["kind"] == "position"]
     columns, names = EXPECTED[table]
     assert run_names(table, rows) == names

@@ -67,9 +67,6 @@ from fedefm.models.weights import build_from_weights
 from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
-ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
-        "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80",
-        "path/segmenter_unet160", "path/segmenter_unet_n4800", "path/segmenter_unet_tips_n4800")  # POOLING/INIT
 # The segmenter inits: the arch, the loss each is fine-tuned with (finetune/train.py segmentation_loss), its epochs
 # (None: --segmenter-epochs) and its frames (None: --segmenter-frames). "tips" adds cross-entropy at the catheter's
 # tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which rewards covering the catheter's
@@ -84,6 +81,8 @@ SEGMENTERS = {"segmenter": ("transunet", "dicece", None, None), "segmenter_tips"
               "segmenter_unet160": ("unet", "dicece", 160, None),
               "segmenter_unet_n4800": ("unet", "dicece", 48, 4800),
               "segmenter_unet_tips_n4800": ("unet", "tips", 48, 4800)}
+# POOLING/INIT: the baseline, the TransUNet segmenter under each head, and path on every segmenter init.
+ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", *(f"path/{init}" for init in SEGMENTERS))
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
 # The segmenter inits' training set and budget: frames are free to generate, so the device prior sees many.
 SEGMENTER = {"frames": 1200, "epochs": 30, "samples_per_epoch": 1000, "seed": 1003}

@@ -248,6 +248,23 @@ def test_the_tips_loss_punishes_a_prediction_that_stops_short_of_the_tip_more_th
     assert losses["tips"] > losses["dicece"] + 1.0
 
 
+def test_the_tips_term_weighs_a_pixel_past_the_tip_as_much_as_one_missed_at_it(dataset, tmp_path):
+    labels = torch.zeros(1, 1, 64, 64, dtype=torch.long)
+    labels[0, 0, 10:64, 30] = 1  # tip at row 10
+    overshoot, short = labels.clone(), labels.clone()
+    overshoot[0, 0, 8:10, 30] = 1  # 2 background pixels past the tip marked catheter
+    short[0, 0, 10:12, 30] = 0  # 2 catheter pixels at the tip missed
+    tips, dicece = (train.segmentation_loss(FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE)
+                                            .validate(), torch.device("cpu")) for loss in ("tips", "dicece"))
+
+    def tip_term(predicted: torch.Tensor) -> float:
+        logits = 20.0 * torch.nn.functional.one_hot(predicted[:, 0], 3).permute(0, 3, 1, 2).float()
+        return float(tips(logits, labels) - dicece(logits, labels))
+
+    assert tip_term(overshoot) == pytest.approx(tip_term(short), rel=1e-3)  # class-weighted, 10x apart
+    assert tip_term(overshoot) > 0.5
+
+
 @pytest.mark.parametrize("loss", ["cldice", "dicecldice"])
 def test_cldice_losses_are_lowest_for_a_confident_prediction_equal_to_the_mask(dataset, tmp_path, loss):
     cfg = FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE).validate()

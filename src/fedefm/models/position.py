@@ -30,8 +30,8 @@ PATH_POINTS = 16  # points a catheter's course is resampled to, entry to tip (pa
 PATH_FEATURES = 4 * PATH_POINTS + 11  # the points (2 each), the directions between them (2 each), 13 more
 # The widest gap between pieces of a predicted mask that the course (read_course) bridges, as a share of the image
 # height. On T6's validation frames (128 px) the Dice-CE segmenter's mask breaks where the catheter fades, and joining
-# the pieces ahead brings the traced tip nearer the true one (median 22.3 → 19.1 px; the --loss tips segmenter's
-# 23.1 → 18.5 px); the tip pooling and locate_tips keep the largest piece alone.
+# the pieces ahead brings the traced tip nearer the true one (median 22.3 → 19.1 px; the --loss tips TransUNet's
+# 23.7 → 15.5 px); the tip pooling and locate_tips keep the largest piece alone.
 COURSE_GAP = 0.1
 
 

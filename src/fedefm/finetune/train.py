@@ -74,7 +74,7 @@ _CLDICE_ITERATIONS = 3
 
 # The "tips" loss: the share of each device's length, from its tip back, that the extra cross-entropy covers,
 # the pixels around it that it also covers (so that the prediction stops where the device does), and its weight.
-# A segmenter trained on Dice-CE finds 81-86% of a catheter's first three fifths but 37% of the last
+# A segmenter trained on Dice-CE finds 80-86% of a catheter's first three fifths but 40% of the last
 # (benchmarks/results/t6, course_reach), though the last fifth is no fainter. The term is not class-weighted:
 # weighted, a background pixel just past the tip counted a tenth of a catheter pixel on it, and the segmenter
 # learnt to run on past the tip (T6: 119 false-positive px a frame against 53 unweighted, on validation).

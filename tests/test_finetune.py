@@ -24,6 +24,11 @@ from fedefm.models.weights import load_weights, model_metadata, save_weights
 SIZE = 64
 
 
+def confident_logits(labels: torch.Tensor) -> torch.Tensor:
+    """Logits (B, 3, H, W) that predict label maps (B, 1, H, W) with near-certainty."""
+    return 20.0 * torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float()
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "clinical"
@@ -238,12 +243,12 @@ def test_the_tips_loss_punishes_a_prediction_that_stops_short_of_the_tip_more_th
     labels[0, 0, 10:64, 30] = 1
     short = labels.clone()
     short[0, 0, 10:22, 30] = 0  # the last fifth missed
-    logits = 20.0 * torch.nn.functional.one_hot(short[:, 0], 3).permute(0, 3, 1, 2).float()
+    logits = confident_logits(short)
     losses = {}
     for loss in ("dicece", "tips"):
         cfg = FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE).validate()
         loss_fn = train.segmentation_loss(cfg, torch.device("cpu"))
-        perfect = 20.0 * torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float()
+        perfect = confident_logits(labels)
         losses[loss] = loss_fn(logits, labels) - loss_fn(perfect, labels)
     assert losses["tips"] > losses["dicece"] + 1.0
 
@@ -258,7 +263,7 @@ def test_the_tips_term_weighs_a_pixel_past_the_tip_as_much_as_one_missed_at_it(d
                                             .validate(), torch.device("cpu")) for loss in ("tips", "dicece"))
 
     def tip_term(predicted: torch.Tensor) -> float:
-        logits = 20.0 * torch.nn.functional.one_hot(predicted[:, 0], 3).permute(0, 3, 1, 2).float()
+        logits = confident_logits(predicted)
         return float(tips(logits, labels) - dicece(logits, labels))
 
     assert tip_term(overshoot) == pytest.approx(tip_term(short), rel=1e-3)  # class-weighted: a tenth of it
@@ -272,7 +277,7 @@ def test_cldice_losses_are_lowest_for_a_confident_prediction_equal_to_the_mask(d
     labels = torch.zeros(1, 1, 32, 32, dtype=torch.long)
     labels[0, 0, 4:8, 2:30] = 1
     labels[0, 0, 16, 2:30] = 2
-    perfect = 20.0 * torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float()
+    perfect = confident_logits(labels)
     shifted = perfect.roll(3, dims=2)
     assert loss_fn(perfect, labels) < 0.05 < loss_fn(shifted, labels)
 

@@ -270,6 +270,28 @@ def test_the_tips_term_weighs_a_pixel_past_the_tip_as_much_as_one_missed_at_it(d
     assert tip_term(overshoot) > 0.5
 
 
+def test_the_tip_weight_scales_the_tips_term_alone(dataset, tmp_path):
+    labels = torch.zeros(1, 1, 64, 64, dtype=torch.long)
+    labels[0, 0, 10:64, 30] = 1
+    short = labels.clone()
+    short[0, 0, 10:22, 30] = 0  # the last fifth missed
+    logits = confident_logits(short)
+    dicece, once, thrice = (
+        train.segmentation_loss(FinetuneConfig(data=dataset, out=tmp_path, image_size=SIZE, **options).validate(),
+                                torch.device("cpu"))(logits, labels).item()
+        for options in ({"loss": "dicece"}, {"loss": "tips"}, {"loss": "tips", "tip_weight": 3.0}))
+    assert once - dicece > 1.0
+    assert thrice - dicece == pytest.approx(3 * (once - dicece), rel=1e-5)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"loss": "dicece", "tip_weight": 3.0}, "--tip-weight 3.0 belongs to --loss tips"),
+    ({"loss": "tips", "tip_weight": 0.0}, "--tip-weight 0.0: must be positive")])
+def test_a_tip_weight_without_the_tips_loss_or_not_positive_is_refused(dataset, tmp_path, options, match):
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig(data=dataset, out=tmp_path, image_size=SIZE, **options).validate()
+
+
 @pytest.mark.parametrize("loss", ["cldice", "dicecldice"])
 def test_cldice_losses_are_lowest_for_a_confident_prediction_equal_to_the_mask(dataset, tmp_path, loss):
     cfg = FinetuneConfig(data=dataset, out=tmp_path, loss=loss, image_size=SIZE).validate()

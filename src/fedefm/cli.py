@@ -244,6 +244,7 @@ def finetune(
     samples_per_epoch: Annotated[Optional[int], typer.Option(help="Augmented samples per epoch (at least K; default max(64, 4 K) for segment, 64 for classify).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution (default: the preset's; classify --pooling mask or path: the --init segmenter's).")] = None,
     loss: Annotated[str, typer.Option(help="segment: dicece (Dice + cross-entropy), cldice (the same + soft clDice), dicecldice (Dice + clDice) or tips (Dice + cross-entropy, plus cross-entropy at each device's tip end).")] = "dicece",
+    tip_weight: Annotated[float, typer.Option(help="segment --loss tips: weight of the tip-end cross-entropy against Dice + cross-entropy.")] = 1.0,
     crop: Annotated[Optional[int], typer.Option(help="segment: train on crops of this side (multiple of 32), centred on devices 3 times in 4 (default: 128 above 128 px, else whole images; the image size: whole images).")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Epochs between validations; the last is always validated (default: 1, on crops round((image size / crop)^2 / 2)).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
@@ -258,8 +259,8 @@ def finetune(
     cfg = FinetuneConfig(data=data, out=out, task=task, multilabel=multilabel, pooling=pooling, init=init,
                          init_parts=init_parts, arch=arch, preset=preset,
                          shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, samples_per_epoch=samples_per_epoch,
-                         image_size=image_size, loss=loss, crop=crop, eval_every=eval_every, device=device,
-                         seed=seed)
+                         image_size=image_size, loss=loss, tip_weight=tip_weight, crop=crop, eval_every=eval_every,
+                         device=device, seed=seed)
     result = (train if task == "segment" else classify).run(cfg, resume=resume, overwrite=overwrite)
     if result["transfer"]:
         console.print(f"foundation weights: {result['transfer']}")

@@ -46,7 +46,7 @@ class FinetuneConfig:
     pixel in the ratio 2 : 1 : 1, so that a 1-2 px wire fills more of each sample; validation and
     prediction see whole images. Left unset, ``crop`` is DEFAULT_CROP for images larger than that and whole
     images otherwise; ``crop`` equal to ``image_size`` trains on whole images. ``loss`` is one of
-    SEGMENTATION_LOSSES.
+    SEGMENTATION_LOSSES; ``tip_weight`` weighs the "tips" loss's tip-end cross-entropy against its Dice-CE.
 
     ``eval_every`` is the epochs between validations (the last epoch is always validated). Left unset it is 1,
     except on crops: a whole validation frame costs (image_size / crop)^2 crops' forward passes, so a run on
@@ -93,6 +93,7 @@ class FinetuneConfig:
     samples_per_epoch: int | None = None
     image_size: int | None = None
     loss: str = "dicece"
+    tip_weight: float = 1.0
     crop: int | None = None
     eval_every: int | None = None
     val_fraction: float = 0.15
@@ -128,6 +129,10 @@ class FinetuneConfig:
         if self.lr is None:
             self.lr = 1e-2 if self.task == "segment" or self.pooling == "path" else 1e-3
         choose("--loss", self.loss, SEGMENTATION_LOSSES)
+        if self.tip_weight != 1.0 and self.loss != "tips":
+            raise ConfigError(f"--tip-weight {self.tip_weight} belongs to --loss tips (this run's is {self.loss})")
+        if self.tip_weight <= 0:
+            raise ConfigError(f"--tip-weight {self.tip_weight}: must be positive")
         if self.crop is None and self.task == "segment" and self.image_size > DEFAULT_CROP:
             self.crop = DEFAULT_CROP
         if self.crop is not None and (self.crop % 32 or not 32 <= self.crop <= self.image_size):

@@ -72,15 +72,15 @@ _CLDICE_WEIGHT = 0.5
 _CLDICE_ITERATIONS = 3
 
 
-# The "tips" loss: the share of each device's length, from its tip back, that the extra cross-entropy covers,
-# the pixels around it that it also covers (so that the prediction stops where the device does), and its weight.
+# The "tips" loss: the share of each device's length, from its tip back, that the extra cross-entropy covers, and
+# the pixels around it that it also covers (so that the prediction stops where the device does); its weight is
+# FinetuneConfig.tip_weight.
 # A segmenter trained on Dice-CE finds 80-86% of a catheter's first three fifths but 40% of the last
 # (benchmarks/results/t6, course_reach), though the last fifth is no fainter. The term is not class-weighted:
 # weighted, a background pixel just past the tip counted a tenth of a catheter pixel on it, and the segmenter
 # learnt to run on past the tip (T6: 119 false-positive px a frame against 53 unweighted, on validation).
 _TIP_SHARE = 0.2
 _TIP_MARGIN_PX = 2
-_TIP_WEIGHT = 1.0
 
 
 def tip_ends(labels: torch.Tensor, share: float = _TIP_SHARE, margin: int = _TIP_MARGIN_PX) -> torch.Tensor:
@@ -109,7 +109,8 @@ def segmentation_loss(cfg: FinetuneConfig, device: torch.device) -> Callable[[to
     "dicece": MONAI Dice + cross-entropy, class-weighted, Dice over the whole batch; "cldice": the same plus
     0.5 x MONAI's soft clDice (Shit et al. 2021), which rewards covering the wire's centreline end to end;
     "dicecldice": MONAI's SoftDiceclDiceLoss (Dice and clDice averaged, no cross-entropy); "tips": Dice-CE
-    plus the (unweighted) cross-entropy of the pixels at each device's tip end (:func:`tip_ends`).
+    plus ``cfg.tip_weight`` x the (not class-weighted) cross-entropy of the pixels at each device's tip end
+    (:func:`tip_ends`).
     """
     class_weights = torch.tensor(cfg.class_weights, device=device)
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True, weight=class_weights)
@@ -121,7 +122,7 @@ def segmentation_loss(cfg: FinetuneConfig, device: torch.device) -> Callable[[to
             if not at_tips.any():
                 return dice_ce(logits, labels)
             tips_ce = F.cross_entropy(logits.movedim(1, -1)[at_tips], labels[:, 0][at_tips])
-            return dice_ce(logits, labels) + _TIP_WEIGHT * tips_ce
+            return dice_ce(logits, labels) + cfg.tip_weight * tips_ce
         return dice_ce_tips
     if cfg.loss == "dicecldice":
         return SoftDiceclDiceLoss(iter_=_CLDICE_ITERATIONS, alpha=0.5, to_onehot_y=True, softmax=True,

@@ -210,3 +210,14 @@ def test_a_run_folder_from_before_manifests_is_known_by_its_config_json(tmp_path
     with pytest.raises(ConfigError, match="already holds a finetune run"):
         with owned_run_folder(tmp_path, "finetune", {"epochs": 2}):
             pass
+
+
+def test_a_setting_the_resumed_run_predates_counts_as_unchanged_only_at_its_default(seg_data, tmp_path):
+    cfg = finetune_config(seg_data, tmp_path / "run")
+    train.run(cfg, progress=False)
+    manifest = json.loads((cfg.out / MANIFEST).read_text())
+    del manifest["config"]["tip_weight"]  # as a run started before --tip-weight existed wrote it
+    (cfg.out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"tip_weight=None \(now 3.0\)"):
+        train.run(finetune_config(seg_data, cfg.out, loss="tips", tip_weight=3.0), resume=True, progress=False)
+    train.run(finetune_config(seg_data, cfg.out, epochs=1), resume=True, progress=False)

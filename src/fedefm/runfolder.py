@@ -13,6 +13,7 @@ writing anything) is taken without asking.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -58,10 +59,20 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     return None
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], may_change: tuple[str, ...]) -> list[str]:
-    """'name=saved (now current)' for every setting that differs, except those in ``may_change``."""
+def field_defaults(cfg: Any) -> dict[str, Any]:
+    """The default of every field of a config dataclass instance that has a plain default: {name: default}."""
+    return {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], may_change: tuple[str, ...],
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """'name=saved (now current)' for every setting that differs, except those in ``may_change`` and those the
+    saved run predates (absent from ``saved``) that are at their value in ``defaults``."""
     current = json.loads(json.dumps(current))  # as run.json holds it: tuples become lists
-    names = sorted((set(saved) | set(current)) - set(may_change))
+    defaults = json.loads(json.dumps(defaults or {}))
+    # A setting added since the saved run started: that run ran with the behaviour its default keeps.
+    predated = {name for name in set(current) - set(saved) if name in defaults and defaults[name] == current[name]}
+    names = sorted((set(saved) | set(current)) - set(may_change) - predated)
     return [f"{name}={saved.get(name)!r} (now {current.get(name)!r})" for name in names
             if saved.get(name) != current.get(name)]
 
@@ -129,7 +140,7 @@ def remove_run(out: Path) -> None:
 
 
 def check_ownership(out: Path, kind: str, config: dict[str, Any], resume: bool, overwrite: bool,
-                    may_change: tuple[str, ...]) -> None:
+                    may_change: tuple[str, ...], defaults: dict[str, Any] | None = None) -> None:
     """Refuse a folder this run may not write (another run, other settings, foreign files); remove it on overwrite."""
     manifest = read_manifest(out)
     results = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
@@ -139,7 +150,7 @@ def check_ownership(out: Path, kind: str, config: dict[str, Any], resume: bool, 
         if manifest["kind"] != kind:
             raise ConfigError(f"--resume {out}: the folder holds a {manifest['kind']} run, not a {kind} run; "
                               "choose its own --out")
-        differences = config_differences(manifest["config"], config, may_change)
+        differences = config_differences(manifest["config"], config, may_change, defaults)
         if differences:
             raise ConfigError(f"--resume {out}: the run there was started with other settings: "
                               f"{'; '.join(differences)}; resume with the same settings, pass --overwrite to "
@@ -159,7 +170,7 @@ def check_ownership(out: Path, kind: str, config: dict[str, Any], resume: bool, 
 
 @contextlib.contextmanager
 def owned_run_folder(out: Path, kind: str, config: dict[str, Any], resume: bool = False, overwrite: bool = False,
-                     may_change: tuple[str, ...] = ("out",)) -> Iterator[Path]:
+                     may_change: tuple[str, ...] = ("out",), defaults: dict[str, Any] | None = None) -> Iterator[Path]:
     """Create or claim ``out`` for one run of ``kind``: lock it, check who owns it, write the manifest.
 
     Args:
@@ -168,6 +179,8 @@ def owned_run_folder(out: Path, kind: str, config: dict[str, Any], resume: bool 
         config: the run's resolved config as JSON-serialisable values.
         resume: the run continues the one in ``out``; its kind and config must match but for ``may_change``.
         overwrite: remove the fedefm run in ``out`` first.
+        defaults: the config's settings at their defaults (:func:`field_defaults`); with ``resume``, a setting the
+            run in ``out`` predates is taken as unchanged when it is at its default.
 
     Raises:
         ConfigError: ``out`` is a file, is locked by a live run, holds another run (without ``resume`` or
@@ -180,7 +193,7 @@ def owned_run_folder(out: Path, kind: str, config: dict[str, Any], resume: bool 
         raise ConfigError(f"--out {out}: is a file, not a folder; choose a folder path")
     out.mkdir(parents=True, exist_ok=True)
     with hold_lock(out):
-        check_ownership(out, kind, config, resume, overwrite, may_change)
+        check_ownership(out, kind, config, resume, overwrite, may_change, defaults)
         created = (read_manifest(out) or {}).get("created") if resume else None  # a resumed run keeps its start
         write_json(out / MANIFEST, {"kind": kind, "config": json.loads(json.dumps(config)), "fedefm_version": __version__,
                                     "created": created or datetime.datetime.now(datetime.timezone.utc).isoformat(

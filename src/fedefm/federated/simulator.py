@@ -39,7 +39,7 @@ from fedefm.federated.silo_data import (
     silo_partition,
 )
 from fedefm.files import atomic_write, drop_rows_after
-from fedefm.runfolder import owned_run_folder
+from fedefm.runfolder import field_defaults, owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True, overwr
     """
     cfg.validate()
     out = Path(cfg.out)
-    with owned_run_folder(out, "pretrain", cfg.to_dict(), resume, overwrite, RESUMABLE_CHANGES):
+    with owned_run_folder(out, "pretrain", cfg.to_dict(), resume, overwrite, RESUMABLE_CHANGES, field_defaults(cfg)):
         device = resolve_device(cfg.device)
         algorithm = get_algorithm(cfg.algorithm)
         algo_cfg = cfg.algorithm_config()

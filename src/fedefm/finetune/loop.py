@@ -28,7 +28,7 @@ from fedefm.files import append_jsonl, drop_rows_after, write_json
 from fedefm.finetune.config import FinetuneConfig
 from fedefm.memory import peak_rss_mb
 from fedefm.models.weights import TransferReport, save_weights
-from fedefm.runfolder import owned_run_folder
+from fedefm.runfolder import field_defaults, owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def run_folder(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = Fals
     test); the fedefm logger's level is restored afterwards.
     """
     cfg.validate()
-    with owned_run_folder(Path(cfg.out), "finetune", cfg.to_dict(), resume, overwrite) as out:
+    with owned_run_folder(Path(cfg.out), "finetune", cfg.to_dict(), resume, overwrite,
+                          defaults=field_defaults(cfg)) as out:
         logger = logging.getLogger("fedefm")
         file_log = logging.FileHandler(out / "log.txt", mode="a" if resume else "w")
         level = logger.level

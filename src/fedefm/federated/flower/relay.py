@@ -68,7 +68,7 @@ from fedefm.federated.runs import (
 )
 from fedefm.federated.silo_data import Corpus, ImageSource, read_corpus
 from fedefm.files import drop_rows_after
-from fedefm.runfolder import owned_run_folder
+from fedefm.runfolder import field_defaults, owned_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +541,7 @@ def run(grid: Grid, run_config: UserConfig) -> dict:
         if not isinstance(value, bool):
             raise ConfigError(f"run config {key} = {value!r}: must be true or false (unquoted)")
     with owned_run_folder(Path(cfg.out), "flower", cfg.to_dict(), flags["resume"], flags["overwrite"],
-                          RESUMABLE_CHANGES):
+                          RESUMABLE_CHANGES, field_defaults(cfg)):
         return relay_run(grid, run_config, cfg, flags["resume"])
 
 

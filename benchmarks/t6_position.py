@@ -18,20 +18,22 @@ catheter's tip end, which the Dice-CE segmenter loses) and ``segmenter_cldice``,
 clDice, which rewards an unbroken centreline); ``segmenter_unet``, MONAI's U-Net (T4's) fine-tuned as ``segmenter``
 is (Dice-CE), held whole by ``path``, and ``segmenter_unet80`` and ``segmenter_unet160``, the same fine-tuned 80 and
 160 epochs (the U-Net takes half the TransUNet's time per epoch), and ``segmenter_unet_n4800``, the 160 epochs'
-samples on 4800 frames (the same 1200 and 3600 more: 48 epochs), and ``segmenter_unet_tips_n4800``, that
-with ``--loss tips``; with ``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its
-``centralized`` pre-training of the same seed, for ``mean`` and ``tip``. Arms (``--arms POOLING/INIT``): by default
-mean/scratch (the baseline), mean/segmenter, tip/segmenter, mask/segmenter, path/segmenter, path/segmenter_tips,
-path/segmenter_cldice, path/segmenter_unet, path/segmenter_unet80, path/segmenter_unet160, path/segmenter_unet_n4800,
-path/segmenter_unet_tips_n4800. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples (the learning rate is finetune's
-default for the pooling), the epoch selected on validation balanced accuracy, the test set scored once.
+samples on 4800 frames (the same 1200 and 3600 more: 48 epochs), ``segmenter_unet_tips_n4800``, that
+with ``--loss tips``, and ``segmenter_unet_tips3_n4800``, with ``--loss tips --tip-weight 3``; with
+``--foundation`` (a T1 output folder) also ``foundation``, the encoder of its ``centralized`` pre-training of the
+same seed, for ``mean`` and ``tip``. Arms (``--arms POOLING/INIT``): by default mean/scratch (the baseline),
+mean/segmenter, tip/segmenter, mask/segmenter, path/segmenter, path/segmenter_tips, path/segmenter_cldice,
+path/segmenter_unet, path/segmenter_unet80, path/segmenter_unet160, path/segmenter_unet_n4800,
+path/segmenter_unet_tips_n4800, path/segmenter_unet_tips3_n4800. K in {4, 16}, seeds 0-2, 20 epochs of 64 samples
+(the learning rate is finetune's default for the pooling), the epoch selected on validation balanced accuracy, the
+test set scored once.
 ``--segmenter-frames``, ``--segmenter-epochs`` (of every segmenter init that names none) and ``--preset``
 change the segmenter inits' budget and every model's preset (for a check of what the segmenter's training buys;
 the defaults are T6's), ``--workers`` renders the frames in parallel.
 
 Result rows (OUT/results.jsonl), besides common.py's table/machine/command/wall_s:
-* each segmenter (``kind`` "segmenter"): ``init``, ``arch``, ``loss``, ``seed``, ``run``, ``val_dice``, ``test``
-  (evaluate JSON on its own test split);
+* each segmenter (``kind`` "segmenter"): ``init``, ``arch``, ``loss``, ``tip_weight`` (rows before it: 1), ``seed``,
+  ``run``, ``val_dice``, ``test`` (evaluate JSON on its own test split);
 * position runs (``kind`` "position"): ``pooling``, ``init``, ``shots``, ``seed``, ``init_weights``, ``epochs``,
   ``image_size``, ``run``, ``transfer``, ``best_epoch``, ``val_balanced_accuracy``, ``test`` (evaluate JSON)
   and ``correct`` (0/1 per test image, in the test split's order).
@@ -74,13 +76,15 @@ TABLE = "T6"
 # epochs (validation Dice still rises at 30 and at 80), and on four times the frames for the 160 epochs' 160,000 samples
 # (an epoch shows every training frame once, 3360 of them, so 48 epochs): trained longer, it fits its training
 # frames far better than new ones (a scratch 240-epoch run: Dice 0.85 against 0.72); the tips loss, which found
-# more of the TransUNet's tip end, is tried on that U-Net too.
+# more of the TransUNet's tip end, is tried on that U-Net too, with its tip term at weight 1 and 3.
 SEGMENTERS = {"segmenter": ("transunet", "dicece", None, None), "segmenter_tips": ("transunet", "tips", None, None),
               "segmenter_cldice": ("transunet", "cldice", None, None),
               "segmenter_unet": ("unet", "dicece", None, None), "segmenter_unet80": ("unet", "dicece", 80, None),
               "segmenter_unet160": ("unet", "dicece", 160, None),
               "segmenter_unet_n4800": ("unet", "dicece", 48, 4800),
-              "segmenter_unet_tips_n4800": ("unet", "tips", 48, 4800)}
+              "segmenter_unet_tips_n4800": ("unet", "tips", 48, 4800),
+              "segmenter_unet_tips3_n4800": ("unet", "tips", 48, 4800)}
+TIP_WEIGHTS = {"segmenter_unet_tips3_n4800": 3.0}  # --tip-weight of a tips init named here (else 1)
 # POOLING/INIT: the baseline, the TransUNet segmenter under each head, and path on every segmenter init.
 ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", *(f"path/{init}" for init in SEGMENTERS))
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
@@ -164,10 +168,11 @@ def segmenter(args: argparse.Namespace, init: str) -> Path:
     epochs = args.segmenter_epochs if epochs is None or args.quick else epochs
     cfg = FinetuneConfig(data=data, out=out, arch=arch, epochs=epochs, preset=args.preset,
                          samples_per_epoch=SEGMENTER["samples_per_epoch"] if not args.quick else None,
-                         image_size=args.size, loss=loss, seed=0)
+                         image_size=args.size, loss=loss, tip_weight=TIP_WEIGHTS.get(init, 1.0), seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
-    row = {"kind": "segmenter", "init": init, "arch": arch, "loss": loss, "seed": cfg.seed, "run": str(out),
-           "frames": frames, "epochs": cfg.epochs, "preset": cfg.preset, "samples_per_epoch": cfg.samples_per_epoch,
+    row = {"kind": "segmenter", "init": init, "arch": arch, "loss": loss, "tip_weight": cfg.tip_weight,
+           "seed": cfg.seed, "run": str(out), "frames": frames, "epochs": cfg.epochs, "preset": cfg.preset,
+           "samples_per_epoch": cfg.samples_per_epoch,
            "best_epoch": selected["best_epoch"], "val_dice": selected["best_val"],
            "test": evaluate_model(out, data, "test")}
     row = common.record(args.out, TABLE, row, started)
@@ -244,7 +249,9 @@ def tables(results: list[dict]) -> str:
             budget = (f"{r['frames']} frames, {r['epochs']} epochs of {r['samples_per_epoch']} samples or every "
                       f"training frame once if more, best epoch {r['best_epoch']}")
             arch = r.get("arch", "transunet")  # rows written before the U-Net init name no arch: all TransUNets
-            out.append(f"Segmenter of the `{r['init']}` init ({arch}, {budget}, loss {r['loss']}): test catheter Dice "
+            weight = f" at tip weight {r['tip_weight']:g}" if r.get("tip_weight", 1.0) != 1.0 else ""
+            out.append(f"Segmenter of the `{r['init']}` init ({arch}, {budget}, loss {r['loss']}{weight}): test "
+                       f"catheter Dice "
                        f"{r['test']['per_class']['catheter']['dice']:.3f}, clDice "
                        f"{r['test']['per_class']['catheter']['cldice']:.3f} ({r['wall_s']:.0f} s).")
     runs = [r for r in results if r.get("kind") == "position"]

@@ -26,7 +26,7 @@ EXPECTED = {
     "t6": (POSITION, {"mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", "path/segmenter",
                       "path/segmenter_tips", "path/segmenter_cldice", "path/segmenter_unet", "path/segmenter_unet80",
                       "path/segmenter_unet160", "path/segmenter_unet_n4800", "path/segmenter_unet_tips_n4800",
-                      "mean/foundation", "tip/foundation"}),
+                      "path/segmenter_unet_tips3_n4800", "mean/foundation", "tip/foundation"}),
     "t8": (DOWNSTREAM | {"crop", "samples_per_epoch", "eval_every", "budget", "train_s"}, {"scratch"}),
 }
 SCRIPTS = {"t1": "t1_foundation.py", "t2": "t2_unseen.py", "t3": "t3_downstream.py", "t4": "t4_backbones.py",
@@ -53,11 +53,12 @@ def run_names(table: str, rows: list[dict]) -> set[str]:
 def test_quick_mode_writes_every_run_with_the_documented_columns(quick_benchmarks, table):
     rows = read_rows(quick_benchmarks / table / "results.jsonl")
     if table == "t6":  # each segmenter the device-anchored models start from is a row of its own
-        assert sorted((r["init"], r["arch"], r["loss"]) for r in rows if r["kind"] == "segmenter") == [
-            ("segmenter", "transunet", "dicece"), ("segmenter_cldice", "transunet", "cldice"),
-            ("segmenter_tips", "transunet", "tips"), ("segmenter_unet", "unet", "dicece"),
-            ("segmenter_unet160", "unet", "dicece"), ("segmenter_unet80", "unet", "dicece"),
-            ("segmenter_unet_n4800", "unet", "dicece"), ("segmenter_unet_tips_n4800", "unet", "tips")]
+        assert sorted((r["init"], r["arch"], r["loss"], r["tip_weight"]) for r in rows if r["kind"] == "segmenter") == [
+            ("segmenter", "transunet", "dicece", 1.0), ("segmenter_cldice", "transunet", "cldice", 1.0),
+            ("segmenter_tips", "transunet", "tips", 1.0), ("segmenter_unet", "unet", "dicece", 1.0),
+            ("segmenter_unet160", "unet", "dicece", 1.0), ("segmenter_unet80", "unet", "dicece", 1.0),
+            ("segmenter_unet_n4800", "unet", "dicece", 1.0), ("segmenter_unet_tips3_n4800", "unet", "tips", 3.0),
+            ("segmenter_unet_tips_n4800", "unet", "tips", 1.0)]
         rows = [r for r in rows if r["kind"] == "position"]
     columns, names = EXPECTED[table]
     assert run_names(table, rows) == names

@@ -238,11 +238,18 @@ def test_tip_ends_mark_the_last_fifth_of_a_device_and_not_an_end_cut_by_the_bord
     assert widened[0, 8, 30] and widened[0, 15, 28] and not widened[0, 30, 30]  # beyond the tip, beside it, not behind
 
 
-def test_the_tips_loss_punishes_a_prediction_that_stops_short_of_the_tip_more_than_dicece(dataset, tmp_path):
+def catheter_and_short_of_its_tip() -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (1, 1, 64, 64) of a catheter entering from below with its tip at row 10, and the same without its last
+    fifth (a prediction that stops short of the tip)."""
     labels = torch.zeros(1, 1, 64, 64, dtype=torch.long)
     labels[0, 0, 10:64, 30] = 1
     short = labels.clone()
-    short[0, 0, 10:22, 30] = 0  # the last fifth missed
+    short[0, 0, 10:22, 30] = 0
+    return labels, short
+
+
+def test_the_tips_loss_punishes_a_prediction_that_stops_short_of_the_tip_more_than_dicece(dataset, tmp_path):
+    labels, short = catheter_and_short_of_its_tip()
     logits = confident_logits(short)
     losses = {}
     for loss in ("dicece", "tips"):
@@ -271,10 +278,7 @@ def test_the_tips_term_weighs_a_pixel_past_the_tip_as_much_as_one_missed_at_it(d
 
 
 def test_the_tip_weight_scales_the_tips_term_alone(dataset, tmp_path):
-    labels = torch.zeros(1, 1, 64, 64, dtype=torch.long)
-    labels[0, 0, 10:64, 30] = 1
-    short = labels.clone()
-    short[0, 0, 10:22, 30] = 0  # the last fifth missed
+    labels, short = catheter_and_short_of_its_tip()
     logits = confident_logits(short)
     dicece, once, thrice = (
         train.segmentation_loss(FinetuneConfig(data=dataset, out=tmp_path, image_size=SIZE, **options).validate(),

@@ -251,8 +251,7 @@ def tables(results: list[dict]) -> str:
             arch = r.get("arch", "transunet")  # rows written before the U-Net init name no arch: all TransUNets
             weight = f" at tip weight {r['tip_weight']:g}" if r.get("tip_weight", 1.0) != 1.0 else ""
             out.append(f"Segmenter of the `{r['init']}` init ({arch}, {budget}, loss {r['loss']}{weight}): test "
-                       f"catheter Dice "
-                       f"{r['test']['per_class']['catheter']['dice']:.3f}, clDice "
+                       f"catheter Dice {r['test']['per_class']['catheter']['dice']:.3f}, clDice "
                        f"{r['test']['per_class']['catheter']['cldice']:.3f} ({r['wall_s']:.0f} s).")
     runs = [r for r in results if r.get("kind") == "position"]
     by_arm = group(runs, lambda r: (r["shots"], r["pooling"], r["init"]))

@@ -290,7 +290,8 @@ def test_the_tip_weight_scales_the_tips_term_alone(dataset, tmp_path):
 
 @pytest.mark.parametrize("options, match", [
     ({"loss": "dicece", "tip_weight": 3.0}, "--tip-weight 3.0 belongs to --loss tips"),
-    ({"loss": "tips", "tip_weight": 0.0}, "--tip-weight 0.0: must be positive")])
+    ({"loss": "tips", "tip_weight": 0.0}, "--tip-weight 0.0: must be a positive number"),
+    ({"loss": "tips", "tip_weight": float("nan")}, "--tip-weight nan: must be a positive number")])
 def test_a_tip_weight_without_the_tips_loss_or_not_positive_is_refused(dataset, tmp_path, options, match):
     with pytest.raises(ConfigError, match=match):
         FinetuneConfig(data=dataset, out=tmp_path, image_size=SIZE, **options).validate()

@@ -17,7 +17,7 @@ from fedefm.federated.config import PretrainConfig
 from fedefm.federated.simulator import run as pretrain
 from fedefm.finetune import train
 from fedefm.finetune.config import FinetuneConfig
-from fedefm.runfolder import LOCK, MANIFEST, owned_run_folder
+from fedefm.runfolder import LOCK, MANIFEST, config_differences, owned_run_folder
 from test_simulator import corpus  # noqa: F401 - the pre-training corpus fixture
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -210,6 +210,14 @@ def test_a_run_folder_from_before_manifests_is_known_by_its_config_json(tmp_path
     with pytest.raises(ConfigError, match="already holds a finetune run"):
         with owned_run_folder(tmp_path, "finetune", {"epochs": 2}):
             pass
+
+
+def test_a_setting_absent_from_the_saved_config_is_a_difference_unless_at_its_default():
+    saved, defaults = {"epochs": 2}, {"epochs": 30, "weights": (1.0, 2.0), "tip_weight": 1.0}
+    assert config_differences(saved, {"epochs": 2, "tip_weight": 1.0, "weights": (1.0, 2.0)}, (), defaults) == []
+    assert config_differences(saved, {"epochs": 2, "tip_weight": 3.0}, (), defaults) == ["tip_weight=None (now 3.0)"]
+    assert config_differences(saved, {"epochs": 2, "tip_weight": 1.0}, ()) == ["tip_weight=None (now 1.0)"]
+    assert config_differences(saved, {"epochs": 30}, (), defaults) == ["epochs=2 (now 30)"]  # saved: not predated
 
 
 def test_a_setting_the_resumed_run_predates_counts_as_unchanged_only_at_its_default(seg_data, tmp_path):

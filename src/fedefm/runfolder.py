@@ -4,10 +4,10 @@
 "created"}. ``RUN/run.lock`` holds the writer's pid, host and start time while it runs; the lock itself is
 an exclusive ``flock`` on that file, which the kernel drops when the process ends in any way, so a crashed
 run's lock is taken over by the next run without a race (the file's stale pid is only shown). A non-empty
-folder is refused unless the run resumes itself (same kind and config but for the settings that may change;
-else every difference is listed) or the caller asks to overwrite it: then the old run is removed first,
-and only when it is a fedefm run folder. A folder holding only a manifest (a run that failed before
-writing anything) is taken without asking.
+folder is refused unless the run resumes itself (same kind and config but for the settings that may change
+and those added since it started that are at their default; else every difference is listed) or the caller
+asks to overwrite it: then the old run is removed first, and only when it is a fedefm run folder. A folder
+holding only a manifest (a run that failed before writing anything) is taken without asking.
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def field_defaults(cfg: Any) -> dict[str, Any]:
-    """The default of every field of a config dataclass instance that has a plain default: {name: default}."""
-    return {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    """The default of every field of a config dataclass instance that has a plain default: {name: default}, a path
+    as text (as the config's to_dict gives it)."""
+    return {f.name: str(f.default) if isinstance(f.default, Path) else f.default for f in dataclasses.fields(cfg)
+            if f.default is not dataclasses.MISSING}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], may_change: tuple[str, ...],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,8 @@ class FinetuneConfig:
         choose("--loss", self.loss, SEGMENTATION_LOSSES)
         if self.tip_weight != 1.0 and self.loss != "tips":
             raise ConfigError(f"--tip-weight {self.tip_weight} belongs to --loss tips (this run's is {self.loss})")
-        if self.tip_weight <= 0:
-            raise ConfigError(f"--tip-weight {self.tip_weight}: must be positive")
+        if not 0 < self.tip_weight < math.inf:  # also refuses nan
+            raise ConfigError(f"--tip-weight {self.tip_weight}: must be a positive number")
         if self.crop is None and self.task == "segment" and self.image_size > DEFAULT_CROP:
             self.crop = DEFAULT_CROP
         if self.crop is not None and (self.crop % 32 or not 32 <= self.crop <= self.image_size):

@@ -78,7 +78,7 @@ _CLDICE_ITERATIONS = 3
 # A segmenter trained on Dice-CE finds 80-86% of a catheter's first three fifths but 40% of the last
 # (benchmarks/results/t6, course_reach), though the last fifth is no fainter. The term is not class-weighted:
 # weighted, a background pixel just past the tip counted a tenth of a catheter pixel on it, and the segmenter
-# learnt to run on past the tip (T6: 119 false-positive px a frame against 53 not, on validation).
+# learnt to run on past the tip (T6: 119 false-positive px a frame against 53 without the weights, on validation).
 _TIP_SHARE = 0.2
 _TIP_MARGIN_PX = 2
 

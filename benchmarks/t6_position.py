@@ -70,21 +70,23 @@ from fedefm.results import group, markdown, mean_std, read_results
 
 TABLE = "T6"
 # The segmenter inits: the arch, the loss each is fine-tuned with (finetune/train.py segmentation_loss), its epochs
-# (None: --segmenter-epochs) and its frames (None: --segmenter-frames). "tips" adds cross-entropy at the catheter's
-# tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which rewards covering the catheter's
-# centreline end to end, unbroken; MONAI's U-Net (T4's) trains in half the time, so it is also trained 80 and 160
-# epochs (validation Dice still rises at 30 and at 80), and on four times the frames for the 160 epochs' 160,000 samples
-# (an epoch shows every training frame once, 3360 of them, so 48 epochs): trained longer, it fits its training
-# frames far better than new ones (a scratch 240-epoch run: Dice 0.85 against 0.72); the tips loss, which found
-# more of the TransUNet's tip end, is tried on that U-Net too, with its tip term at weight 1 and 3.
-SEGMENTERS = {"segmenter": ("transunet", "dicece", None, None), "segmenter_tips": ("transunet", "tips", None, None),
-              "segmenter_cldice": ("transunet", "cldice", None, None),
-              "segmenter_unet": ("unet", "dicece", None, None), "segmenter_unet80": ("unet", "dicece", 80, None),
-              "segmenter_unet160": ("unet", "dicece", 160, None),
-              "segmenter_unet_n4800": ("unet", "dicece", 48, 4800),
-              "segmenter_unet_tips_n4800": ("unet", "tips", 48, 4800),
-              "segmenter_unet_tips3_n4800": ("unet", "tips", 48, 4800)}
-TIP_WEIGHTS = {"segmenter_unet_tips3_n4800": 3.0}  # --tip-weight of a tips init named here (else 1)
+# (None: --segmenter-epochs), its frames (None: --segmenter-frames) and its --tip-weight (the tips loss's). "tips"
+# adds cross-entropy at the catheter's tip end, the part a Dice-CE segmenter loses; "cldice" adds soft clDice, which
+# rewards covering the catheter's centreline end to end, unbroken; MONAI's U-Net (T4's) trains in half the time, so it
+# is also trained 80 and 160 epochs (validation Dice still rises at 30 and at 80), and on four times the frames for
+# the 160 epochs' 160,000 samples (an epoch shows every training frame once, 3360 of them, so 48 epochs): trained
+# longer, it fits its training frames far better than new ones (a scratch 240-epoch run: Dice 0.85 against 0.72); the
+# tips loss, which found more of the TransUNet's tip end, is tried on that U-Net too, with its tip term at weight 1
+# and 3.
+SEGMENTERS = {"segmenter": ("transunet", "dicece", None, None, 1.0),
+              "segmenter_tips": ("transunet", "tips", None, None, 1.0),
+              "segmenter_cldice": ("transunet", "cldice", None, None, 1.0),
+              "segmenter_unet": ("unet", "dicece", None, None, 1.0),
+              "segmenter_unet80": ("unet", "dicece", 80, None, 1.0),
+              "segmenter_unet160": ("unet", "dicece", 160, None, 1.0),
+              "segmenter_unet_n4800": ("unet", "dicece", 48, 4800, 1.0),
+              "segmenter_unet_tips_n4800": ("unet", "tips", 48, 4800, 1.0),
+              "segmenter_unet_tips3_n4800": ("unet", "tips", 48, 4800, 3.0)}
 # POOLING/INIT: the baseline, the TransUNet segmenter under each head, and path on every segmenter init.
 ARMS = ("mean/scratch", "mean/segmenter", "tip/segmenter", "mask/segmenter", *(f"path/{init}" for init in SEGMENTERS))
 FOUNDATION_ARMS = ("mean/foundation", "tip/foundation")  # with --foundation; mask and path need a segmentation head
@@ -157,7 +159,7 @@ def write_position_masks(root: Path, n: int, size: int, seed: int, workers: int 
 def segmenter(args: argparse.Namespace, init: str) -> Path:
     """Weights of the segmenter a segmenter init (SEGMENTERS) starts from, fine-tuned (and recorded) once."""
     out = args.out / "runs" / init
-    arch, loss, epochs, frames = SEGMENTERS[init]
+    arch, loss, epochs, frames, tip_weight = SEGMENTERS[init]
     if ("segmenter", init) in common.recorded(args.out, lambda r: (r.get("kind"), r.get("init"))):
         return out / "model.safetensors"
     started = time.perf_counter()
@@ -168,7 +170,7 @@ def segmenter(args: argparse.Namespace, init: str) -> Path:
     epochs = args.segmenter_epochs if epochs is None or args.quick else epochs
     cfg = FinetuneConfig(data=data, out=out, arch=arch, epochs=epochs, preset=args.preset,
                          samples_per_epoch=SEGMENTER["samples_per_epoch"] if not args.quick else None,
-                         image_size=args.size, loss=loss, tip_weight=TIP_WEIGHTS.get(init, 1.0), seed=0)
+                         image_size=args.size, loss=loss, tip_weight=tip_weight, seed=0)
     selected = finetune_segmenter(cfg, progress=False, overwrite=True)
     row = {"kind": "segmenter", "init": init, "arch": arch, "loss": loss, "tip_weight": cfg.tip_weight,
            "seed": cfg.seed, "run": str(out), "frames": frames, "epochs": cfg.epochs, "preset": cfg.preset,

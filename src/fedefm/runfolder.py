@@ -60,8 +60,8 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def field_defaults(cfg: Any) -> dict[str, Any]:
-    """The default of every field of a config dataclass instance that has a plain default: {name: default}, a path
-    as text (as the config's to_dict gives it)."""
+    """The default of every field of a config dataclass (or an instance) that has a plain default: {name: default},
+    a path as text (as the config's to_dict gives it)."""
     return {f.name: str(f.default) if isinstance(f.default, Path) else f.default for f in dataclasses.fields(cfg)
             if f.default is not dataclasses.MISSING}
 

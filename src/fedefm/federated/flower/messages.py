@@ -9,7 +9,6 @@ settings are Flower's run config (``[tool.flwr.app.config]`` of the app, overrid
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, MetricRecord, UserConfig
@@ -19,6 +18,7 @@ from fedefm.errors import ConfigError, WeightsError
 from fedefm.federated.algorithms.base import SiloState, Weights
 from fedefm.federated.config import PretrainConfig
 from fedefm.models.weights import pack_weights, unpack_weights
+from fedefm.runfolder import field_defaults
 
 # Run-config keys (Flower's spelling) → PretrainConfig fields; "options" holds "NAME=VALUE NAME=VALUE".
 RUN_CONFIG_FIELDS = {
@@ -40,7 +40,7 @@ def default_run_config() -> dict:
 
     Flower accepts ``--run-config`` overrides only for keys the app declares.
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    defaults = field_defaults(PretrainConfig)
     settings = {key: "" if defaults[field] is None else defaults[field] for key, field in RUN_CONFIG_FIELDS.items()}
     return settings | {"data": "", "out": "runs/flower", "overwrite": False, "resume": False, "options": "",
                        "images-only": "",
